@@ -1,0 +1,147 @@
+"""The ``escrow-stream`` command: configuration, topics, schemas and the worker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from escrow_stream.config import ConfigError, Settings, dump_json, load_settings
+
+
+def _settings(ctx: click.Context) -> Settings:
+    settings: Settings = ctx.obj
+    return settings
+
+
+@click.group()
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """escrow-stream: escrow for marketplaces on Kafka."""
+    try:
+        ctx.obj = load_settings(os.environ)
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        ctx.exit(1)
+
+
+@main.group()
+def config() -> None:
+    """Inspect the effective configuration."""
+
+
+@config.command("show")
+@click.option("--reveal", is_flag=True, help="Print secrets in clear text.")
+@click.pass_context
+def config_show(ctx: click.Context, reveal: bool) -> None:
+    """Print the effective configuration as JSON keyed by variable name."""
+    click.echo(dump_json(_settings(ctx), reveal=reveal))
+
+
+@main.group()
+def topics() -> None:
+    """Create and verify the Kafka topics."""
+
+
+@topics.command("create")
+@click.pass_context
+def topics_create(ctx: click.Context) -> None:
+    """Create the topics that are missing (idempotent)."""
+    from escrow_stream.topics import create_topics
+
+    for line in asyncio.run(create_topics(_settings(ctx))):
+        click.echo(line)
+
+
+@topics.command("verify")
+@click.pass_context
+def topics_verify(ctx: click.Context) -> None:
+    """Compare the broker's topics with the definitions; non-zero exit on any difference."""
+    from escrow_stream.topics import verify_topics
+
+    problems = asyncio.run(verify_topics(_settings(ctx)))
+    for line in problems:
+        click.echo(line)
+    if problems:
+        ctx.exit(1)
+    click.echo("topics ok")
+
+
+@main.group()
+def schema() -> None:
+    """JSON Schemas of the Kafka messages."""
+
+
+@schema.command("export")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def schema_export(directory: Path) -> None:
+    """Write one JSON Schema file per message kind into DIRECTORY."""
+    from escrow_stream.domain import json_schemas
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, document in sorted(json_schemas().items()):
+        path = directory / f"{name}.schema.json"
+        path.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+        click.echo(str(path))
+
+
+@main.group()
+def db() -> None:
+    """PostgreSQL schema migrations."""
+
+
+@db.command("migrate")
+@click.option("--revision", default="head", show_default=True)
+@click.pass_context
+def db_migrate(ctx: click.Context, revision: str) -> None:
+    """Apply migrations up to REVISION."""
+    from escrow_stream.db import migrate
+
+    migrate.upgrade(_settings(ctx), revision)
+    click.echo(migrate.status(_settings(ctx)), nl=False)
+
+
+@db.command("rollback")
+@click.option("--steps", default=1, show_default=True, type=click.IntRange(min=1))
+@click.pass_context
+def db_rollback(ctx: click.Context, steps: int) -> None:
+    """Revert the newest STEPS migrations (drops their tables: back up first)."""
+    from escrow_stream.db import migrate
+
+    migrate.downgrade(_settings(ctx), steps)
+    click.echo(migrate.status(_settings(ctx)), nl=False)
+
+
+@db.command("status")
+@click.pass_context
+def db_status(ctx: click.Context) -> None:
+    """Print the applied revision and the newest one."""
+    from escrow_stream.db import migrate
+
+    click.echo(migrate.status(_settings(ctx)), nl=False)
+
+
+@main.command()
+@click.pass_context
+def worker(ctx: click.Context) -> None:
+    """Start the Faust worker (agents, tables, web server on PORT)."""
+    settings = _settings(ctx)
+    if settings.uses_dev_jwt_secret:
+        click.echo(
+            "escrow-stream: using the DEVELOPMENT JWT secret (not for production); "
+            "set JWT_SECRET to a random 64+ character string",
+            err=True,
+        )
+    from faust import Worker
+
+    from escrow_stream.app import app
+
+    Worker(app, loglevel=settings.log_level.upper()).execute_from_commandline()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

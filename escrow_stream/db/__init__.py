@@ -1,0 +1,1 @@
+"""PostgreSQL: connection pool, migrations and the mirror's repositories."""

@@ -1,0 +1,28 @@
+"""The asyncpg connection pool, sized and timed from the configuration."""
+
+from __future__ import annotations
+
+import json
+
+import asyncpg
+
+from escrow_stream.config import Settings
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(settings: Settings, dsn: str | None = None) -> asyncpg.Pool:
+    """A pool of ``DATABASE_POOL_SIZE`` connections; acquire waits ``DATABASE_POOL_TIMEOUT``."""
+    pool = await asyncpg.create_pool(
+        dsn or settings.database_url.get_secret_value(),
+        min_size=1,
+        max_size=settings.database_pool_size,
+        timeout=settings.database_pool_timeout_ms / 1000,
+        max_inactive_connection_lifetime=30.0,  # the seed's idle timeout
+        init=_init_connection,
+    )
+    assert pool is not None
+    return pool

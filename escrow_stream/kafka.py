@@ -1,0 +1,28 @@
+"""Connection settings shared by every Kafka client we build (admin, producers, consumers)."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from escrow_stream.config import Settings
+
+
+def client_kwargs(settings: Settings) -> dict[str, Any]:
+    """aiokafka keyword arguments for the configured brokers, SASL and TLS."""
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap_servers,
+        "client_id": settings.kafka_client_id,
+    }
+    sasl = settings.kafka_sasl_username is not None
+    if settings.kafka_ssl_enabled:
+        kwargs["ssl_context"] = ssl.create_default_context()
+    if sasl:
+        kwargs["security_protocol"] = "SASL_SSL" if settings.kafka_ssl_enabled else "SASL_PLAINTEXT"
+        kwargs["sasl_mechanism"] = settings.kafka_sasl_mechanism.upper()
+        kwargs["sasl_plain_username"] = settings.kafka_sasl_username
+        password = settings.kafka_sasl_password
+        kwargs["sasl_plain_password"] = password.get_secret_value() if password else ""
+    elif settings.kafka_ssl_enabled:
+        kwargs["security_protocol"] = "SSL"
+    return kwargs

@@ -1,0 +1,1 @@
+"""Faust web views: gateway, webhooks, health, metrics, middleware, OpenAPI."""

@@ -1,0 +1,131 @@
+"""Configuration: the seed's defaults, the production message, secret validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from escrow_stream.cli import main
+from escrow_stream.config import (
+    DEV_JWT_SECRET,
+    REQUIRED_IN_PRODUCTION,
+    ConfigError,
+    MissingVariables,
+    load_settings,
+)
+
+REAL_LOOKING_SECRET = "s" * 64
+
+
+def production_env(**overrides: str) -> dict[str, str]:
+    env = {name: f"value-{name.lower()}" for name in REQUIRED_IN_PRODUCTION}
+    env.update(NODE_ENV="production", PORT="3000", JWT_SECRET=REAL_LOOKING_SECRET)
+    env.update(overrides)
+    return env
+
+
+def test_defaults_with_no_environment_are_the_seeds() -> None:
+    s = load_settings({})
+    assert s.node_env == "development"
+    assert s.port == 3000
+    assert s.log_level == "info"
+    assert s.database_pool_size == 10
+    assert s.database_pool_timeout_ms == 20000
+    assert s.kafka_commands_topic == "escrow-commands"
+    assert s.kafka_events_topic == "escrow.events.v1"
+    assert s.kafka_ssl_enabled is False
+    assert s.escrow_payment_deadline_days == 7
+    assert s.escrow_auto_refund_deadline_days == 7
+    assert s.escrow_timeout_poll_interval_minutes == 5
+    assert s.escrow_max_retries == 3
+    assert s.escrow_retry_delay_ms == 1000
+    assert s.idempotency_storage == "database"
+    assert s.idempotency_ttl_hours == 24
+    assert s.metrics_enabled is False
+    assert s.metrics_port == 9090
+    assert s.feature_milestone_escrows is True
+    assert s.feature_auto_refund is True
+    assert s.feature_kyc_gating is True
+    assert s.bootstrap_servers == ["127.0.0.1:9092"]
+    assert s.uses_dev_jwt_secret
+
+
+def test_values_are_parsed_from_the_environment() -> None:
+    s = load_settings(
+        {
+            "PORT": "3100",
+            "KAFKA_BROKERS": "k1:9092, k2:9092",
+            "CORS_ORIGINS": "https://a.example,https://b.example",
+            "FEATURE_AUTO_REFUND": "false",
+            "LOG_LEVEL": "DEBUG",
+        }
+    )
+    assert s.port == 3100
+    assert s.bootstrap_servers == ["k1:9092", "k2:9092"]
+    assert s.cors_origins == ("https://a.example", "https://b.example")
+    assert s.feature_auto_refund is False
+    assert s.log_level == "debug"
+
+
+def test_production_names_every_missing_variable_in_the_seeds_words() -> None:
+    env = production_env()
+    del env["DATABASE_URL"]
+    del env["KAFKA_BROKERS"]
+    with pytest.raises(MissingVariables) as err:
+        load_settings(env)
+    assert str(err.value) == (
+        "Error: Missing required environment variables: DATABASE_URL, KAFKA_BROKERS\n"
+        "Please check your .env file or environment configuration."
+    )
+
+
+def test_production_with_everything_set_starts() -> None:
+    s = load_settings(production_env())
+    assert s.is_production
+    assert not s.uses_dev_jwt_secret
+
+
+def test_production_needs_redis_url_for_redis_idempotency() -> None:
+    with pytest.raises(MissingVariables) as err:
+        load_settings(production_env(IDEMPOTENCY_STORAGE="redis"))
+    assert err.value.names == ["REDIS_URL"]
+
+
+def test_short_jwt_secret_fails_with_a_clear_message() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings({"JWT_SECRET": "x" * 63})
+    assert "JWT_SECRET must be at least 64 characters (got 63)" in str(err.value)
+
+
+def test_invalid_values_are_named() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings({"PORT": "not-a-port", "IDEMPOTENCY_STORAGE": "memcached"})
+    text = str(err.value)
+    assert "PORT:" in text
+    assert "IDEMPOTENCY_STORAGE:" in text
+
+
+def test_config_show_masks_secrets_unless_revealed() -> None:
+    runner = CliRunner()
+    env = {"DATABASE_URL": "postgresql://app:hunter2@db:5432/escrow", "JWT_SECRET": "j" * 64}
+    masked = json.loads(runner.invoke(main, ["config", "show"], env=env).output)
+    assert masked["DATABASE_URL"] == "postgresql://app:***@db:5432/escrow"
+    assert masked["JWT_SECRET"] == "***"
+    assert masked["KAFKA_EVENTS_TOPIC"] == "escrow.events.v1"
+    revealed = json.loads(runner.invoke(main, ["config", "show", "--reveal"], env=env).output)
+    assert revealed["DATABASE_URL"] == env["DATABASE_URL"]
+    assert revealed["JWT_SECRET"] == env["JWT_SECRET"]
+
+
+def test_cli_fails_before_anything_else_in_production_without_variables() -> None:
+    result = CliRunner().invoke(main, ["config", "show"], env={"NODE_ENV": "production"})
+    assert result.exit_code == 1
+    assert "Error: Missing required environment variables: PORT, DATABASE_URL" in result.output
+
+
+def test_dev_secret_is_long_enough_and_never_accepted_in_production() -> None:
+    assert len(DEV_JWT_SECRET) >= 64
+    with pytest.raises(ConfigError, match="development secret"):
+        load_settings(production_env(JWT_SECRET=DEV_JWT_SECRET))
