@@ -1,0 +1,98 @@
+"""Migrations: up creates the seed's tables and indexes, down removes them, up again works."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from escrow_stream.config import Settings
+from escrow_stream.db import migrate
+from tests.support import unique
+
+pytestmark = pytest.mark.integration
+
+SEED_TABLES = {
+    "escrows",
+    "escrow_events",
+    "outbox",
+    "command_idempotency",
+    "stripe_escrows",
+    "stablecoin_escrows",
+    "milestone_escrows",
+    "deliveries",
+    "disputes",
+    "audit_logs",
+    "ledger_entries",
+    "kyc_status",
+}
+SEED_INDEXED_COLUMNS = {
+    ("escrows", "offer_id"),
+    ("escrows", "contract_id"),
+    ("escrows", "status"),
+    ("escrows", "rail"),
+    ("escrows", "expires_at"),
+    ("escrows", "auto_refund_at"),
+    ("escrow_events", "escrow_id"),
+}
+
+
+@pytest.fixture
+async def scratch_db(stack_settings: Settings) -> AsyncIterator[str]:
+    """A database of its own, so dropping tables never disturbs other tests."""
+    admin_url = stack_settings.database_url.get_secret_value()
+    name = unique("migrations").replace("-", "_")
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.close()
+
+
+async def _tables(url: str) -> set[str]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        return {r["tablename"] for r in rows}
+    finally:
+        await conn.close()
+
+
+async def _indexes(url: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetch(
+            "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'"
+        )
+    finally:
+        await conn.close()
+
+
+async def test_up_down_up(stack_settings: Settings, scratch_db: str) -> None:
+    await asyncio.to_thread(migrate.upgrade, stack_settings, database_url=scratch_db)
+    assert SEED_TABLES <= await _tables(scratch_db)
+    status = await asyncio.to_thread(migrate.status, stack_settings, database_url=scratch_db)
+    assert "current: 0001 (head)" in status
+
+    indexes = await _indexes(scratch_db)
+    single_column = {
+        (r["tablename"], r["indexdef"].rsplit("(", 1)[1].rstrip(")").split(",")[0].strip())
+        for r in indexes
+        if "WHERE" not in r["indexdef"]
+    }
+    assert SEED_INDEXED_COLUMNS <= single_column
+    partial = [
+        r["indexdef"] for r in indexes if r["tablename"] == "outbox" and "WHERE" in r["indexdef"]
+    ]
+    assert len(partial) == 1 and "published_at IS NULL" in partial[0]
+
+    await asyncio.to_thread(migrate.downgrade_to, stack_settings, "base", database_url=scratch_db)
+    assert (await _tables(scratch_db)) & SEED_TABLES == set()
+
+    await asyncio.to_thread(migrate.upgrade, stack_settings, database_url=scratch_db)
+    assert SEED_TABLES <= await _tables(scratch_db)
