@@ -1,0 +1,111 @@
+"""Benchmark of the pure domain core: decide+evolve throughput and parse_command cost.
+
+Run with ``python -m benchmarks.domain [escrows]``; prints plain numbers, one core.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from escrow_stream.domain import Command, Escrow, decide, parse_command
+
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
+
+
+def _envelope(
+    escrow_id: str, n: int, command_type: str, actor: tuple[str, str], payload: Any
+) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "schemaVersion": 1,
+        "commandId": f"{escrow_id}-{n}",
+        "type": command_type,
+        "escrowId": escrow_id,
+        "actor": {"id": actor[0], "role": actor[1]},
+        "issuedAt": "2025-01-01T00:00:00Z",
+        "traceId": "trace",
+    }
+    if payload is not None:
+        data["payload"] = payload
+    return data
+
+
+def escrow_mix(escrow_id: str) -> list[dict[str, Any]]:
+    """One escrow's life: 9 commands, incl. one rejection, one duplicate and one no-op."""
+    buyer, seller, system = ("b-1", "user"), ("s-1", "user"), ("payments", "system")
+    create = {
+        "offerId": "o-1",
+        "contractId": "k-1",
+        "buyerId": "b-1",
+        "sellerId": "s-1",
+        "rail": "STRIPE",
+        "amount": "125000",
+        "currency": "USD",
+        "sellerFee": "2500",
+    }
+    funds = {
+        "provider": "stripe",
+        "providerPaymentId": "pi_1",
+        "amount": "125000",
+        "currency": "USD",
+    }
+    settle = {"provider": "stripe", "providerReference": "tr_1", "amount": "122500"}
+    fund = _envelope(escrow_id, 3, "ConfirmFunds", system, funds)
+    return [
+        _envelope(escrow_id, 1, "CreateEscrow", buyer, create),
+        _envelope(
+            escrow_id,
+            2,
+            "RecordPaymentInstructions",
+            system,
+            {"provider": "stripe", "providerPaymentId": "pi_1", "clientSecret": "s"},
+        ),
+        fund,
+        {**fund},  # duplicate (redelivery)
+        _envelope(escrow_id, 4, "ReleaseFunds", buyer, None),  # rejected: not delivered
+        _envelope(escrow_id, 5, "MarkDelivered", seller, {"note": "sent"}),
+        _envelope(escrow_id, 6, "ReleaseFunds", buyer, None),
+        _envelope(escrow_id, 7, "ConfirmSettlement", system, settle),
+        _envelope(escrow_id, 8, "ConfirmFunds", system, funds),  # webhook replay: no-op
+    ]
+
+
+def main(escrows: int = 2000) -> None:
+    """Run the benchmark over `escrows` escrow lives and print the results."""
+    raw = [escrow_mix(f"esc-{i}") for i in range(escrows)]
+    total = sum(len(r) for r in raw)
+
+    start = time.perf_counter()
+    parsed: list[list[Command]] = [[parse_command(c) for c in life] for life in raw]
+    parse_s = time.perf_counter() - start
+
+    now = T0
+    events = rejections = duplicates = 0
+    start = time.perf_counter()
+    for life in parsed:
+        state: Escrow | None = None
+        for cmd in life:
+            decision = decide(state, cmd, now)
+            if decision.rejection is not None:
+                rejections += 1
+            elif decision.duplicate:
+                duplicates += 1
+            elif decision.events:
+                events += len(decision.events)
+                state = decision.events[-1].escrow
+            now += timedelta(seconds=1)
+    decide_s = time.perf_counter() - start
+
+    print(f"commands                      {total}")
+    print(f"events {events} rejections {rejections} duplicates {duplicates}")
+    print(f"decide+evolve commands/s      {total / decide_s:.0f}")
+    print(f"decide+evolve us/command      {decide_s / total * 1e6:.1f}")
+    print(f"parse_command commands/s      {total / parse_s:.0f}")
+    print(f"parse_command us/command      {parse_s / total * 1e6:.1f}")
+    print(f"parse time / decide time      {parse_s / decide_s:.3f}")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 2000)

@@ -1,0 +1,53 @@
+"""Shared pydantic base models and bounded string types of the escrow domain."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic.alias_generators import to_camel
+
+#: Validation context marking data that arrived as JSON (amounts must then be strings).
+WIRE_CONTEXT: dict[str, Any] = {"wire": True}
+
+ID_LENGTH_MAX = 200
+SHORT_TEXT_LENGTH_MAX = 200
+TEXT_LENGTH_MAX = 2000
+EVIDENCE_KEYS_MAX = 20
+EVIDENCE_KEY_LENGTH_MAX = 512
+MILESTONES_MAX = 50
+
+
+class DomainModel(BaseModel):
+    """Frozen, camelCase-aliased model that rejects unknown fields (commands, state)."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        populate_by_name=True,
+        alias_generator=to_camel,
+    )
+
+
+class TolerantModel(BaseModel):
+    """Frozen, camelCase-aliased model that ignores unknown fields (events read by others)."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="ignore",
+        populate_by_name=True,
+        alias_generator=to_camel,
+    )
+
+
+#: An identifier: 1..200 printable ASCII characters without spaces.
+Id = Annotated[str, StringConstraints(min_length=1, max_length=ID_LENGTH_MAX, pattern=r"^[!-~]+$")]
+#: A short free text such as a reason or an error code.
+ShortText = Annotated[
+    str, StringConstraints(min_length=1, max_length=SHORT_TEXT_LENGTH_MAX, strip_whitespace=False)
+]
+#: A longer free text such as a note or an error message.
+Text = Annotated[str, StringConstraints(max_length=TEXT_LENGTH_MAX)]
+EvidenceKey = Annotated[str, StringConstraints(min_length=1, max_length=EVIDENCE_KEY_LENGTH_MAX)]
+EvidenceKeys = Annotated[tuple[EvidenceKey, ...], Field(max_length=EVIDENCE_KEYS_MAX)]
+Timestamp = AwareDatetime

@@ -1,0 +1,422 @@
+"""Commands (imperative): one small frozen model per type, and `parse_command` for the wire."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, TypeAdapter, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+
+from ._model import (
+    MILESTONES_MAX,
+    WIRE_CONTEXT,
+    DomainModel,
+    EvidenceKeys,
+    Id,
+    ShortText,
+    Text,
+    Timestamp,
+)
+from .escrow import Actor, SettlementKind
+from .money import RAIL_CURRENCY, Currency, MinorUnits, PositiveMinorUnits, Provider, Rail
+
+SCHEMA_VERSION = 1
+
+
+class CancelReason(StrEnum):
+    """Why an escrow awaiting funds is cancelled."""
+
+    BUYER_CANCELLED = "BUYER_CANCELLED"
+    SELLER_CANCELLED = "SELLER_CANCELLED"
+    ADMIN = "ADMIN"
+    TIMEOUT = "TIMEOUT"
+    COMPLIANCE_REJECTED = "COMPLIANCE_REJECTED"
+
+
+#: The reason a system timeout carries (CancelEscrow, RefundEscrow, ReleaseFunds).
+TIMEOUT_REASON = "TIMEOUT"
+
+
+def _cross_field(field: str, message: str) -> PydanticCustomError:
+    return PydanticCustomError("cross_field", "{message}", {"message": message, "field": field})
+
+
+# --- payloads -------------------------------------------------------------------------
+
+
+class MilestoneSpec(DomainModel):
+    """A milestone as requested on creation."""
+
+    milestone_id: Id
+    title: ShortText
+    amount: PositiveMinorUnits
+
+
+class CreateEscrowPayload(DomainModel):
+    """Payload of CreateEscrow."""
+
+    offer_id: Id
+    contract_id: Id
+    buyer_id: Id
+    seller_id: Id
+    rail: Rail
+    amount: PositiveMinorUnits
+    currency: Currency
+    seller_fee: MinorUnits = 0
+    seller_account_id: Id | None = None
+    buyer_wallet_address: Id | None = None
+    milestones: Annotated[tuple[MilestoneSpec, ...], Field(max_length=MILESTONES_MAX)] = ()
+
+    @model_validator(mode="after")
+    def _check_parties(self) -> CreateEscrowPayload:
+        if self.seller_id == self.buyer_id:
+            raise _cross_field("sellerId", "sellerId must differ from buyerId")
+        return self
+
+    @model_validator(mode="after")
+    def _check_currency(self) -> CreateEscrowPayload:
+        expected = RAIL_CURRENCY[self.rail]
+        if self.currency != expected:
+            raise _cross_field(
+                "currency", f"rail {self.rail.value} requires currency {expected.value}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_fee(self) -> CreateEscrowPayload:
+        if self.seller_fee >= self.amount:
+            raise _cross_field("sellerFee", "sellerFee must be less than amount")
+        return self
+
+    @model_validator(mode="after")
+    def _check_milestones(self) -> CreateEscrowPayload:
+        if not self.milestones:
+            return self
+        ids = [m.milestone_id for m in self.milestones]
+        if len(set(ids)) != len(ids):
+            raise _cross_field("milestones", "milestoneId values must be unique")
+        total = sum(m.amount for m in self.milestones)
+        if total != self.amount:
+            raise _cross_field(
+                "milestones", f"milestone amounts sum to {total}, expected amount {self.amount}"
+            )
+        return self
+
+
+class RecordPaymentInstructionsPayload(DomainModel):
+    """Payload of RecordPaymentInstructions."""
+
+    provider: Provider
+    provider_payment_id: Id
+    client_secret: Text | None = None
+    deposit_address: Id | None = None
+
+
+class ConfirmFundsPayload(DomainModel):
+    """Payload of ConfirmFunds."""
+
+    provider: Provider
+    provider_payment_id: Id
+    amount: PositiveMinorUnits
+    currency: Currency
+    sender_address: Id | None = None
+
+
+class RecordPaymentFailurePayload(DomainModel):
+    """Payload of RecordPaymentFailure."""
+
+    provider: Provider
+    provider_payment_id: Id
+    error_code: ShortText
+    error_message: Text
+
+
+class CancelEscrowPayload(DomainModel):
+    """Payload of CancelEscrow."""
+
+    reason: CancelReason
+
+
+class MarkDeliveredPayload(DomainModel):
+    """Payload of MarkDelivered."""
+
+    note: Text | None = None
+    evidence_keys: EvidenceKeys = ()
+
+
+class ReleaseFundsPayload(DomainModel):
+    """Payload of ReleaseFunds (empty; `reason` TIMEOUT only for the system's auto-release)."""
+
+    reason: ShortText | None = None
+
+
+class RaiseDisputePayload(DomainModel):
+    """Payload of RaiseDispute."""
+
+    reason: ShortText
+    evidence_keys: EvidenceKeys = ()
+
+
+class ResolveDisputePayload(DomainModel):
+    """Payload of ResolveDispute."""
+
+    resolution: SettlementKind
+    reason: ShortText
+
+
+class RefundEscrowPayload(DomainModel):
+    """Payload of RefundEscrow."""
+
+    reason: ShortText
+
+
+class ConfirmSettlementPayload(DomainModel):
+    """Payload of ConfirmSettlement: what the provider actually moved."""
+
+    provider: Provider
+    provider_reference: Id
+    amount: MinorUnits
+
+
+class RecordSettlementFailurePayload(DomainModel):
+    """Payload of RecordSettlementFailure."""
+
+    error_code: ShortText
+    error_message: Text
+    retryable: bool
+
+
+class MilestonePayload(DomainModel):
+    """Payload of DeliverMilestone and ReleaseMilestone."""
+
+    milestone_id: Id
+
+
+# --- envelopes ------------------------------------------------------------------------
+
+
+class CommandBase(DomainModel):
+    """Fields every command envelope carries."""
+
+    schema_version: Literal[1] = 1
+    command_id: Id
+    type: str
+    escrow_id: Id
+    actor: Actor
+    issued_at: Timestamp
+    trace_id: Id | None = None
+    correlation_id: Id | None = None
+    causation_id: Id | None = None
+    payload: DomainModel
+
+
+class CreateEscrow(CommandBase):
+    """Open a new escrow awaiting the buyer's funds."""
+
+    type: Literal["CreateEscrow"] = "CreateEscrow"
+    payload: CreateEscrowPayload
+
+
+class RecordPaymentInstructions(CommandBase):
+    """Store how the buyer pays (PaymentIntent or deposit address)."""
+
+    type: Literal["RecordPaymentInstructions"] = "RecordPaymentInstructions"
+    payload: RecordPaymentInstructionsPayload
+
+
+class ConfirmFunds(CommandBase):
+    """Record that the provider confirmed the buyer's full payment."""
+
+    type: Literal["ConfirmFunds"] = "ConfirmFunds"
+    payload: ConfirmFundsPayload
+
+
+class RecordPaymentFailure(CommandBase):
+    """Record a failed payment attempt."""
+
+    type: Literal["RecordPaymentFailure"] = "RecordPaymentFailure"
+    payload: RecordPaymentFailurePayload
+
+
+class CancelEscrow(CommandBase):
+    """Cancel an escrow that is still awaiting funds."""
+
+    type: Literal["CancelEscrow"] = "CancelEscrow"
+    payload: CancelEscrowPayload
+
+
+class MarkDelivered(CommandBase):
+    """The seller declares the goods delivered."""
+
+    type: Literal["MarkDelivered"] = "MarkDelivered"
+    payload: MarkDeliveredPayload = MarkDeliveredPayload()
+
+
+class ReleaseFunds(CommandBase):
+    """Start paying the held funds out to the seller."""
+
+    type: Literal["ReleaseFunds"] = "ReleaseFunds"
+    payload: ReleaseFundsPayload = ReleaseFundsPayload()
+
+
+class RaiseDispute(CommandBase):
+    """A party disputes the deal."""
+
+    type: Literal["RaiseDispute"] = "RaiseDispute"
+    payload: RaiseDisputePayload
+
+
+class ResolveDispute(CommandBase):
+    """An admin resolves a dispute by release or refund."""
+
+    type: Literal["ResolveDispute"] = "ResolveDispute"
+    payload: ResolveDisputePayload
+
+
+class RefundEscrow(CommandBase):
+    """Start paying the held funds back to the buyer."""
+
+    type: Literal["RefundEscrow"] = "RefundEscrow"
+    payload: RefundEscrowPayload
+
+
+class ConfirmSettlement(CommandBase):
+    """The provider completed the pending settlement."""
+
+    type: Literal["ConfirmSettlement"] = "ConfirmSettlement"
+    payload: ConfirmSettlementPayload
+
+
+class RecordSettlementFailure(CommandBase):
+    """The provider failed the pending settlement."""
+
+    type: Literal["RecordSettlementFailure"] = "RecordSettlementFailure"
+    payload: RecordSettlementFailurePayload
+
+
+class DeliverMilestone(CommandBase):
+    """The seller delivers one milestone."""
+
+    type: Literal["DeliverMilestone"] = "DeliverMilestone"
+    payload: MilestonePayload
+
+
+class ReleaseMilestone(CommandBase):
+    """Start paying one delivered milestone out to the seller."""
+
+    type: Literal["ReleaseMilestone"] = "ReleaseMilestone"
+    payload: MilestonePayload
+
+
+Command = (
+    CreateEscrow
+    | RecordPaymentInstructions
+    | ConfirmFunds
+    | RecordPaymentFailure
+    | CancelEscrow
+    | MarkDelivered
+    | ReleaseFunds
+    | RaiseDispute
+    | ResolveDispute
+    | RefundEscrow
+    | ConfirmSettlement
+    | RecordSettlementFailure
+    | DeliverMilestone
+    | ReleaseMilestone
+)
+
+COMMAND_TYPES: dict[str, type[CommandBase]] = {
+    cls.model_fields["type"].default: cls
+    for cls in (
+        CreateEscrow,
+        RecordPaymentInstructions,
+        ConfirmFunds,
+        RecordPaymentFailure,
+        CancelEscrow,
+        MarkDelivered,
+        ReleaseFunds,
+        RaiseDispute,
+        ResolveDispute,
+        RefundEscrow,
+        ConfirmSettlement,
+        RecordSettlementFailure,
+        DeliverMilestone,
+        ReleaseMilestone,
+    )
+}
+
+COMMAND_ADAPTER: TypeAdapter[Command] = TypeAdapter(
+    Annotated[Command, Field(discriminator="type")]  # type: ignore[arg-type]
+)
+
+
+# --- parsing --------------------------------------------------------------------------
+
+
+class CommandInvalid(ValueError):
+    """A command envelope that is malformed; `errors` lists `{field, message}` per problem."""
+
+    def __init__(
+        self,
+        errors: list[dict[str, str]],
+        command_id: str | None = None,
+        command_type: str | None = None,
+    ) -> None:
+        self.errors = errors
+        self.command_id = command_id
+        self.command_type = command_type
+        detail = "; ".join(f"{e['field'] or '<root>'}: {e['message']}" for e in errors)
+        super().__init__(f"invalid command: {detail}")
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else part
+    return path
+
+
+def validation_errors(exc: ValidationError) -> list[dict[str, str]]:
+    """Field-level `{field, message}` list from a pydantic ValidationError."""
+    errors: list[dict[str, str]] = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        ctx = err.get("ctx") or {}
+        if err["type"] == "cross_field" and isinstance(ctx.get("field"), str):
+            loc = (*loc, ctx["field"])
+        message = err["msg"].removeprefix("Value error, ")
+        errors.append({"field": _field_path(loc), "message": message})
+    return errors
+
+
+def parse_command(data: Mapping[str, Any] | Any) -> Command:
+    """Validate one command envelope as received in JSON; raise CommandInvalid if malformed."""
+    if not isinstance(data, Mapping):
+        raise CommandInvalid([{"field": "", "message": "a command must be a JSON object"}])
+    raw_id = data.get("commandId")
+    command_id = raw_id if isinstance(raw_id, str) else None
+    command_type = data.get("type")
+    cls = COMMAND_TYPES.get(command_type) if isinstance(command_type, str) else None
+    if cls is None:
+        expected = ", ".join(COMMAND_TYPES)
+        raise CommandInvalid(
+            [
+                {
+                    "field": "type",
+                    "message": f"unknown command type {command_type!r}; expected one of {expected}",
+                }
+            ],
+            command_id=command_id,
+        )
+    try:
+        command = cls.model_validate(data, context=WIRE_CONTEXT)
+    except ValidationError as exc:
+        raise CommandInvalid(
+            validation_errors(exc), command_id=command_id, command_type=command_type
+        ) from None
+    return command  # type: ignore[return-value]

@@ -1,0 +1,586 @@
+"""decide(state, command, now) -> Decision: the pure command handler of the escrow.
+
+Checks run in this order; the first that fails decides the rejection code:
+
+1. no state: CreateEscrow is decided as a creation, anything else is NOT_FOUND;
+   the command's escrowId must match the state's (VALIDATION_FAILED otherwise);
+2. duplicate commandId remembered by the escrow: its recorded events are re-emitted
+   (`Decision.duplicate`), nothing changes; CreateEscrow with a new commandId on an
+   existing escrow: ALREADY_EXISTS;
+3. NOT_AUTHORIZED: the actor (and, for CancelEscrow/RefundEscrow/ReleaseFunds, the reason
+   it gives) may not send this command to this escrow;
+4. ConfirmFunds for the provider payment that already funded the escrow: accepted no-op;
+5. SETTLEMENT_PENDING: a settlement is pending and this is not its result (a result
+   without a pending settlement is INVALID_TRANSITION);
+6. INVALID_TRANSITION: the escrow's status does not allow the command;
+7. FEATURE_DISABLED, then DEADLINE_NOT_REACHED (timeouts), then KYC_REQUIRED;
+8. payload against state: VALIDATION_FAILED (provider/rail, maximum amount, unknown
+   milestone), AMOUNT_MISMATCH, then milestone-level INVALID_TRANSITION.
+
+For CreateEscrow: NOT_AUTHORIZED, FEATURE_DISABLED (milestones), KYC_REQUIRED, then
+VALIDATION_FAILED (maximum amount).
+
+Every accepted command produces at most one event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from ._model import WIRE_CONTEXT
+from .commands import (
+    CancelEscrow,
+    Command,
+    ConfirmFunds,
+    ConfirmSettlement,
+    CreateEscrow,
+    DeliverMilestone,
+    MarkDelivered,
+    RaiseDispute,
+    RecordPaymentFailure,
+    RecordPaymentInstructions,
+    RecordSettlementFailure,
+    RefundEscrow,
+    ReleaseFunds,
+    ReleaseMilestone,
+    ResolveDispute,
+)
+from .escrow import (
+    SETTLED_MILESTONE_STATUSES,
+    CommandRecord,
+    Escrow,
+    EscrowStatus,
+    Milestone,
+    MilestoneStatus,
+    SettlementKind,
+    is_allowed_transition,
+)
+from .events import (
+    DATA_FOR_TYPE,
+    EVENT_FOR_DATA,
+    EVENT_TYPES,
+    EscrowCancelledData,
+    EscrowCreatedData,
+    EscrowDeliveredData,
+    EscrowDisputedData,
+    EscrowFundsHeldData,
+    EscrowRefundedData,
+    EscrowReleasedData,
+    Event,
+    EventData,
+    MilestoneDeliveredData,
+    MilestoneReleasedData,
+    PaymentFailedData,
+    PaymentInstructionsRecordedData,
+    SettlementFailedData,
+    SettlementRequestedData,
+    event_id_for,
+)
+from .evolve import EventMeta, apply_event
+from .guards import (
+    actor_relation,
+    check_amount_within_max,
+    check_creator_authorized,
+    check_deadline_reached,
+    check_delivered_timeout_enabled,
+    check_funds_match,
+    check_kyc_verified,
+    check_milestone_status,
+    check_milestones_enabled,
+    check_provider_matches_rail,
+    check_sender_authorized,
+    check_settlement_amount,
+    check_settlement_state,
+    check_status_allows,
+    find_milestone_or_refusal,
+    is_repeated_funds_confirmation,
+    is_system_timeout,
+)
+from .money import release_fee
+from .rejections import Refusal, Rejection, RejectionCode
+from .settings import DecisionContext, DomainSettings
+
+_DEFAULT_SETTINGS = DomainSettings()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Outcome of deciding one command: events (possibly none) or a rejection."""
+
+    events: list[Event] = field(default_factory=list)
+    rejection: Rejection | None = None
+    #: True when the command was already decided and its recorded events are re-emitted.
+    duplicate: bool = False
+
+    @property
+    def accepted(self) -> bool:
+        """True unless the command was rejected."""
+        return self.rejection is None
+
+    def state_after(self, state: Escrow | None) -> Escrow | None:
+        """The escrow after this decision (the last event's snapshot, else `state`)."""
+        if self.events and not self.duplicate:
+            return self.events[-1].escrow
+        return state
+
+
+def decide(
+    state: Escrow | None,
+    command: Command,
+    now: datetime,
+    settings: DomainSettings = _DEFAULT_SETTINGS,
+    context: DecisionContext | None = None,
+) -> Decision:
+    """Decide `command` against `state` at `now`; never raises for a business rule."""
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    if state is None:
+        if isinstance(command, CreateEscrow):
+            return _decide_create(command, now, settings, context)
+        return _reject(command, now, Refusal(RejectionCode.NOT_FOUND, "escrow not found"))
+    if command.escrow_id != state.escrow_id:
+        return _reject(
+            command,
+            now,
+            Refusal(RejectionCode.VALIDATION_FAILED, "command escrowId differs from the state"),
+        )
+    record = state.find_command(command.command_id)
+    if record is not None:
+        return _replay(state, record)
+    if isinstance(command, CreateEscrow):
+        return _reject(command, now, Refusal(RejectionCode.ALREADY_EXISTS, "escrow already exists"))
+    refusal = check_sender_authorized(state, command)
+    if refusal is not None:
+        return _reject(command, now, refusal)
+    if is_repeated_funds_confirmation(state, command):
+        return Decision()
+    refusal = check_settlement_state(state, command) or check_status_allows(state, command)
+    if refusal is not None:
+        return _reject(command, now, refusal)
+    rule = _RULES[type(command)]
+    outcome = rule(state, command, now, settings, context)
+    if isinstance(outcome, Refusal):
+        return _reject(command, now, outcome)
+    return Decision(events=[_emit(state, command, now, outcome)])
+
+
+# --- building decisions -----------------------------------------------------------------
+
+
+def _reject(command: Command, now: datetime, refusal: Refusal) -> Decision:
+    rejection = Rejection(
+        command_id=command.command_id,
+        type=command.type,
+        escrow_id=command.escrow_id,
+        code=refusal.code,
+        message=refusal.message,
+        rejected_at=now,
+        correlation_id=command.correlation_id,
+        trace_id=command.trace_id,
+    )
+    return Decision(rejection=rejection)
+
+
+def _emit(state: Escrow | None, command: Command, now: datetime, data: EventData) -> Event:
+    """Build the event for `data`, with the snapshot it leads to."""
+    cls = EVENT_FOR_DATA[type(data)]
+    version = 1 if state is None else state.version + 1
+    meta = EventMeta(
+        event_id=event_id_for(command.escrow_id, version),
+        type=cls.model_fields["type"].default,
+        escrow_id=command.escrow_id,
+        version=version,
+        occurred_at=now,
+        causation_id=command.command_id,
+        correlation_id=command.correlation_id or command.command_id,
+        trace_id=command.trace_id,
+        actor=command.actor,
+    )
+    after = apply_event(state, meta, data)
+    if state is not None and not is_allowed_transition(state.status, after.status):
+        raise RuntimeError(f"bug: {state.status} -> {after.status} is not in the seed table")
+    return _event(meta, data, after)
+
+
+def _event(meta: EventMeta, data: EventData, snapshot: Escrow) -> Event:
+    cls = EVENT_TYPES[meta.type]
+    event = cls.model_construct(
+        schema_version=1,
+        event_id=meta.event_id,
+        type=meta.type,
+        escrow_id=meta.escrow_id,
+        version=meta.version,
+        occurred_at=meta.occurred_at,
+        causation_id=meta.causation_id,
+        correlation_id=meta.correlation_id,
+        trace_id=meta.trace_id,
+        actor=meta.actor,
+        data=data,
+        escrow=snapshot,
+    )
+    return event  # type: ignore[return-value]
+
+
+def _replay(state: Escrow, record: CommandRecord) -> Decision:
+    """Re-emit a recorded command's events (same ids, versions, data; current snapshot)."""
+    events: list[Event] = []
+    for rec in record.events:
+        data = DATA_FOR_TYPE[rec.type].model_validate(rec.data, context=WIRE_CONTEXT)
+        meta = EventMeta(
+            event_id=rec.event_id,
+            type=rec.type,
+            escrow_id=state.escrow_id,
+            version=rec.version,
+            occurred_at=rec.occurred_at,
+            causation_id=rec.causation_id,
+            correlation_id=rec.correlation_id,
+            trace_id=rec.trace_id,
+            actor=rec.actor,
+        )
+        events.append(_event(meta, data, state))
+    return Decision(events=events, duplicate=True)
+
+
+# --- creation ---------------------------------------------------------------------------
+
+
+def _decide_create(
+    command: CreateEscrow,
+    now: datetime,
+    settings: DomainSettings,
+    context: DecisionContext | None,
+) -> Decision:
+    p = command.payload
+    refusal = (
+        check_creator_authorized(command)
+        or check_milestones_enabled(settings, bool(p.milestones))
+        or check_kyc_verified(settings, context, (p.buyer_id, p.seller_id))
+        or check_amount_within_max(settings, p.currency, p.amount)
+    )
+    if refusal is not None:
+        return _reject(command, now, refusal)
+    data = EscrowCreatedData(
+        offer_id=p.offer_id,
+        contract_id=p.contract_id,
+        buyer_id=p.buyer_id,
+        seller_id=p.seller_id,
+        rail=p.rail,
+        currency=p.currency,
+        amount=p.amount,
+        seller_fee=p.seller_fee,
+        seller_account_id=p.seller_account_id,
+        buyer_wallet_address=p.buyer_wallet_address,
+        milestones=p.milestones,
+        expires_at=now + timedelta(days=settings.payment_deadline_days),
+        recent_commands_max=settings.recent_commands_max,
+    )
+    return Decision(events=[_emit(None, command, now, data)])
+
+
+# --- rules per command (status, authorization and pending settlement already checked) ---
+
+Outcome = EventData | Refusal
+Rule = Callable[[Escrow, Any, datetime, DomainSettings, DecisionContext | None], Outcome]
+
+
+def _record_instructions(
+    state: Escrow,
+    cmd: RecordPaymentInstructions,
+    now: datetime,
+    settings: DomainSettings,
+    context: DecisionContext | None,
+) -> Outcome:
+    p = cmd.payload
+    return check_provider_matches_rail(state, p.provider) or PaymentInstructionsRecordedData(
+        provider=p.provider,
+        provider_payment_id=p.provider_payment_id,
+        client_secret=p.client_secret,
+        deposit_address=p.deposit_address,
+    )
+
+
+def _confirm_funds(
+    state: Escrow,
+    cmd: ConfirmFunds,
+    now: datetime,
+    settings: DomainSettings,
+    context: DecisionContext | None,
+) -> Outcome:
+    p = cmd.payload
+    return (
+        check_provider_matches_rail(state, p.provider)
+        or check_funds_match(state, cmd)
+        or EscrowFundsHeldData(
+            provider=p.provider,
+            provider_payment_id=p.provider_payment_id,
+            amount=p.amount,
+            currency=p.currency,
+            sender_address=p.sender_address,
+        )
+    )
+
+
+def _record_payment_failure(
+    state: Escrow,
+    cmd: RecordPaymentFailure,
+    now: datetime,
+    settings: DomainSettings,
+    context: DecisionContext | None,
+) -> Outcome:
+    p = cmd.payload
+    return check_provider_matches_rail(state, p.provider) or PaymentFailedData(
+        provider=p.provider,
+        provider_payment_id=p.provider_payment_id,
+        error_code=p.error_code,
+        error_message=p.error_message,
+    )
+
+
+def _cancel(
+    state: Escrow,
+    cmd: CancelEscrow,
+    now: datetime,
+    settings: DomainSettings,
+    context: DecisionContext | None,
+) -> Outcome:
+    if is_system_timeout(cmd):
+        refusal = check_deadline_reached(state.expires_at, now, "payment deadline")
+        if refusal is not None:
+            return refusal
+    return EscrowCancelledData(reason=cmd.payload.reason)
+
+
+def _mark_delivered(
+    state: Escrow,
+    cmd: MarkDelivered,
+    now: datetime,
+    settings: DomainSettings,
+    context: DecisionContext | None,
+) -> Outcome:
+    return EscrowDeliveredData(
+        note=cmd.payload.note,
+        evidence_keys=cmd.payload.evidence_keys,
+        auto_refund_at=now + timedelta(days=settings.auto_refund_deadline_days),
+    )
+
+
+def _delivered_timeout(
+    state: Escrow, now: datetime, settings: DomainSettings, action: str
+) -> Refusal | None:
+    return check_delivered_timeout_enabled(settings, action) or check_deadline_reached(
+        state.auto_refund_at, now, "auto-refund deadline"
+    )
+
+
+def _settlement_request(
+    state: Escrow,
+    kind: SettlementKind,
+    reason: str,
+    milestone: Milestone | None = None,
+    resolution: SettlementKind | None = None,
+) -> SettlementRequestedData:
+    """Ask to move a milestone's amount, or everything still held, to seller or buyer."""
+    amount = milestone.amount if milestone is not None else state.holding_amount
+    fee = 0
+    if kind == SettlementKind.RELEASE:
+        fee = release_fee(state.seller_fee, state.amount, state.released_amount, amount)
+    return SettlementRequestedData(
+        kind=kind,
+        attempt=state.settlement_attempts + 1,
+        reason=reason,
+        milestone_id=milestone.milestone_id if milestone is not None else None,
+        amount=amount,
+        payout_amount=amount - fee,
+        fee_amount=fee,
+        resolution=resolution,
+    )
+
+
+def _release(
+    state: Escrow,
+    cmd: ReleaseFunds,
+    now: datetime,
+    settings: DomainSettings,
+    context: DecisionContext | None,
+) -> Outcome:
+    if is_system_timeout(cmd):
+        refusal = _delivered_timeout(state, now, settings, "release")
+        if refusal is not None:
+            return refusal
+    refusal = check_kyc_verified(settings, context, (state.buyer_id, state.seller_id))
+    if refusal is not None:
+        return refusal
+    reason = cmd.payload.reason or f"RELEASED_BY_{actor_relation(state, cmd.actor).upper()}"
+    return _settlement_request(state, SettlementKind.RELEASE, reason)
+
+
+def _raise_dispute(
+    state: Escrow,
+    cmd: RaiseDispute,
+    now: datetime,
+    settings: DomainSettings,
+    context: DecisionContext | None,
+) -> Outcome:
+    return EscrowDisputedData(reason=cmd.payload.reason, evidence_keys=cmd.payload.evidence_keys)
+
+
+def _resolve_dispute(
+    state: Escrow,
+    cmd: ResolveDispute,
+    now: datetime,
+    settings: DomainSettings,
+    context: DecisionContext | None,
+) -> Outcome:
+    p = cmd.payload
+    return _settlement_request(state, p.resolution, p.reason, resolution=p.resolution)
+
+
+def _refund(
+    state: Escrow,
+    cmd: RefundEscrow,
+    now: datetime,
+    settings: DomainSettings,
+    context: DecisionContext | None,
+) -> Outcome:
+    if is_system_timeout(cmd):
+        refusal = _delivered_timeout(state, now, settings, "refund")
+        if refusal is not None:
+            return refusal
+    return _settlement_request(state, SettlementKind.REFUND, cmd.payload.reason)
+
+
+def _confirm_settlement(
+    state: Escrow,
+    cmd: ConfirmSettlement,
+    now: datetime,
+    settings: DomainSettings,
+    context: DecisionContext | None,
+) -> Outcome:
+    p = cmd.payload
+    settlement = state.settlement
+    assert settlement is not None  # guaranteed by check_settlement_state
+    refusal = check_provider_matches_rail(state, p.provider) or check_settlement_amount(state, cmd)
+    if refusal is not None:
+        return refusal
+    if settlement.milestone_id is not None:
+        return MilestoneReleasedData(
+            milestone_id=settlement.milestone_id,
+            provider=p.provider,
+            provider_reference=p.provider_reference,
+            attempt=settlement.attempt,
+            amount=settlement.amount,
+            payout_amount=settlement.payout_amount,
+            fee_amount=settlement.fee_amount,
+        )
+    if settlement.kind == SettlementKind.RELEASE:
+        return EscrowReleasedData(
+            provider=p.provider,
+            provider_reference=p.provider_reference,
+            attempt=settlement.attempt,
+            amount=settlement.amount,
+            payout_amount=settlement.payout_amount,
+            fee_amount=settlement.fee_amount,
+        )
+    return EscrowRefundedData(
+        provider=p.provider,
+        provider_reference=p.provider_reference,
+        attempt=settlement.attempt,
+        amount=settlement.amount,
+    )
+
+
+def _record_settlement_failure(
+    state: Escrow,
+    cmd: RecordSettlementFailure,
+    now: datetime,
+    settings: DomainSettings,
+    context: DecisionContext | None,
+) -> Outcome:
+    settlement = state.settlement
+    assert settlement is not None  # guaranteed by check_settlement_state
+    p = cmd.payload
+    return SettlementFailedData(
+        kind=settlement.kind,
+        attempt=settlement.attempt,
+        milestone_id=settlement.milestone_id,
+        error_code=p.error_code,
+        error_message=p.error_message,
+        retryable=p.retryable,
+    )
+
+
+def _deliver_milestone(
+    state: Escrow,
+    cmd: DeliverMilestone,
+    now: datetime,
+    settings: DomainSettings,
+    context: DecisionContext | None,
+) -> Outcome:
+    found = find_milestone_or_refusal(state, cmd.payload.milestone_id)
+    if isinstance(found, Refusal):
+        return found
+    refusal = check_milestone_status(found, MilestoneStatus.PENDING)
+    if refusal is not None:
+        return refusal
+    others_done = all(
+        m.status != MilestoneStatus.PENDING
+        for m in state.milestones
+        if m.milestone_id != found.milestone_id
+    )
+    escrow_delivered = others_done and state.status == EscrowStatus.FUNDS_HELD
+    return MilestoneDeliveredData(
+        milestone_id=found.milestone_id,
+        escrow_delivered=escrow_delivered,
+        auto_refund_at=(
+            now + timedelta(days=settings.auto_refund_deadline_days) if escrow_delivered else None
+        ),
+    )
+
+
+def _release_milestone(
+    state: Escrow,
+    cmd: ReleaseMilestone,
+    now: datetime,
+    settings: DomainSettings,
+    context: DecisionContext | None,
+) -> Outcome:
+    refusal = check_kyc_verified(settings, context, (state.buyer_id, state.seller_id))
+    if refusal is not None:
+        return refusal
+    found = find_milestone_or_refusal(state, cmd.payload.milestone_id)
+    if isinstance(found, Refusal):
+        return found
+    refusal = check_milestone_status(found, MilestoneStatus.DELIVERED)
+    if refusal is not None:
+        return refusal
+    last = all(
+        m.status in SETTLED_MILESTONE_STATUSES
+        for m in state.milestones
+        if m.milestone_id != found.milestone_id
+    )
+    if last and state.status != EscrowStatus.DELIVERED:
+        return Refusal(
+            RejectionCode.INVALID_TRANSITION,
+            "the last milestone can be released only from a DELIVERED escrow",
+        )
+    return _settlement_request(state, SettlementKind.RELEASE, "MILESTONE_RELEASE", milestone=found)
+
+
+_RULES: dict[type[Any], Rule] = {
+    RecordPaymentInstructions: _record_instructions,
+    ConfirmFunds: _confirm_funds,
+    RecordPaymentFailure: _record_payment_failure,
+    CancelEscrow: _cancel,
+    MarkDelivered: _mark_delivered,
+    ReleaseFunds: _release,
+    RaiseDispute: _raise_dispute,
+    ResolveDispute: _resolve_dispute,
+    RefundEscrow: _refund,
+    ConfirmSettlement: _confirm_settlement,
+    RecordSettlementFailure: _record_settlement_failure,
+    DeliverMilestone: _deliver_milestone,
+    ReleaseMilestone: _release_milestone,
+}

@@ -1,0 +1,282 @@
+"""Named business rules: each guard returns a Refusal with a stable code, or None when met."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+
+from .commands import (
+    TIMEOUT_REASON,
+    CancelEscrow,
+    CancelReason,
+    Command,
+    ConfirmFunds,
+    ConfirmSettlement,
+    CreateEscrow,
+    RefundEscrow,
+    ReleaseFunds,
+)
+from .escrow import (
+    Actor,
+    ActorRole,
+    Escrow,
+    EscrowStatus,
+    Milestone,
+    MilestoneStatus,
+)
+from .money import RAIL_PROVIDER, Currency, Provider
+from .rejections import Refusal, RejectionCode
+from .settings import DecisionContext, DomainSettings
+
+BUYER, SELLER, OTHER_USER = "buyer", "seller", "other user"
+ADMIN, SERVICE, SYSTEM = "admin", "service", "system"
+
+_S = EscrowStatus
+
+#: Who may send each command to an existing escrow (SPEC §2 and §6).
+ALLOWED_SENDERS: dict[str, frozenset[str]] = {
+    "RecordPaymentInstructions": frozenset({SYSTEM}),
+    "ConfirmFunds": frozenset({SYSTEM}),
+    "RecordPaymentFailure": frozenset({SYSTEM}),
+    "CancelEscrow": frozenset({BUYER, SELLER, ADMIN, SYSTEM}),
+    "MarkDelivered": frozenset({SELLER}),
+    "ReleaseFunds": frozenset({BUYER, ADMIN, SYSTEM}),
+    "RaiseDispute": frozenset({BUYER, SELLER}),
+    "ResolveDispute": frozenset({ADMIN}),
+    "RefundEscrow": frozenset({ADMIN, SELLER, SYSTEM}),
+    "ConfirmSettlement": frozenset({SYSTEM}),
+    "RecordSettlementFailure": frozenset({SYSTEM}),
+    "DeliverMilestone": frozenset({SELLER}),
+    "ReleaseMilestone": frozenset({BUYER, ADMIN}),
+}
+
+#: Which CancelEscrow reason each sender may give.
+CANCEL_REASONS_BY_SENDER: dict[str, frozenset[CancelReason]] = {
+    BUYER: frozenset({CancelReason.BUYER_CANCELLED}),
+    SELLER: frozenset({CancelReason.SELLER_CANCELLED}),
+    ADMIN: frozenset({CancelReason.ADMIN}),
+    SYSTEM: frozenset({CancelReason.TIMEOUT, CancelReason.COMPLIANCE_REJECTED}),
+}
+
+#: From which statuses each command may act (settlement commands: see check_settlement_state).
+ALLOWED_FROM: dict[str, frozenset[EscrowStatus]] = {
+    "RecordPaymentInstructions": frozenset({_S.AWAIT_FUNDS}),
+    "ConfirmFunds": frozenset({_S.AWAIT_FUNDS}),
+    "RecordPaymentFailure": frozenset({_S.AWAIT_FUNDS}),
+    "CancelEscrow": frozenset({_S.AWAIT_FUNDS}),
+    "MarkDelivered": frozenset({_S.FUNDS_HELD}),
+    "ReleaseFunds": frozenset({_S.DELIVERED}),
+    "RaiseDispute": frozenset({_S.FUNDS_HELD, _S.DELIVERED}),
+    "ResolveDispute": frozenset({_S.DISPUTED}),
+    "RefundEscrow": frozenset({_S.FUNDS_HELD, _S.DELIVERED}),
+    "DeliverMilestone": frozenset({_S.FUNDS_HELD, _S.DELIVERED}),
+    "ReleaseMilestone": frozenset({_S.FUNDS_HELD, _S.DELIVERED}),
+}
+#: A system timeout refund or release only acts on a DELIVERED escrow.
+TIMEOUT_ALLOWED_FROM = frozenset({_S.DELIVERED})
+
+SETTLEMENT_COMMANDS = frozenset({"ConfirmSettlement", "RecordSettlementFailure"})
+
+
+def actor_relation(escrow: Escrow, actor: Actor) -> str:
+    """What the actor is to this escrow: buyer, seller, other user, admin, service, system."""
+    if actor.role == ActorRole.USER:
+        if actor.id == escrow.buyer_id:
+            return BUYER
+        if actor.id == escrow.seller_id:
+            return SELLER
+        return OTHER_USER
+    return actor.role.value
+
+
+def is_system_timeout(command: Command) -> bool:
+    """True for the system's timeout commands (reason TIMEOUT from a system actor)."""
+    if command.actor.role != ActorRole.SYSTEM:
+        return False
+    if isinstance(command, CancelEscrow):
+        return command.payload.reason == CancelReason.TIMEOUT
+    if isinstance(command, RefundEscrow | ReleaseFunds):
+        return command.payload.reason == TIMEOUT_REASON
+    return False
+
+
+def check_creator_authorized(command: CreateEscrow) -> Refusal | None:
+    """CreateEscrow comes from the buyer themself (a user) or from a service."""
+    actor = command.actor
+    if actor.role == ActorRole.SERVICE:
+        return None
+    if actor.role == ActorRole.USER and actor.id == command.payload.buyer_id:
+        return None
+    return Refusal(
+        RejectionCode.NOT_AUTHORIZED, "CreateEscrow must come from the buyer or a service"
+    )
+
+
+def check_sender_authorized(escrow: Escrow, command: Command) -> Refusal | None:
+    """The actor may send this command to this escrow (with this reason)."""
+    relation = actor_relation(escrow, command.actor)
+    if relation not in ALLOWED_SENDERS[command.type]:
+        return Refusal(RejectionCode.NOT_AUTHORIZED, f"{relation} may not send {command.type}")
+    if isinstance(command, CancelEscrow):
+        if command.payload.reason not in CANCEL_REASONS_BY_SENDER[relation]:
+            return Refusal(
+                RejectionCode.NOT_AUTHORIZED,
+                f"{relation} may not cancel with reason {command.payload.reason.value}",
+            )
+    elif isinstance(command, RefundEscrow | ReleaseFunds):
+        timeout = command.payload.reason == TIMEOUT_REASON
+        if timeout != (relation == SYSTEM):
+            return Refusal(
+                RejectionCode.NOT_AUTHORIZED,
+                f"{command.type} with reason TIMEOUT is for the system alone, and the system "
+                f"sends it only as a timeout",
+            )
+    return None
+
+
+def is_repeated_funds_confirmation(escrow: Escrow, command: Command) -> bool:
+    """ConfirmFunds for the provider payment that already funded the escrow (a no-op)."""
+    return (
+        isinstance(command, ConfirmFunds)
+        and escrow.payment is not None
+        and escrow.payment.funded_provider_payment_id == command.payload.provider_payment_id
+    )
+
+
+def check_settlement_state(escrow: Escrow, command: Command) -> Refusal | None:
+    """Only settlement results act while a settlement is pending; they need one pending."""
+    pending = escrow.settlement is not None
+    if command.type in SETTLEMENT_COMMANDS:
+        if not pending:
+            return Refusal(RejectionCode.INVALID_TRANSITION, "no settlement is pending")
+        return None
+    if pending:
+        return Refusal(
+            RejectionCode.SETTLEMENT_PENDING,
+            f"a settlement is pending; {command.type} must wait for its result",
+        )
+    return None
+
+
+def check_status_allows(escrow: Escrow, command: Command) -> Refusal | None:
+    """The command may act on an escrow in its current status."""
+    if command.type in SETTLEMENT_COMMANDS:
+        return None
+    allowed = (
+        TIMEOUT_ALLOWED_FROM
+        if (isinstance(command, RefundEscrow | ReleaseFunds) and is_system_timeout(command))
+        else ALLOWED_FROM[command.type]
+    )
+    if escrow.status not in allowed:
+        return Refusal(
+            RejectionCode.INVALID_TRANSITION,
+            f"{command.type} is not allowed in status {escrow.status.value}",
+        )
+    return None
+
+
+def check_milestones_enabled(settings: DomainSettings, has_milestones: bool) -> Refusal | None:
+    """Milestone escrows can be created only with FEATURE_MILESTONE_ESCROWS on."""
+    if has_milestones and not settings.feature_milestone_escrows:
+        return Refusal(RejectionCode.FEATURE_DISABLED, "milestone escrows are disabled")
+    return None
+
+
+def check_delivered_timeout_enabled(settings: DomainSettings, action: str) -> Refusal | None:
+    """The DELIVERED timeout needs FEATURE_AUTO_REFUND and acts as configured."""
+    if not settings.feature_auto_refund:
+        return Refusal(RejectionCode.FEATURE_DISABLED, "the delivered timeout is disabled")
+    if settings.delivered_timeout_action != action:
+        return Refusal(
+            RejectionCode.FEATURE_DISABLED,
+            f"the delivered timeout action is {settings.delivered_timeout_action}, not {action}",
+        )
+    return None
+
+
+def check_deadline_reached(deadline: datetime | None, now: datetime, what: str) -> Refusal | None:
+    """A timeout acts only at or after its deadline."""
+    if deadline is None or now < deadline:
+        return Refusal(
+            RejectionCode.DEADLINE_NOT_REACHED, f"{what} not reached (deadline {deadline})"
+        )
+    return None
+
+
+def check_kyc_verified(
+    settings: DomainSettings, context: DecisionContext | None, user_ids: Iterable[str]
+) -> Refusal | None:
+    """With KYC gating on, every party must be verified (no context = nobody verified)."""
+    if not settings.feature_kyc_gating:
+        return None
+    verified = context.kyc_verified_user_ids if context is not None else frozenset()
+    missing = [u for u in user_ids if u not in verified]
+    if missing:
+        return Refusal(RejectionCode.KYC_REQUIRED, f"KYC verification required for {missing}")
+    return None
+
+
+def check_amount_within_max(
+    settings: DomainSettings, currency: Currency, amount: int
+) -> Refusal | None:
+    """The amount is at most the configured maximum for its currency."""
+    limit = settings.max_amount_for(currency)
+    if amount > limit:
+        return Refusal(
+            RejectionCode.VALIDATION_FAILED,
+            f"amount {amount} exceeds the maximum {limit} {currency.value} minor units",
+        )
+    return None
+
+
+def check_provider_matches_rail(escrow: Escrow, provider: Provider) -> Refusal | None:
+    """Money on a rail is moved by that rail's provider."""
+    expected = RAIL_PROVIDER[escrow.rail]
+    if provider != expected:
+        return Refusal(
+            RejectionCode.VALIDATION_FAILED,
+            f"rail {escrow.rail.value} is served by {expected.value}, not {provider.value}",
+        )
+    return None
+
+
+def check_funds_match(escrow: Escrow, command: ConfirmFunds) -> Refusal | None:
+    """Confirmed funds are exactly the escrow's amount and currency."""
+    p = command.payload
+    if p.currency != escrow.currency or p.amount != escrow.amount:
+        return Refusal(
+            RejectionCode.AMOUNT_MISMATCH,
+            f"confirmed {p.amount} {p.currency.value}, "
+            f"expected {escrow.amount} {escrow.currency.value}",
+        )
+    return None
+
+
+def check_settlement_amount(escrow: Escrow, command: ConfirmSettlement) -> Refusal | None:
+    """A confirmed settlement moved exactly the pending settlement's payout amount."""
+    settlement = escrow.settlement
+    expected = settlement.payout_amount if settlement is not None else None
+    if command.payload.amount != expected:
+        return Refusal(
+            RejectionCode.AMOUNT_MISMATCH,
+            f"settlement confirmed {command.payload.amount}, expected {expected}",
+        )
+    return None
+
+
+def find_milestone_or_refusal(escrow: Escrow, milestone_id: str) -> Milestone | Refusal:
+    """The milestone, or VALIDATION_FAILED when the escrow has no such milestone."""
+    milestone = escrow.find_milestone(milestone_id)
+    if milestone is None:
+        return Refusal(RejectionCode.VALIDATION_FAILED, f"escrow has no milestone {milestone_id}")
+    return milestone
+
+
+def check_milestone_status(milestone: Milestone, expected: MilestoneStatus) -> Refusal | None:
+    """The milestone is in the status the command acts on."""
+    if milestone.status != expected:
+        return Refusal(
+            RejectionCode.INVALID_TRANSITION,
+            f"milestone {milestone.milestone_id} is {milestone.status.value}, not {expected.value}",
+        )
+    return None

@@ -1,0 +1,44 @@
+"""Rejections: stable machine-readable codes and the rejection record of a refused command."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal, NamedTuple
+
+from ._model import Id, Text, Timestamp, TolerantModel
+
+
+class RejectionCode(StrEnum):
+    """Why a command was refused (SPEC §2); stable, part of the public contract."""
+
+    INVALID_TRANSITION = "INVALID_TRANSITION"
+    NOT_AUTHORIZED = "NOT_AUTHORIZED"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    SETTLEMENT_PENDING = "SETTLEMENT_PENDING"
+    AMOUNT_MISMATCH = "AMOUNT_MISMATCH"
+    VALIDATION_FAILED = "VALIDATION_FAILED"
+    KYC_REQUIRED = "KYC_REQUIRED"
+    FEATURE_DISABLED = "FEATURE_DISABLED"
+    DEADLINE_NOT_REACHED = "DEADLINE_NOT_REACHED"
+
+
+class Refusal(NamedTuple):
+    """What a guard returns when a rule is broken: a code and a readable message."""
+
+    code: RejectionCode
+    message: str
+
+
+class Rejection(TolerantModel):
+    """The record of a rejected command, published on `escrow.rejections.v1`."""
+
+    schema_version: Literal[1] = 1
+    command_id: Id
+    type: str
+    escrow_id: Id
+    code: RejectionCode
+    message: Text
+    rejected_at: Timestamp
+    correlation_id: Id | None = None
+    trace_id: Id | None = None

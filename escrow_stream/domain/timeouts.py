@@ -1,0 +1,61 @@
+"""Which timeout command is due for an escrow (pure; the timeout processor sends it).
+
+A timeout command has the deterministic commandId ``timeout:{escrowId}:{status}:{version}``
+so that any number of timer instances produce the same command, which the escrow then
+dedupes; the processor re-checks the deadline when it decides.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from .commands import (
+    TIMEOUT_REASON,
+    CancelEscrow,
+    CancelEscrowPayload,
+    CancelReason,
+    Command,
+    RefundEscrow,
+    RefundEscrowPayload,
+    ReleaseFunds,
+    ReleaseFundsPayload,
+)
+from .escrow import Actor, ActorRole, Escrow, EscrowStatus
+from .settings import DomainSettings
+
+TIMEOUT_ACTOR = Actor(id="timeout-processor", role=ActorRole.SYSTEM)
+
+
+def timeout_command_id(escrow: Escrow) -> str:
+    """The deterministic commandId of the timeout for the escrow's current version."""
+    return f"timeout:{escrow.escrow_id}:{escrow.status.value}:{escrow.version}"
+
+
+def timeout_command_for(escrow: Escrow, now: datetime, settings: DomainSettings) -> Command | None:
+    """The timeout command due for `escrow` at `now`, or None when nothing is due.
+
+    1. AWAIT_FUNDS at or past expiresAt: CancelEscrow{TIMEOUT}.
+    2. DELIVERED at or past autoRefundAt, with FEATURE_AUTO_REFUND on: RefundEscrow{TIMEOUT}
+       or, with delivered_timeout_action "release", ReleaseFunds{reason TIMEOUT}.
+    Nothing is due while a settlement is pending.
+    """
+    if escrow.settlement is not None:
+        return None
+    common = {
+        "command_id": timeout_command_id(escrow),
+        "escrow_id": escrow.escrow_id,
+        "actor": TIMEOUT_ACTOR,
+        "issued_at": now,
+    }
+    if escrow.status == EscrowStatus.AWAIT_FUNDS and now >= escrow.expires_at:
+        return CancelEscrow(payload=CancelEscrowPayload(reason=CancelReason.TIMEOUT), **common)
+    if (
+        escrow.status == EscrowStatus.DELIVERED
+        and settings.feature_auto_refund
+        and escrow.auto_refund_at is not None
+        and now >= escrow.auto_refund_at
+    ):
+        if settings.delivered_timeout_action == "release":
+            return ReleaseFunds(payload=ReleaseFundsPayload(reason=TIMEOUT_REASON), **common)
+        return RefundEscrow(payload=RefundEscrowPayload(reason=TIMEOUT_REASON), **common)
+    return None
