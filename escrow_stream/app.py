@@ -10,11 +10,17 @@ from __future__ import annotations
 import os
 import ssl
 import sys
+from typing import Any, cast
 
 import faust
 
+from escrow_stream.agents import processor, timeouts
 from escrow_stream.clock import Clock, utc_now
 from escrow_stream.config import ConfigError, Settings, load_settings
+from escrow_stream.db.kyc import KycDirectory
+from escrow_stream.db.pool import Database
+from escrow_stream.tables import escrows as escrow_table
+from escrow_stream.tables import outcomes as outcome_table
 from escrow_stream.web import health
 
 TABLE_PARTITIONS = 6  # changelog partitions = escrow-commands partitions (co-partitioned)
@@ -54,8 +60,28 @@ def create_app(settings: Settings, clock: Clock = utc_now) -> faust.App:
         web_stats_enabled=False,
         web_graph_enabled=False,
         web_in_thread=False,
+        producer_max_request_size=1_048_576,
+        broker_session_timeout=settings.kafka_session_timeout_ms / 1000,
+        broker_heartbeat_interval=min(3.0, settings.kafka_session_timeout_ms / 3000),
+        autodiscover=["escrow_stream.commands"],
+        origin="escrow_stream.app",
+    )
+    database = Database(settings)
+    topics = processor.Topics(app, settings)
+    escrows = escrow_table.define(app, TABLE_PARTITIONS)
+    recorded_outcomes = outcome_table.define(app, TABLE_PARTITIONS)
+    kyc = KycDirectory(database)
+    processor.register(app, settings, clock, topics, escrows, recorded_outcomes, kyc.verified)
+    timeouts.register(
+        app, settings, clock, topics.commands, escrows, processor.domain_settings(settings)
     )
     health.register(app, clock)
+
+    async def _close_database(sender: object, *args: object, **kwargs: object) -> None:
+        await database.close()
+
+    app.on_before_shutdown.connect(cast(Any, _close_database))
+
     return app
 
 

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -123,6 +124,61 @@ def db_status(ctx: click.Context) -> None:
     from escrow_stream.db import migrate
 
     click.echo(migrate.status(_settings(ctx)), nl=False)
+
+
+@main.group()
+def offsets() -> None:
+    """Consumer offsets of the worker group (runbook: reprocess commands)."""
+
+
+@offsets.command("reset")
+@click.option("--topic", default=None, help="Default: KAFKA_COMMANDS_TOPIC.")
+@click.option("--group", "group_id", default=None, help="Default: KAFKA_GROUP_ID.")
+@click.option(
+    "--to-datetime",
+    "to",
+    type=click.DateTime(
+        formats=[
+            "%Y-%m-%dT%H:%M:%S%z",
+            "%Y-%m-%dT%H:%M:%S.%f%z",
+            "%Y-%m-%dT%H:%M:%SZ",
+            "%Y-%m-%dT%H:%M:%S.%fZ",
+        ]
+    ),
+    default=None,
+)
+@click.option("--to-earliest", is_flag=True)
+@click.option("--execute", is_flag=True, help="Commit the new offsets (otherwise only print).")
+@click.pass_context
+def offsets_reset(
+    ctx: click.Context,
+    topic: str | None,
+    group_id: str | None,
+    to: datetime | None,
+    to_earliest: bool,
+    execute: bool,
+) -> None:
+    """Move the group's offsets back so commands are read again (duplicates are harmless)."""
+    from escrow_stream import runbooks
+
+    if (to is None) == (not to_earliest):
+        raise click.UsageError("give exactly one of --to-datetime or --to-earliest")
+    settings = _settings(ctx)
+    topic = topic or settings.kafka_commands_topic
+    group_id = group_id or settings.kafka_group_id
+    if to is not None and to.tzinfo is None:
+        to = to.replace(tzinfo=UTC)
+    changes = asyncio.run(runbooks.plan_reset(settings, group_id, topic, to))
+    for change in changes:
+        click.echo(f"{topic}[{change.partition}]: {change.current} -> {change.new}")
+    if not execute:
+        click.echo("dry run: add --execute to commit these offsets")
+        return
+    try:
+        asyncio.run(runbooks.execute_reset(settings, group_id, topic, changes))
+    except runbooks.GroupActive as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"offsets of group {group_id} on {topic} reset")
 
 
 @main.command()

@@ -69,6 +69,7 @@ OURS: tuple[str, ...] = (
     "KAFKA_REPLICATION_FACTOR",
     "KAFKA_COMPRESSION",
     "KAFKA_PROCESSING_GUARANTEE",
+    "KAFKA_SESSION_TIMEOUT_MS",
     "TABLE_STORE",
     "DATA_DIR",
     "WEB_HOST",
@@ -147,6 +148,8 @@ class Settings(BaseModel):
     kafka_processing_guarantee: Literal["at_least_once", "exactly_once"] = _env(
         "KAFKA_PROCESSING_GUARANTEE", "at_least_once"
     )
+    #: How soon the group notices a crashed worker and hands its partitions to another.
+    kafka_session_timeout_ms: int = _env("KAFKA_SESSION_TIMEOUT_MS", 30_000, ge=6_000, le=300_000)
     table_store: str = _env("TABLE_STORE", "rocksdb://")
     data_dir: str = _env("DATA_DIR", "escrow-stream-data")
 

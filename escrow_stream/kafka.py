@@ -26,3 +26,18 @@ def client_kwargs(settings: Settings) -> dict[str, Any]:
     elif settings.kafka_ssl_enabled:
         kwargs["security_protocol"] = "SSL"
     return kwargs
+
+
+async def topic_partitions(settings: Settings, topic: str) -> list[int]:
+    """The partition numbers of ``topic`` (empty when it does not exist)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(**client_kwargs(settings))
+    await admin.start()
+    try:
+        described = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    if not described or described[0]["error_code"] != 0:
+        return []
+    return sorted(p["partition"] for p in described[0]["partitions"])

@@ -1,0 +1,1 @@
+"""Faust agents: command processor, mirror, payments effects, outbox publisher, timeouts."""

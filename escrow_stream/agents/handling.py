@@ -1,0 +1,189 @@
+"""Turning one raw message from ``escrow-commands`` into an outcome, without any I/O.
+
+Steps, in order (each failing step ends the handling):
+
+1. Decode: the value must be UTF-8 JSON holding an object → else dead letter
+   ``invalid_json``.
+2. Parse: the envelope and payload must validate (``parse_command``) → else dead letter
+   ``invalid_schema`` (``unknown_type`` for a type we do not know).
+3. Route: the message key must be the command's escrowId, or per-escrow ordering would be
+   broken → else dead letter ``key_mismatch``.
+4. Trust: a ``system`` actor needs a valid ``x-escrow-signature`` → else rejection
+   ``NOT_AUTHORIZED`` (a well-formed command that is refused, not a poison message).  This
+   rejection is not recorded: system commandIds are predictable, and recording an unsigned
+   forgery would pre-empt the genuine signed command.
+5. Recorded outcome: a commandId (from the same actor) that was rejected or was a no-op
+   before gets that outcome again (``tables.outcomes``); accepted commands are
+   recognised by the escrow itself in step 6.
+6. Decide with the domain core → events (possibly a duplicate's recorded events) or a
+   rejection / no-op, which the caller records (``Outcome.record``).
+
+An unexpected exception in steps 1-6 is a bug, not bad input; it is dead-lettered as
+``handler_error`` so one message can never stop the processor.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from escrow_stream.domain import (
+    COMMAND_TYPES,
+    ActorRole,
+    Command,
+    CommandInvalid,
+    DecisionContext,
+    DomainSettings,
+    Escrow,
+    Event,
+    Rejection,
+    RejectionCode,
+    decide,
+    parse_command,
+)
+from escrow_stream.signing import HeaderItems, verify
+from escrow_stream.tables import outcomes
+
+DETAIL_LENGTH_MAX = 1000
+
+
+class DeadLetterReason(StrEnum):
+    INVALID_JSON = "invalid_json"
+    INVALID_SCHEMA = "invalid_schema"
+    UNKNOWN_TYPE = "unknown_type"
+    KEY_MISMATCH = "key_mismatch"
+    HANDLER_ERROR = "handler_error"
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    reason: DeadLetterReason
+    detail: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What to do with one message: write ``state`` and send ``events``, or a rejection,
+    or a dead letter."""
+
+    command: Command | None = None
+    state: Escrow | None = None
+    events: list[Event] = field(default_factory=list)
+    rejection: Rejection | None = None
+    dead_letter: DeadLetter | None = None
+    duplicate: bool = False
+    #: True when this rejection / no-op must be stored in the outcomes table (step 6).
+    record: bool = False
+
+    @property
+    def outcome_label(self) -> str:
+        if self.dead_letter is not None:
+            return "dead_letter"
+        if self.rejection is not None:
+            return "rejected"
+        if self.duplicate:
+            return "duplicate"
+        return "accepted" if self.events else "no_op"
+
+
+def command_escrow_id(value: bytes) -> str | None:
+    """The escrowId of a raw command, when it can be read, to find the state to decide on."""
+    try:
+        data = json.loads(value)
+    except (ValueError, TypeError):
+        return None
+    escrow_id = data.get("escrowId") if isinstance(data, dict) else None
+    return escrow_id if isinstance(escrow_id, str) else None
+
+
+def record_key(command: Command) -> str:
+    """Identity of a command in the outcomes table: its id and who sent it."""
+    return f"{command.command_id}|{command.actor.role}|{command.actor.id}"
+
+
+def handle(
+    key: bytes | None,
+    value: bytes | None,
+    headers: HeaderItems | None,
+    state: Escrow | None,
+    recorded: dict[str, Any] | None,
+    now: datetime,
+    settings: DomainSettings,
+    internal_secret: str,
+    context: DecisionContext | None = None,
+) -> Outcome:
+    """Steps 1-6 of the module docstring; ``recorded`` is the escrow's outcomes entry."""
+    try:
+        return _handle(
+            key, value, headers, state, recorded, now, settings, internal_secret, context
+        )
+    except Exception as exc:  # a bug must not stop the stream: dead-letter and go on
+        return _dead(DeadLetterReason.HANDLER_ERROR, f"{type(exc).__name__}: {exc}")
+
+
+def _handle(
+    key: bytes | None,
+    value: bytes | None,
+    headers: HeaderItems | None,
+    state: Escrow | None,
+    recorded: dict[str, Any] | None,
+    now: datetime,
+    settings: DomainSettings,
+    internal_secret: str,
+    context: DecisionContext | None,
+) -> Outcome:
+    if not value:
+        return _dead(DeadLetterReason.INVALID_JSON, "empty message value")
+    try:
+        data = json.loads(value)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return _dead(DeadLetterReason.INVALID_JSON, str(exc))
+    if not isinstance(data, dict):
+        return _dead(DeadLetterReason.INVALID_SCHEMA, "a command must be a JSON object")
+    try:
+        command = parse_command(data)
+    except CommandInvalid as exc:
+        unknown = data.get("type") not in COMMAND_TYPES
+        reason = DeadLetterReason.UNKNOWN_TYPE if unknown else DeadLetterReason.INVALID_SCHEMA
+        return _dead(reason, str(exc))
+    if key is None or key.decode("utf-8", "replace") != command.escrow_id:
+        return _dead(
+            DeadLetterReason.KEY_MISMATCH,
+            f"message key {key!r} is not the command's escrowId {command.escrow_id!r}",
+        )
+    if command.actor.role is ActorRole.SYSTEM and not verify(internal_secret, value, headers):
+        return Outcome(
+            command=command,
+            state=state,
+            rejection=Rejection(
+                command_id=command.command_id,
+                type=command.type,
+                escrow_id=command.escrow_id,
+                code=RejectionCode.NOT_AUTHORIZED,
+                message="system commands need a valid x-escrow-signature header",
+                rejected_at=now,
+                correlation_id=command.correlation_id,
+                trace_id=command.trace_id,
+            ),
+        )
+    found, previous = outcomes.find(recorded, record_key(command))
+    if found:
+        return Outcome(command=command, state=state, rejection=previous, duplicate=True)
+    decision = decide(state, command, now, settings, context)
+    if decision.rejection is not None:
+        return Outcome(command=command, state=state, rejection=decision.rejection, record=True)
+    if not decision.events:
+        return Outcome(command=command, state=state, record=True)
+    return Outcome(
+        command=command,
+        state=decision.state_after(state),
+        events=list(decision.events),
+        duplicate=decision.duplicate,
+    )
+
+
+def _dead(reason: DeadLetterReason, detail: str) -> Outcome:
+    return Outcome(dead_letter=DeadLetter(reason, detail[:DETAIL_LENGTH_MAX]))

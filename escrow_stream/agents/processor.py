@@ -1,0 +1,208 @@
+"""The command processor: ``escrow-commands`` in, events / rejections / dead letters out.
+
+Per message, in order (SPEC §3, processing guarantee):
+
+1. Read the escrow's state from the ``escrows`` table (this worker owns the partition).
+2. Decide with :func:`escrow_stream.agents.handling.handle` (pure).
+3. Write the new state to the table *before* sending events (a rejection or no-op is
+   written to the ``command-outcomes`` table before the rejection is sent).  A crash after this step
+   redelivers the command (its offset is not committed yet); the escrow then recognises the
+   commandId and re-emits the recorded events with the same eventIds (rule 1).  A duplicate
+   rewrites the state too, so the changelog always carries the state whose events went out.
+4. Send the events (key = escrowId) to ``escrow.events.v1``, a rejection to
+   ``escrow.rejections.v1``, a poison message to ``escrow-commands.dlq`` with the reason in
+   headers.
+5. Faust commits the source offset only after the producer is flushed, so nothing is lost;
+   a redelivery yields the same eventIds, which every consumer dedupes (rule 2).
+
+One agent instance handles its partitions sequentially (concurrency 1): per-escrow order is
+the partition's order and parallelism comes from partitions (rule 4).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import faust
+from faust.types import EventT, TableT
+
+from escrow_stream.agents import handling
+from escrow_stream.clock import Clock
+from escrow_stream.config import Settings
+from escrow_stream.domain import (
+    CreateEscrow,
+    DecisionContext,
+    DomainSettings,
+    Escrow,
+    Event,
+    ReleaseFunds,
+)
+from escrow_stream.metrics import COMMAND_OUTCOMES, COMMAND_SECONDS, DEAD_LETTERS
+from escrow_stream.tables import escrows as escrow_table
+from escrow_stream.tables import outcomes as outcome_table
+
+log = logging.getLogger(__name__)
+
+#: Faust's producer refuses requests above this; a larger poison message is truncated in the
+#: DLQ (its source topic, partition and offset are in the headers to find the original).
+DLQ_VALUE_BYTES_MAX = 900_000
+
+KycLookup = Callable[[frozenset[str]], Awaitable[frozenset[str]]]
+
+
+def domain_settings(settings: Settings) -> DomainSettings:
+    return DomainSettings(
+        payment_deadline_days=settings.escrow_payment_deadline_days,
+        auto_refund_deadline_days=settings.escrow_auto_refund_deadline_days,
+        delivered_timeout_action=settings.escrow_delivered_timeout_action,
+        feature_milestone_escrows=settings.feature_milestone_escrows,
+        feature_auto_refund=settings.feature_auto_refund,
+        feature_kyc_gating=settings.feature_kyc_gating,
+        max_amount_minor=settings.escrow_max_amount_minor,
+        recent_commands_max=settings.escrow_recent_commands_max,
+    )
+
+
+def encode_event(event: Event) -> bytes:
+    return json.dumps(event.model_dump(mode="json", by_alias=True), separators=(",", ":")).encode()
+
+
+def event_headers(event: Event) -> list[tuple[str, bytes]]:
+    return [
+        ("x-event-id", str(event.event_id).encode()),
+        ("x-event-type", event.type.encode()),
+        ("x-escrow-version", str(event.version).encode()),
+    ]
+
+
+class Topics:
+    """The topics the processor reads and writes, as raw bytes."""
+
+    def __init__(self, app: faust.App, settings: Settings) -> None:
+        raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
+        self.commands = app.topic(settings.kafka_commands_topic, **raw)
+        self.events = app.topic(settings.kafka_events_topic, **raw)
+        self.rejections = app.topic(settings.kafka_rejections_topic, **raw)
+        self.dlq = app.topic(settings.kafka_dlq_topic, **raw)
+
+
+def register(
+    app: faust.App,
+    settings: Settings,
+    clock: Clock,
+    topics: Topics,
+    escrows: TableT[str, Any],
+    recorded_outcomes: TableT[str, Any],
+    kyc_lookup: KycLookup | None,
+) -> None:
+    """Register the command-processor agent on ``app``."""
+    rules = domain_settings(settings)
+    secret = settings.internal_command_secret.get_secret_value()
+
+    async def context_for(
+        key: bytes | None, value: bytes, state: Escrow | None
+    ) -> DecisionContext | None:
+        if not rules.feature_kyc_gating or kyc_lookup is None:
+            return None
+        parties = _parties_needing_kyc(value, state)
+        if not parties:
+            return None
+        return DecisionContext(kyc_verified_user_ids=await kyc_lookup(parties))
+
+    @app.agent(topics.commands, name="escrow-command-processor")
+    async def process_commands(stream: faust.StreamT[bytes]) -> None:
+        async for event in stream.events():
+            await _process_one(event)
+
+    async def _process_one(event: EventT[bytes]) -> None:
+        message = event.message
+        key: bytes | None = message.key
+        value: bytes = message.value or b""
+        raw_headers = message.headers or []
+        pairs = raw_headers.items() if isinstance(raw_headers, Mapping) else raw_headers
+        headers = [(str(k), v if isinstance(v, bytes) else str(v).encode()) for k, v in pairs]
+        escrow_id = handling.command_escrow_id(value) if value else None
+        state = escrow_table.load(escrows.get(escrow_id)) if escrow_id else None
+        recorded = recorded_outcomes.get(escrow_id) if escrow_id else None
+        with COMMAND_SECONDS.time():
+            context = await context_for(key, value, state)
+            outcome = handling.handle(
+                key, value, headers, state, recorded, clock(), rules, secret, context
+            )
+        command_type = outcome.command.type if outcome.command else "unparsed"
+        COMMAND_OUTCOMES.labels(command_type, outcome.outcome_label).inc()
+
+        if outcome.dead_letter is not None:
+            DEAD_LETTERS.labels(outcome.dead_letter.reason.value).inc()
+            log.warning(
+                "dead-lettered message %s[%s]@%s: %s",
+                message.topic,
+                message.partition,
+                message.offset,
+                outcome.dead_letter.reason,
+            )
+            await topics.dlq.send(
+                key=key,
+                value=value[:DLQ_VALUE_BYTES_MAX],
+                headers=headers + _dlq_headers(message, outcome.dead_letter, len(value)),
+            )
+            return
+        assert outcome.command is not None
+        if outcome.record:  # written before the rejection is sent (step 3)
+            recorded_outcomes[outcome.command.escrow_id] = outcome_table.record(
+                recorded,
+                handling.record_key(outcome.command),
+                outcome.rejection,
+                rules.recent_commands_max,
+            )
+        if outcome.rejection is not None:
+            rejection = outcome.rejection.model_dump(mode="json", by_alias=True)
+            await topics.rejections.send(
+                key=outcome.command.escrow_id.encode(),
+                value=json.dumps(rejection, separators=(",", ":")).encode(),
+                headers=[("x-rejection-code", str(outcome.rejection.code).encode())],
+            )
+            return
+        if outcome.state is not None and outcome.events:
+            escrows[outcome.command.escrow_id] = escrow_table.dump(outcome.state)
+        for domain_event in outcome.events:
+            await topics.events.send(
+                key=outcome.command.escrow_id.encode(),
+                value=encode_event(domain_event),
+                headers=event_headers(domain_event),
+            )
+
+
+def _parties_needing_kyc(value: bytes, state: Escrow | None) -> frozenset[str]:
+    """Buyer and seller of a create or release, the two commands KYC gating covers."""
+    try:
+        data = json.loads(value)
+    except ValueError:
+        return frozenset()
+    if not isinstance(data, dict):
+        return frozenset()
+    kind = data.get("type")
+    if kind == CreateEscrow.model_fields["type"].default:
+        payload = data.get("payload")
+        if isinstance(payload, dict):
+            ids = {payload.get("buyerId"), payload.get("sellerId")}
+            return frozenset(i for i in ids if isinstance(i, str))
+    if kind == ReleaseFunds.model_fields["type"].default and state is not None:
+        return frozenset({state.buyer_id, state.seller_id})
+    return frozenset()
+
+
+def _dlq_headers(message: Any, dead: handling.DeadLetter, size: int) -> list[tuple[str, bytes]]:
+    headers = [
+        ("x-dlq-reason", dead.reason.value.encode()),
+        ("x-dlq-error", dead.detail.encode("utf-8", "replace")),
+        ("x-dlq-source-topic", str(message.topic).encode()),
+        ("x-dlq-source-partition", str(message.partition).encode()),
+        ("x-dlq-source-offset", str(message.offset).encode()),
+    ]
+    if size > DLQ_VALUE_BYTES_MAX:
+        headers.append(("x-dlq-truncated-from-bytes", str(size).encode()))
+    return headers

@@ -1,0 +1,1 @@
+"""Faust tables and what is stored in them."""

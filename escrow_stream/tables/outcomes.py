@@ -1,0 +1,52 @@
+"""The ``command-outcomes`` table: escrowId → recent commands that produced no event.
+
+Accepted commands are remembered by the escrow itself (``recentCommands``, rebuilt from its
+events).  Rejections and no-ops change no state and emit no event, so without this table a
+redelivered rejected command would be decided *again* — against a state that later commands
+may have changed, giving a different answer (a ReleaseFunds refused in FUNDS_HELD could be
+accepted on redelivery once the escrow is DELIVERED).  Recording them here, in the same
+partition as the escrow, keeps SPEC §3 rule 1 for every outcome: a commandId seen before
+gets its recorded outcome back.
+
+Value: ``{"entries": [{"key": ..., "rejection": {...} | null}, ...]}``, oldest first, at
+most ``ESCROW_RECENT_COMMANDS_MAX`` entries (FIFO eviction).  The key is the commandId with
+the sender's role and id (``handling.record_key``): a redelivery has the same sender, and a
+forger reusing someone else's commandId cannot pre-empt their command's outcome.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import faust
+from faust.types import TableT
+
+from escrow_stream.domain import Rejection
+
+TABLE_NAME = "command-outcomes"
+TABLE_HELP = "Recent rejected and no-op commands by escrowId, for duplicate detection."
+
+RecordedOutcome = Rejection | None  # None: the command was a no-op
+
+
+def define(app: faust.App, partitions: int) -> TableT[str, Any]:
+    return app.Table(TABLE_NAME, partitions=partitions, key_type=str, help=TABLE_HELP)
+
+
+def find(value: dict[str, Any] | None, key: str) -> tuple[bool, RecordedOutcome]:
+    """(found, outcome) of the command ``key`` in a stored value."""
+    for entry in (value or {}).get("entries", []):
+        if entry["key"] == key:
+            rejection = entry.get("rejection")
+            return True, None if rejection is None else Rejection.model_validate(rejection)
+    return False, None
+
+
+def record(
+    value: dict[str, Any] | None, key: str, outcome: RecordedOutcome, entries_max: int
+) -> dict[str, Any]:
+    """The stored value with command ``key``'s outcome appended (oldest evicted first)."""
+    entries = list((value or {}).get("entries", []))
+    rejection = None if outcome is None else outcome.model_dump(mode="json", by_alias=True)
+    entries.append({"key": key, "rejection": rejection})
+    return {"entries": entries[-entries_max:]}

@@ -1,0 +1,260 @@
+"""Running real workers against the local stack, and talking to them only through Kafka.
+
+Each :class:`Stack` gets its own topic names and consumer group, so tests never see
+each other's commands or replay earlier runs' history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from escrow_stream.config import Settings, load_settings
+from escrow_stream.kafka import client_kwargs, topic_partitions
+from escrow_stream.signing import signature_headers
+from escrow_stream.topics import create_topics
+from tests.support import free_port, stack_environ, unique
+
+HEALTH_WAIT_S = 90.0
+STOP_WAIT_S = 60.0
+COLLECT_WAIT_S = 60.0
+
+
+def wire_command(
+    type_: str,
+    escrow_id: str,
+    actor: dict[str, str],
+    payload: dict[str, Any] | None = None,
+    command_id: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "schemaVersion": 1,
+        "commandId": command_id or f"cmd-{uuid.uuid4().hex}",
+        "type": type_,
+        "escrowId": escrow_id,
+        "actor": actor,
+        "payload": payload or {},
+        "issuedAt": datetime.now(UTC).isoformat(),
+    }
+
+
+@dataclass
+class Stack:
+    """Topic names, group id and environment of one isolated test deployment."""
+
+    env: dict[str, str]
+    settings: Settings
+    data_root: Path
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, data_root: Path, **overrides: str) -> Stack:
+        run = unique("t")
+        env = stack_environ(
+            KAFKA_GROUP_ID=f"escrow-{run}",
+            KAFKA_CLIENT_ID=f"escrow-{run}",
+            KAFKA_COMMANDS_TOPIC=f"{run}.commands",
+            KAFKA_EVENTS_TOPIC=f"{run}.events",
+            KAFKA_REJECTIONS_TOPIC=f"{run}.rejections",
+            KAFKA_DLQ_TOPIC=f"{run}.commands.dlq",
+            INTERNAL_COMMAND_SECRET=f"test-internal-secret-{run}",
+            FEATURE_KYC_GATING="false",
+            WEB_HOST="127.0.0.1",
+            **overrides,
+        )
+        return cls(env=env, settings=load_settings(env), data_root=data_root)
+
+    async def create_topics(self) -> None:
+        await create_topics(self.settings)
+
+    def worker(self, name: str = "w1", **overrides: str) -> WorkerProcess:
+        env = dict(self.env)
+        env.update(PORT=str(free_port()), DATA_DIR=str(self.data_root / name), **overrides)
+        worker = WorkerProcess(name, env, self.data_root / f"{name}.log")
+        self.workers.append(worker)
+        return worker
+
+    def stop_all(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
+    # -- Kafka ----------------------------------------------------------------------
+
+    def secret(self) -> str:
+        return self.settings.internal_command_secret.get_secret_value()
+
+    async def send(self, commands: list[dict[str, Any]], sign_system: bool = True) -> None:
+        """Produce commands keyed by escrowId, signing system ones; acks=all, in order."""
+        await self.send_raw(
+            [
+                (c["escrowId"].encode(), json.dumps(c).encode(), None if sign_system else [])
+                for c in commands
+            ]
+        )
+
+    async def send_raw(
+        self, records: list[tuple[bytes | None, bytes, list[tuple[str, bytes]] | None]]
+    ) -> None:
+        """Produce raw records; headers None means "sign if the actor is system"."""
+        producer = AIOKafkaProducer(
+            acks="all",
+            enable_idempotence=True,
+            max_request_size=2_000_000,
+            **client_kwargs(self.settings),
+        )
+        await producer.start()
+        try:
+            for key, value, headers in records:
+                if headers is None:
+                    headers = _sign_if_system(self.secret(), value)
+                await producer.send_and_wait(
+                    self.settings.kafka_commands_topic, value=value, key=key, headers=headers
+                )
+        finally:
+            await producer.stop()
+
+    async def read(
+        self,
+        topic: str,
+        until: Callable[[list[Any]], bool],
+        timeout_s: float = COLLECT_WAIT_S,
+        isolation_level: str = "read_uncommitted",
+    ) -> list[Any]:
+        """Read ``topic`` from the beginning until ``until(records)`` or the timeout."""
+        consumer = AIOKafkaConsumer(
+            enable_auto_commit=False,
+            isolation_level=isolation_level,
+            **client_kwargs(self.settings),
+        )
+        await consumer.start()
+        records: list[Any] = []
+        try:
+            tps = [TopicPartition(topic, p) for p in await topic_partitions(self.settings, topic)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            deadline = time.monotonic() + timeout_s
+            while not until(records) and time.monotonic() < deadline:
+                batches = await consumer.getmany(timeout_ms=500, max_records=1000)
+                for batch in batches.values():
+                    records.extend(batch)
+            return records
+        finally:
+            await consumer.stop()
+
+    async def events(
+        self, until: Callable[[list[dict[str, Any]]], bool], timeout_s: float = COLLECT_WAIT_S
+    ) -> list[dict[str, Any]]:
+        records = await self.read(
+            self.settings.kafka_events_topic,
+            lambda rs: until([json.loads(r.value) for r in rs]),
+            timeout_s,
+        )
+        return [json.loads(r.value) for r in records]
+
+    async def rejections(
+        self, until: Callable[[list[dict[str, Any]]], bool], timeout_s: float = COLLECT_WAIT_S
+    ) -> list[dict[str, Any]]:
+        records = await self.read(
+            self.settings.kafka_rejections_topic,
+            lambda rs: until([json.loads(r.value) for r in rs]),
+            timeout_s,
+        )
+        return [json.loads(r.value) for r in records]
+
+
+def _sign_if_system(secret: str, value: bytes) -> list[tuple[str, bytes]]:
+    try:
+        role = json.loads(value).get("actor", {}).get("role")
+    except (ValueError, AttributeError):
+        return []
+    return signature_headers(secret, value) if role == "system" else []
+
+
+class WorkerProcess:
+    """``escrow-stream worker`` as a child process, as an operator would run it."""
+
+    def __init__(self, name: str, env: dict[str, str], log_path: Path) -> None:
+        self.name = name
+        self.env = {**env, "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        self.port = int(env["PORT"])
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "escrow_stream.cli", "worker"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        return self
+
+    def log_tail(self, chars: int = 6000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def health(self) -> dict[str, Any] | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                return dict(json.loads(r.read()))
+        except OSError:
+            return None
+
+    def wait_healthy(self, timeout_s: float = HEALTH_WAIT_S) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc is not None and self.proc.poll() is None, self.log_tail()
+            body = self.health()
+            if body is not None:
+                return body
+            time.sleep(0.3)
+        raise AssertionError(f"{self.name}: no /health within {timeout_s}s\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, as in a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self, timeout_s: float = STOP_WAIT_S) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+async def eventually(check: Callable[[], Any], timeout_s: float = COLLECT_WAIT_S) -> Any:
+    """Poll an async or sync check until it returns a truthy value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result or time.monotonic() > deadline:
+            return result
+        await asyncio.sleep(0.25)
