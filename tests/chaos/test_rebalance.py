@@ -1,0 +1,117 @@
+"""Two workers split the partitions; when one stops the other takes over its escrows with
+their state recovered from the changelog."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
+
+from escrow_stream.config import Settings
+from escrow_stream.kafka import client_kwargs
+from tests.chaos.scenario import escrow_script
+from tests.harness import Stack
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+ESCROWS = 30
+GROUP_WAIT_S = 120.0
+
+
+async def member_assignments(settings: Settings, group_id: str) -> list[int]:
+    """How many partitions of the commands topic each live member of the group holds."""
+    admin = AIOKafkaAdminClient(**client_kwargs(settings))
+    await admin.start()
+    try:
+        described = await admin.describe_consumer_groups([group_id])
+    finally:
+        await admin.close()
+    counts: list[int] = []
+    for response in described:
+        for group in response.groups:
+            for member in group[5]:
+                if not member[-1]:  # mid-rebalance: no assignment yet
+                    counts.append(0)
+                    continue
+                assignment = ConsumerProtocolMemberAssignment.decode(member[-1])
+                topic = settings.kafka_commands_topic
+                counts.append(sum(tp.topic == topic for tp in assignment.partitions()))
+    return counts
+
+
+async def wait_for_members(settings: Settings, group_id: str, members: int) -> list[int]:
+    deadline = asyncio.get_running_loop().time() + GROUP_WAIT_S
+    counts: list[int] = []
+    while asyncio.get_running_loop().time() < deadline:
+        counts = await member_assignments(settings, group_id)
+        if len(counts) == members and all(counts):
+            return counts
+        await asyncio.sleep(1)
+    raise AssertionError(f"group never had {members} members with partitions: {counts}")
+
+
+def by_escrow(events: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
+    out: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+    for e in events:
+        out[e["escrowId"]][e["version"]] = e
+    return out
+
+
+def test_two_workers_split_and_take_over(tmp_path: Path, stack_settings: Settings) -> None:
+    stack = Stack.create(tmp_path, KAFKA_SESSION_TIMEOUT_MS="10000")
+    asyncio.run(stack.create_topics())
+    rng = random.Random(7)
+    run = uuid.uuid4().hex[:6]
+    scripts = [escrow_script(f"rb-{run}-{i:02d}", rng) for i in range(ESCROWS)]
+    first_half = [c for s in scripts for c in s[:4]]  # create .. funds: FUNDS_HELD
+    second_half = [c for s in scripts for c in s[4:]]
+    group = stack.settings.kafka_group_id
+
+    w1 = stack.worker("w1").start()
+    w2 = stack.worker("w2").start()
+    try:
+        w1.wait_healthy()
+        w2.wait_healthy()
+        counts = asyncio.run(wait_for_members(stack.settings, group, 2))
+        assert sorted(counts) == [3, 3], counts  # 6 command partitions split evenly
+
+        asyncio.run(stack.send(first_half))
+        held = asyncio.run(
+            stack.events(lambda es: sum(e["type"] == "EscrowFundsHeld" for e in es) >= ESCROWS)
+        )
+        assert sum(e["type"] == "EscrowFundsHeld" for e in held) >= ESCROWS
+
+        assert w2.stop() == 0, w2.log_tail()
+        counts = asyncio.run(wait_for_members(stack.settings, group, 1))
+        assert counts == [6], counts  # the survivor owns every partition
+
+        asyncio.run(stack.send(second_half))
+        events = asyncio.run(
+            stack.events(
+                lambda es: (
+                    sum(e["type"] in ("EscrowReleased", "EscrowRefunded") for e in es) >= ESCROWS
+                ),
+                timeout_s=120,
+            )
+        )
+    finally:
+        stack.stop_all()
+
+    histories = by_escrow(events)
+    assert len(histories) == ESCROWS
+    for escrow_id, versions in histories.items():
+        # the survivor continued every escrow from its recovered state: no gap, no restart
+        assert sorted(versions) == list(range(1, len(versions) + 1)), escrow_id
+        final = versions[max(versions)]["escrow"]
+        assert final["status"] in ("RELEASED", "REFUNDED"), (escrow_id, final["status"])
+    print(
+        f"\nrebalance: {ESCROWS} escrows finished on the surviving worker; "
+        f"{len(events)} event records"
+    )
