@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import faust
 
-from escrow_stream.agents import processor, timeouts
+from escrow_stream.agents import mirror, processor, timeouts
 from escrow_stream.clock import Clock, utc_now
 from escrow_stream.config import ConfigError, Settings, load_settings
 from escrow_stream.db.kyc import KycDirectory
@@ -75,6 +75,7 @@ def create_app(settings: Settings, clock: Clock = utc_now) -> faust.App:
     timeouts.register(
         app, settings, clock, topics.commands, escrows, processor.domain_settings(settings)
     )
+    mirror.register(app, topics.events, database)
     health.register(app, clock)
 
     async def _close_database(sender: object, *args: object, **kwargs: object) -> None:

@@ -181,6 +181,54 @@ def offsets_reset(
     click.echo(f"offsets of group {group_id} on {topic} reset")
 
 
+@main.group()
+def escrows() -> None:
+    """Escrows in the PostgreSQL mirror (runbook queries)."""
+
+
+@escrows.command("stuck")
+@click.pass_context
+def escrows_stuck(ctx: click.Context) -> None:
+    """List escrows past a deadline that a timeout should have moved (seed's query)."""
+    from escrow_stream.clock import utc_now
+    from escrow_stream.db.pool import create_pool
+    from escrow_stream.db.queries import stuck_escrows
+
+    async def run() -> list[dict[str, object]]:
+        pool = await create_pool(_settings(ctx))
+        try:
+            return await stuck_escrows(pool, utc_now())
+        finally:
+            await pool.close()
+
+    rows = asyncio.run(run())
+    for row in rows:
+        click.echo(json.dumps(row, default=str, sort_keys=True))
+    click.echo(f"{len(rows)} stuck escrow(s)", err=True)
+
+
+@main.command()
+@click.pass_context
+def reconcile(ctx: click.Context) -> None:
+    """Check the mirrored ledger's invariants (SPEC §7); exit 1 on any violation."""
+    from escrow_stream.db.pool import create_pool
+    from escrow_stream.db.queries import reconcile as reconcile_mirror
+
+    async def run() -> list[str]:
+        pool = await create_pool(_settings(ctx))
+        try:
+            return await reconcile_mirror(pool)
+        finally:
+            await pool.close()
+
+    problems = asyncio.run(run())
+    for problem in problems:
+        click.echo(problem)
+    if problems:
+        ctx.exit(1)
+    click.echo("ledger ok: every posting balances, no holding is negative")
+
+
 @main.command()
 @click.pass_context
 def worker(ctx: click.Context) -> None:

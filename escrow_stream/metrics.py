@@ -23,6 +23,7 @@ TIMEOUT_COMMANDS = Counter(
 )
 MIRROR_EVENTS = Counter(
     "escrow_mirror_events_total",
-    "Events seen by the PostgreSQL mirror, by result (applied, duplicate).",
+    "Events seen by the PostgreSQL mirror, by result "
+    "(applied, duplicate, skipped_offset, invalid).",
     ["result"],
 )

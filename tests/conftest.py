@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from escrow_stream.config import Settings, load_settings
+from escrow_stream.db import migrate
 from tests.support import reachable, stack_environ
 
 
@@ -20,4 +21,6 @@ def stack_settings() -> Iterator[Settings]:
             f"Kafka is not reachable at {settings.kafka_brokers}: run `make stack-up` "
             "(or `make test`, which brings the stack up)"
         )
+    # The schema the workers under test write to: migrated once per session (idempotent).
+    migrate.upgrade(settings)
     yield settings

@@ -258,3 +258,18 @@ async def eventually(check: Callable[[], Any], timeout_s: float = COLLECT_WAIT_S
         if result or time.monotonic() > deadline:
             return result
         await asyncio.sleep(0.25)
+
+
+async def mirrored_snapshots(settings: Settings, escrow_ids: list[str]) -> dict[str, Any]:
+    """``escrows.snapshot`` by id from the PostgreSQL mirror."""
+    import asyncpg
+
+    conn = await asyncpg.connect(settings.database_url.get_secret_value())
+    try:
+        rows = await conn.fetch(
+            "SELECT id, snapshot::text AS snapshot FROM escrows WHERE id = ANY($1::text[])",
+            escrow_ids,
+        )
+    finally:
+        await conn.close()
+    return {r["id"]: json.loads(r["snapshot"]) for r in rows}

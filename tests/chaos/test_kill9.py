@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import random
 import time
 import uuid
@@ -22,9 +23,11 @@ import pytest
 from escrow_stream.agents.processor import domain_settings
 from escrow_stream.commands import read_table_from_changelog
 from escrow_stream.config import Settings
+from escrow_stream.db.pool import create_pool
+from escrow_stream.db.queries import reconcile
 from escrow_stream.domain import Escrow, check_invariants, is_allowed_transition
 from tests.chaos.scenario import escrow_script, expected_outcomes, interleave
-from tests.harness import Stack, WorkerProcess
+from tests.harness import Stack, WorkerProcess, mirrored_snapshots
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -80,8 +83,31 @@ async def read_until_complete(
     return events, rejections
 
 
+async def wait_for_mirror(stack: Stack, table: dict[str, Any]) -> dict[str, Any]:
+    """The mirror's snapshots, once it has caught up with the table (bounded wait)."""
+    deadline = time.monotonic() + SETTLE_WAIT_S
+    mirrored: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        mirrored = await mirrored_snapshots(stack.settings, list(table))
+        if mirrored == table:
+            break
+        await asyncio.sleep(1)
+    return mirrored
+
+
+async def reconcile_mirror(stack: Stack, escrow_ids: list[str]) -> list[str]:
+    pool = await create_pool(stack.settings)
+    try:
+        return await reconcile(pool, escrow_ids)
+    finally:
+        await pool.close()
+
+
 def test_sigkill_during_a_command_stream(tmp_path: Path, stack_settings: Settings) -> None:
-    stack = Stack.create(tmp_path, KAFKA_SESSION_TIMEOUT_MS="10000")
+    guarantee = os.environ.get("CHAOS_PROCESSING_GUARANTEE", "at_least_once")
+    stack = Stack.create(
+        tmp_path, KAFKA_SESSION_TIMEOUT_MS="10000", KAFKA_PROCESSING_GUARANTEE=guarantee
+    )
     asyncio.run(stack.create_topics())
     rng = random.Random(SEED)
     run = uuid.uuid4().hex[:6]
@@ -107,6 +133,7 @@ def test_sigkill_during_a_command_stream(tmp_path: Path, stack_settings: Setting
         table = asyncio.run(
             read_table_from_changelog(stack.settings, stack.settings.kafka_group_id)
         )
+        mirrored = asyncio.run(wait_for_mirror(stack, table))
     finally:
         code = worker.stop()
     assert code == 0, worker.log_tail()
@@ -116,7 +143,8 @@ def test_sigkill_during_a_command_stream(tmp_path: Path, stack_settings: Setting
     distinct = {e["eventId"]: e for e in events}
     duplicates = len(events) - len(distinct)
     print(
-        f"\nchaos: {len(commands)} commands over {ESCROWS} escrows, {kills} SIGKILLs; "
+        f"\nchaos ({guarantee}): {len(commands)} commands over {ESCROWS} escrows, "
+        f"{kills} SIGKILLs; "
         f"{len(events)} event records read_committed, {len(distinct)} distinct, "
         f"{duplicates} duplicates; {len(rejections)} rejection records, "
         f"{len({r['commandId'] for r in rejections})} distinct"
@@ -165,3 +193,8 @@ def test_sigkill_during_a_command_stream(tmp_path: Path, stack_settings: Setting
         assert escrow.version == expected.final[escrow_id].version
         assert check_invariants(escrow) == []
     print(f"chaos: final statuses {dict(Counter(v['status'] for v in table.values()))}")
+
+    # 6. the PostgreSQL mirror equals the table, and its ledger reconciles
+    assert mirrored == table
+    problems = asyncio.run(reconcile_mirror(stack, list(table)))
+    assert problems == []

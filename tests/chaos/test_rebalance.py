@@ -4,6 +4,7 @@ their state recovered from the changelog."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import uuid
 from collections import defaultdict
@@ -65,7 +66,11 @@ def by_escrow(events: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any
 
 
 def test_two_workers_split_and_take_over(tmp_path: Path, stack_settings: Settings) -> None:
-    stack = Stack.create(tmp_path, KAFKA_SESSION_TIMEOUT_MS="10000")
+    stack = Stack.create(
+        tmp_path,
+        KAFKA_SESSION_TIMEOUT_MS="10000",
+        KAFKA_PROCESSING_GUARANTEE=os.environ.get("CHAOS_PROCESSING_GUARANTEE", "at_least_once"),
+    )
     asyncio.run(stack.create_topics())
     rng = random.Random(7)
     run = uuid.uuid4().hex[:6]

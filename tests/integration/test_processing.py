@@ -9,10 +9,11 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import asyncpg
 import pytest
 
 from escrow_stream.config import Settings
-from tests.harness import Stack, WorkerProcess, wire_command
+from tests.harness import Stack, WorkerProcess, eventually, wire_command
 
 pytestmark = pytest.mark.integration
 
@@ -118,6 +119,58 @@ async def test_stripe_happy_path_to_released(stack: Stack, worker: WorkerProcess
         "amount": str(AMOUNT - FEE),
     }
     assert events[1]["escrow"]["payment"]["clientSecret"] == "pi_123_secret_x"
+
+    # the PostgreSQL mirror: current state, full history, audit trail, balanced ledger
+    mirrored = await eventually(lambda: _mirror_rows(stack, e), timeout_s=60)
+    assert mirrored["status"] == "RELEASED"
+    assert mirrored["snapshot"] == final
+    assert mirrored["versions"] == [1, 2, 3, 4, 5, 6]
+    assert mirrored["audit"] == [
+        (None, "AWAIT_FUNDS"),
+        ("AWAIT_FUNDS", "AWAIT_FUNDS"),
+        ("AWAIT_FUNDS", "FUNDS_HELD"),
+        ("FUNDS_HELD", "DELIVERED"),
+        ("DELIVERED", "DELIVERED"),
+        ("DELIVERED", "RELEASED"),
+    ]
+    assert mirrored["ledger"] == {
+        "external:stripe": -AMOUNT,
+        f"escrow:{e}:holding": 0,
+        "seller:seller-1": AMOUNT - FEE,
+        "platform:fees": FEE,
+    }
+
+
+async def _mirror_rows(stack: Stack, escrow_id: str) -> dict[str, Any] | None:
+    conn = await asyncpg.connect(stack.settings.database_url.get_secret_value())
+    try:
+        row = await conn.fetchrow(
+            "SELECT status, snapshot::text AS snapshot FROM escrows WHERE id = $1", escrow_id
+        )
+        if row is None or row["status"] != "RELEASED":
+            return None
+        versions = await conn.fetch(
+            "SELECT version FROM escrow_events WHERE escrow_id = $1 ORDER BY version", escrow_id
+        )
+        audit = await conn.fetch(
+            "SELECT a.from_status, a.to_status FROM audit_logs a"
+            " JOIN escrow_events e USING (event_id) WHERE a.escrow_id = $1 ORDER BY e.version",
+            escrow_id,
+        )
+        ledger = await conn.fetch(
+            "SELECT account, sum(amount)::bigint AS total FROM ledger_entries"
+            " WHERE escrow_id = $1 GROUP BY account",
+            escrow_id,
+        )
+    finally:
+        await conn.close()
+    return {
+        "status": row["status"],
+        "snapshot": json.loads(row["snapshot"]),
+        "versions": [r["version"] for r in versions],
+        "audit": [(r["from_status"], r["to_status"]) for r in audit],
+        "ledger": {r["account"]: r["total"] for r in ledger},
+    }
 
 
 async def test_usdc_path_refunded_by_seller(stack: Stack, worker: WorkerProcess) -> None:

@@ -32,9 +32,7 @@ async def _run_async() -> None:
 
 
 if context.is_offline_mode():
-    context.configure(
-        url=_async_url(context.config.attributes["database_url"]), literal_binds=True
-    )
+    context.configure(url=_async_url(context.config.attributes["database_url"]), literal_binds=True)
     with context.begin_transaction():
         context.run_migrations()
 else:

@@ -1,0 +1,185 @@
+"""Read-only queries over the PostgreSQL mirror: stuck escrows and ledger reconciliation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from escrow_stream.domain import TERMINAL_STATUSES
+
+_TERMINAL = sorted(s.value for s in TERMINAL_STATUSES)
+
+
+async def stuck_escrows(
+    pool: asyncpg.Pool, now: datetime, escrow_ids: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """The seed's "State Machine Recovery" query: escrows a timeout should have moved.
+
+    Not terminal, and AWAIT_FUNDS past ``expires_at`` or DELIVERED past ``auto_refund_at``
+    (optionally only among ``escrow_ids``), oldest update first.
+    """
+    rows = await pool.fetch(
+        """
+        SELECT id, status, version, updated_at, expires_at, auto_refund_at
+          FROM escrows
+         WHERE status <> ALL($2::text[])
+           AND ((status = 'AWAIT_FUNDS' AND expires_at < $1)
+                OR (status = 'DELIVERED' AND auto_refund_at < $1))
+           AND ($3::text[] IS NULL OR id = ANY($3::text[]))
+         ORDER BY updated_at, id
+        """,
+        now,
+        _TERMINAL,
+        list(escrow_ids) if escrow_ids is not None else None,
+    )
+    return [dict(r) for r in rows]
+
+
+async def reconcile(pool: asyncpg.Pool, escrow_ids: Sequence[str] | None = None) -> list[str]:
+    """Every money invariant the mirror violates, as readable strings (empty = fine).
+
+    Checked per escrow (optionally only ``escrow_ids``):
+
+    * each posting (eventId) sums to zero per currency in ``ledger_entries``;
+    * the holding account ``escrow:{id}:holding`` is never negative in sum, and equals
+      funded - released - refunded of the ``escrows`` row;
+    * released + refunded <= funded in ``escrows``;
+    * the mirrored ledger equals the ledger of ``escrows.snapshot``: the same number of
+      postings and the same lines (posting, line number, account, currency, amount);
+    * no ledger line belongs to an escrow the mirror does not have.
+    """
+    ids = list(escrow_ids) if escrow_ids is not None else None
+    problems: list[str] = []
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+        for r in await conn.fetch(
+            """
+            SELECT escrow_id, event_id, currency, sum(amount) AS total
+              FROM ledger_entries
+             WHERE $1::text[] IS NULL OR escrow_id = ANY($1::text[])
+             GROUP BY escrow_id, event_id, currency
+            HAVING sum(amount) <> 0
+             ORDER BY escrow_id, event_id
+            """,
+            ids,
+        ):
+            problems.append(
+                f"escrow {r['escrow_id']}: posting {r['event_id']} in {r['currency']} "
+                f"sums to {r['total']}, not 0"
+            )
+        for r in await conn.fetch(
+            """
+            SELECT e.id, e.funded_amount, e.released_amount, e.refunded_amount,
+                   COALESCE(h.total, 0) AS holding
+              FROM escrows e
+              LEFT JOIN (SELECT escrow_id, sum(amount) AS total
+                           FROM ledger_entries
+                          WHERE account = 'escrow:' || escrow_id || ':holding'
+                          GROUP BY escrow_id) h ON h.escrow_id = e.id
+             WHERE ($1::text[] IS NULL OR e.id = ANY($1::text[]))
+               AND (COALESCE(h.total, 0) < 0
+                    OR e.released_amount + e.refunded_amount > e.funded_amount
+                    OR COALESCE(h.total, 0)
+                       <> e.funded_amount - e.released_amount - e.refunded_amount)
+             ORDER BY e.id
+            """,
+            ids,
+        ):
+            funded, released, refunded = (
+                r["funded_amount"],
+                r["released_amount"],
+                r["refunded_amount"],
+            )
+            if r["holding"] < 0:
+                problems.append(f"escrow {r['id']}: holding balance is negative: {r['holding']}")
+            if released + refunded > funded:
+                problems.append(
+                    f"escrow {r['id']}: released {released} + refunded {refunded} "
+                    f"exceeds funded {funded}"
+                )
+            if r["holding"] != funded - released - refunded:
+                problems.append(
+                    f"escrow {r['id']}: holding balance {r['holding']} != funded - released "
+                    f"- refunded {funded - released - refunded}"
+                )
+        for r in await conn.fetch(
+            """
+            WITH mirrored AS (
+                SELECT escrow_id, count(DISTINCT event_id) AS postings
+                  FROM ledger_entries
+                 WHERE $1::text[] IS NULL OR escrow_id = ANY($1::text[])
+                 GROUP BY escrow_id
+            )
+            SELECT COALESCE(e.id, m.escrow_id) AS id,
+                   e.id IS NULL AS orphan,
+                   COALESCE(jsonb_array_length(e.snapshot -> 'ledger'), 0) AS expected,
+                   COALESCE(m.postings, 0) AS actual
+              FROM (SELECT id, snapshot FROM escrows
+                     WHERE $1::text[] IS NULL OR id = ANY($1::text[])) e
+              FULL JOIN mirrored m ON m.escrow_id = e.id
+             WHERE e.id IS NULL
+                OR COALESCE(jsonb_array_length(e.snapshot -> 'ledger'), 0)
+                   <> COALESCE(m.postings, 0)
+             ORDER BY 1
+            """,
+            ids,
+        ):
+            if r["orphan"]:
+                problems.append(f"escrow {r['id']}: ledger entries but no escrows row")
+            else:
+                problems.append(
+                    f"escrow {r['id']}: {r['actual']} postings mirrored, "
+                    f"snapshot has {r['expected']}"
+                )
+        for r in await conn.fetch(
+            """
+            WITH expected AS (
+                SELECT e.id AS escrow_id, p.posting ->> 'postingId' AS posting_id,
+                       l.line_no::int AS line_no, p.posting ->> 'currency' AS currency,
+                       l.line ->> 'account' AS account, (l.line ->> 'amount')::numeric AS amount
+                  FROM escrows e
+                 CROSS JOIN LATERAL jsonb_array_elements(e.snapshot -> 'ledger') AS p(posting)
+                 CROSS JOIN LATERAL jsonb_array_elements(p.posting -> 'lines')
+                       WITH ORDINALITY AS l(line, line_no)
+                 WHERE $1::text[] IS NULL OR e.id = ANY($1::text[])
+            ),
+            actual AS (
+                SELECT le.escrow_id, le.event_id::text AS posting_id, le.line_no, le.currency,
+                       le.account, le.amount::numeric AS amount
+                  FROM ledger_entries le
+                  JOIN escrows e ON e.id = le.escrow_id
+                 WHERE $1::text[] IS NULL OR le.escrow_id = ANY($1::text[])
+            )
+            SELECT COALESCE(x.escrow_id, a.escrow_id) AS escrow_id,
+                   COALESCE(x.posting_id, a.posting_id) AS posting_id,
+                   COALESCE(x.line_no, a.line_no) AS line_no,
+                   x.account AS expected_account, x.currency AS expected_currency,
+                   x.amount AS expected_amount,
+                   a.account AS actual_account, a.currency AS actual_currency,
+                   a.amount AS actual_amount
+              FROM expected x
+              FULL JOIN actual a
+                ON a.escrow_id = x.escrow_id AND a.posting_id = x.posting_id
+               AND a.line_no = x.line_no
+             WHERE x.escrow_id IS NULL OR a.escrow_id IS NULL
+                OR x.account IS DISTINCT FROM a.account
+                OR x.currency IS DISTINCT FROM a.currency
+                OR x.amount IS DISTINCT FROM a.amount
+             ORDER BY 1, 2, 3
+            """,
+            ids,
+        ):
+            where = f"escrow {r['escrow_id']}: posting {r['posting_id']} line {r['line_no']}"
+            if r["actual_account"] is None:
+                problems.append(f"{where} is in the snapshot but not mirrored")
+            elif r["expected_account"] is None:
+                problems.append(f"{where} is mirrored but not in the snapshot")
+            else:
+                problems.append(
+                    f"{where} differs: mirrored {r['actual_account']} {r['actual_amount']} "
+                    f"{r['actual_currency']}, snapshot {r['expected_account']} "
+                    f"{r['expected_amount']} {r['expected_currency']}"
+                )
+    return problems
