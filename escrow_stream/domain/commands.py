@@ -348,7 +348,7 @@ COMMAND_TYPES: dict[str, type[CommandBase]] = {
 }
 
 COMMAND_ADAPTER: TypeAdapter[Command] = TypeAdapter(
-    Annotated[Command, Field(discriminator="type")]  # type: ignore[arg-type]
+    Annotated[Command, Field(discriminator="type")]  # type: ignore[arg-type,maybe-unrecognized-str-typeform]
 )
 
 

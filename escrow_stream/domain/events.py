@@ -325,7 +325,7 @@ DATA_FOR_TYPE: dict[str, type[EventData]] = {
 }
 
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(
-    Annotated[Event, Field(discriminator="type")]  # type: ignore[arg-type]
+    Annotated[Event, Field(discriminator="type")]  # type: ignore[arg-type,maybe-unrecognized-str-typeform]
 )
 
 
