@@ -67,7 +67,7 @@ def domain_settings(settings: Settings) -> DomainSettings:
 
 
 def encode_event(event: Event) -> bytes:
-    return json.dumps(event.model_dump(mode="json", by_alias=True), separators=(",", ":")).encode()
+    return event.model_dump_json(by_alias=True).encode()
 
 
 def event_headers(event: Event) -> list[tuple[str, bytes]]:

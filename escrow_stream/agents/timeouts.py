@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def due_timeouts(
-    values: Iterable[dict[str, Any]], now: datetime, rules: DomainSettings
+    values: Iterable[bytes], now: datetime, rules: DomainSettings
 ) -> list[Command]:
     """The timeout commands due at ``now`` among the stored escrow snapshots."""
     due: list[Command] = []

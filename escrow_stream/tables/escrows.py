@@ -23,16 +23,17 @@ def define(app: faust.App, partitions: int) -> TableT[str, Any]:
         TABLE_NAME,
         partitions=partitions,
         key_type=str,  # JSON-encoded in the changelog, as Faust stores str keys
+        value_type=bytes,  # the snapshot's JSON, encoded once by pydantic (raw codec)
         help=TABLE_HELP,
     )
 
 
-def dump(escrow: Escrow) -> dict[str, Any]:
-    return escrow.model_dump(mode="json", by_alias=True)
+def dump(escrow: Escrow) -> bytes:
+    return escrow.model_dump_json(by_alias=True).encode()
 
 
-def load(value: dict[str, Any] | None) -> Escrow | None:
-    return None if value is None else Escrow.model_validate(value)
+def load(value: bytes | None) -> Escrow | None:
+    return None if value is None else Escrow.model_validate_json(value)
 
 
 def changelog_topic_name(app_id: str) -> str:
