@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -341,3 +344,46 @@ async def test_redelivered_rejection_keeps_its_outcome(stack: Stack, worker: Wor
     assert [r["code"] for r in rejections] == ["INVALID_TRANSITION", "INVALID_TRANSITION"]
     events = of(e, await stack.events(lambda es: False, timeout_s=2))
     assert "SettlementRequested" not in [ev["type"] for ev in events]
+
+
+def faust_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**stack.env, "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    return subprocess.run(
+        [sys.executable, "-m", "faust", "-A", "escrow_stream.app", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+async def test_faust_cli_reads_escrows_from_the_changelog(
+    stack: Stack, worker: WorkerProcess
+) -> None:
+    e = new_id()
+    await stack.send([create(e), funds(e)])
+    await stack.events(lambda es: len(of(e, es)) >= 2)
+
+    async def funds_held_in_changelog() -> dict[str, Any] | None:
+        got = await asyncio.to_thread(faust_cli, stack, "escrow-get", e)
+        if got.returncode != 0:
+            return None
+        found: dict[str, Any] = json.loads(got.stdout)
+        return found if found["version"] == 2 else None
+
+    escrow = await eventually(funds_held_in_changelog, timeout_s=60)
+    assert escrow is not None
+    assert (escrow["escrowId"], escrow["status"], escrow["version"]) == (e, "FUNDS_HELD", 2)
+
+    listed = await asyncio.to_thread(faust_cli, stack, "escrow-list", "--status", "FUNDS_HELD")
+    assert listed.returncode == 0, listed.stderr
+    rows = [json.loads(line) for line in listed.stdout.splitlines() if line.startswith("{")]
+    assert e in {r["escrowId"] for r in rows}
+    assert {r["status"] for r in rows} == {"FUNDS_HELD"}
+
+    missing = await asyncio.to_thread(faust_cli, stack, "escrow-get", "no-such-escrow")
+    assert missing.returncode != 0
+    assert "not found" in missing.stderr
+
+    tables = await asyncio.to_thread(faust_cli, stack, "tables")
+    assert "escrows" in tables.stdout and "command-outcomes" in tables.stdout

@@ -1,0 +1,93 @@
+"""The processor's pure parts: timeout scanning, outcome records, schema export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+from domain_support import T0, days, reach
+
+from escrow_stream.agents.handling import handle, record_key
+from escrow_stream.agents.timeouts import due_timeouts
+from escrow_stream.cli import main
+from escrow_stream.domain import DomainSettings, RejectionCode, parse_command
+from escrow_stream.signing import signature_headers
+from escrow_stream.tables import escrows as escrow_table
+from escrow_stream.tables import outcomes
+
+RULES = DomainSettings()
+SECRET = "unit-test-secret"
+
+
+def stored(status: str) -> tuple[bytes, str]:
+    run = reach(status, milestones=False)
+    assert run.state is not None
+    return escrow_table.dump(run.state), run.state.escrow_id
+
+
+def test_due_timeouts_finds_expired_await_funds_and_delivered_only() -> None:
+    awaiting, _ = stored("AWAIT_FUNDS")
+    delivered, _ = stored("DELIVERED")
+    held, _ = stored("FUNDS_HELD")
+    released, _ = stored("RELEASED")
+    values = [awaiting, delivered, held, released]
+    assert due_timeouts(values, T0 + days(1), RULES) == []
+    due = due_timeouts(values, T0 + days(30), RULES)
+    assert sorted((c.type, c.payload.reason) for c in due) == [  # type: ignore[union-attr]
+        ("CancelEscrow", "TIMEOUT"),
+        ("RefundEscrow", "TIMEOUT"),
+    ]
+    # deterministic ids: a second scan (or another worker) sends the very same commands
+    again = due_timeouts(values, T0 + days(31), RULES)
+    assert [c.command_id for c in again] == [c.command_id for c in due]
+
+
+def test_a_timeout_command_is_accepted_only_when_signed() -> None:
+    awaiting, _ = stored("AWAIT_FUNDS")
+    (command,) = due_timeouts([awaiting], T0 + days(30), RULES)
+    state = escrow_table.load(awaiting)
+    body = json.dumps(command.model_dump(mode="json", by_alias=True)).encode()
+    key = command.escrow_id.encode()
+    unsigned = handle(key, body, [], state, None, T0 + days(30), RULES, SECRET)
+    assert unsigned.rejection is not None
+    assert unsigned.rejection.code is RejectionCode.NOT_AUTHORIZED
+    assert not unsigned.record  # a forged system command must not pre-empt the real one
+    signed = handle(
+        key, body, signature_headers(SECRET, body), state, None, T0 + days(30), RULES, SECRET
+    )
+    assert [e.type for e in signed.events] == ["EscrowCancelled"]
+
+
+def test_recorded_outcomes_are_bounded_and_keyed_by_sender() -> None:
+    raw = {
+        "commandId": "c-1",
+        "type": "ReleaseFunds",
+        "escrowId": "e-1",
+        "actor": {"id": "buyer-1", "role": "user"},
+        "payload": {},
+        "issuedAt": T0.isoformat(),
+    }
+    command = parse_command(raw)
+    forged = parse_command({**raw, "actor": {"id": "someone-else", "role": "user"}})
+    value = outcomes.record(None, record_key(command), None, entries_max=2)
+    assert outcomes.find(value, record_key(command)) == (True, None)
+    assert outcomes.find(value, record_key(forged)) == (False, None)
+    for n in range(3):
+        value = outcomes.record(value, f"other-{n}", None, entries_max=2)
+    assert len(value["entries"]) == 2
+    assert outcomes.find(value, record_key(command)) == (False, None)  # evicted, oldest first
+
+
+def test_schema_export_writes_one_schema_per_message_kind(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["schema", "export", str(tmp_path / "schemas")])
+    assert result.exit_code == 0, result.output
+    files = sorted(p.name for p in (tmp_path / "schemas").iterdir())
+    assert files == [
+        "command.schema.json",
+        "escrow.schema.json",
+        "event.schema.json",
+        "rejection.schema.json",
+    ]
+    command_schema = json.loads((tmp_path / "schemas" / "command.schema.json").read_text())
+    assert "CreateEscrow" in json.dumps(command_schema)
