@@ -64,18 +64,18 @@ class Stack:
     @classmethod
     def create(cls, data_root: Path, **overrides: str) -> Stack:
         run = unique("t")
-        env = stack_environ(
-            KAFKA_GROUP_ID=f"escrow-{run}",
-            KAFKA_CLIENT_ID=f"escrow-{run}",
-            KAFKA_COMMANDS_TOPIC=f"{run}.commands",
-            KAFKA_EVENTS_TOPIC=f"{run}.events",
-            KAFKA_REJECTIONS_TOPIC=f"{run}.rejections",
-            KAFKA_DLQ_TOPIC=f"{run}.commands.dlq",
-            INTERNAL_COMMAND_SECRET=f"test-internal-secret-{run}",
-            FEATURE_KYC_GATING="false",
-            WEB_HOST="127.0.0.1",
-            **overrides,
-        )
+        defaults = {
+            "KAFKA_GROUP_ID": f"escrow-{run}",
+            "KAFKA_CLIENT_ID": f"escrow-{run}",
+            "KAFKA_COMMANDS_TOPIC": f"{run}.commands",
+            "KAFKA_EVENTS_TOPIC": f"{run}.events",
+            "KAFKA_REJECTIONS_TOPIC": f"{run}.rejections",
+            "KAFKA_DLQ_TOPIC": f"{run}.commands.dlq",
+            "INTERNAL_COMMAND_SECRET": f"test-internal-secret-{run}",
+            "FEATURE_KYC_GATING": "false",
+            "WEB_HOST": "127.0.0.1",
+        }
+        env = stack_environ(**{**defaults, **overrides})
         return cls(env=env, settings=load_settings(env), data_root=data_root)
 
     async def create_topics(self) -> None:

@@ -16,6 +16,8 @@ import asyncpg
 import pytest
 
 from escrow_stream.config import Settings
+from escrow_stream.db.kyc import KycDirectory
+from escrow_stream.db.pool import Database
 from tests.harness import Stack, WorkerProcess, eventually, wire_command
 
 pytestmark = pytest.mark.integration
@@ -231,6 +233,12 @@ REJECTION_CASES: list[tuple[str, list[str], str]] = [
     ),
     ("deadline not reached", ["create", "timeout-cancel"], "DEADLINE_NOT_REACHED"),
     ("terminal absorbs", ["create", "cancel", "funds"], "INVALID_TRANSITION"),
+    ("over the maximum amount", ["create-huge"], "VALIDATION_FAILED"),
+    (
+        "timeout action not configured",
+        ["create", "funds", "deliver", "timeout-release"],
+        "FEATURE_DISABLED",
+    ),
 ]
 
 
@@ -249,6 +257,11 @@ def step(name: str, e: str) -> tuple[dict[str, Any], bool]:
         "cancel": wire_command("CancelEscrow", e, BUYER, {"reason": "BUYER_CANCELLED"}),
         "cancel-by-stranger": wire_command("CancelEscrow", e, OTHER, {"reason": "BUYER_CANCELLED"}),
         "timeout-cancel": wire_command("CancelEscrow", e, SYSTEM, {"reason": "TIMEOUT"}),
+        "timeout-release": wire_command("ReleaseFunds", e, SYSTEM, {"reason": "TIMEOUT"}),
+        "create-huge": {
+            **create(e),
+            "payload": {**create(e)["payload"], "amount": str(10**15)},
+        },
     }
     return steps[name], name != "funds-unsigned"
 
@@ -387,3 +400,41 @@ async def test_faust_cli_reads_escrows_from_the_changelog(
 
     tables = await asyncio.to_thread(faust_cli, stack, "tables")
     assert "escrows" in tables.stdout and "command-outcomes" in tables.stdout
+
+
+def test_kyc_gating_on_the_stream(tmp_path_factory: pytest.TempPathFactory, stack: Stack) -> None:
+    """With FEATURE_KYC_GATING=true a create needs both parties verified in kyc_status."""
+    gated = Stack.create(tmp_path_factory.mktemp("kyc"), FEATURE_KYC_GATING="true")
+    asyncio.run(gated.create_topics())
+    worker = gated.worker("kyc").start()
+    try:
+        worker.wait_healthy()
+        run = uuid.uuid4().hex[:8]
+        buyer, seller = f"kyc-buyer-{run}", f"kyc-seller-{run}"
+
+        def gated_create(e: str) -> dict[str, Any]:
+            command = create(e)
+            command["actor"] = {"id": buyer, "role": "user"}
+            command["payload"] = {**command["payload"], "buyerId": buyer, "sellerId": seller}
+            return command
+
+        blocked, allowed = new_id(), new_id()
+        asyncio.run(gated.send([gated_create(blocked)]))
+        rejections = asyncio.run(gated.rejections(lambda rs: bool(of(blocked, rs))))
+        assert [r["code"] for r in of(blocked, rejections)] == ["KYC_REQUIRED"]
+
+        asyncio.run(_verify(gated, buyer, seller))
+        asyncio.run(gated.send([gated_create(allowed)]))
+        events = asyncio.run(gated.events(lambda es: bool(of(allowed, es))))
+        assert [e["type"] for e in of(allowed, events)] == ["EscrowCreated"]
+    finally:
+        assert worker.stop() == 0, worker.log_tail()
+
+
+async def _verify(stack: Stack, *user_ids: str) -> None:
+    database = Database(stack.settings)
+    try:
+        for user_id in user_ids:
+            await KycDirectory(database).set_status(user_id, "VERIFIED", updated_by="test")
+    finally:
+        await database.close()
