@@ -10,18 +10,26 @@ from __future__ import annotations
 import os
 import ssl
 import sys
+import uuid
+from collections.abc import Callable
 from typing import Any, cast
 
 import faust
+import redis.asyncio
 
 from escrow_stream.agents import mirror, processor, timeouts
+from escrow_stream.agents import outbox as outbox_agent
 from escrow_stream.clock import Clock, utc_now
 from escrow_stream.config import ConfigError, Settings, load_settings
 from escrow_stream.db.kyc import KycDirectory
+from escrow_stream.db.outbox import OutboxPublisher
 from escrow_stream.db.pool import Database
+from escrow_stream.idempotency import build_idempotency_store
+from escrow_stream.kafka import topic_partitions
 from escrow_stream.tables import escrows as escrow_table
 from escrow_stream.tables import outcomes as outcome_table
-from escrow_stream.web import health
+from escrow_stream.web import gateway, health, operations
+from escrow_stream.web.middleware import problems_and_request_ids
 
 TABLE_PARTITIONS = 6  # changelog partitions = escrow-commands partitions (co-partitioned)
 
@@ -41,7 +49,13 @@ def _credentials(settings: Settings) -> faust.SASLCredentials | faust.SSLCredent
     return None
 
 
-def create_app(settings: Settings, clock: Clock = utc_now) -> faust.App:
+def new_uuid() -> str:
+    return str(uuid.uuid4())
+
+
+def create_app(
+    settings: Settings, clock: Clock = utc_now, new_id: Callable[[], str] = new_uuid
+) -> faust.App:
     """Build the application and register everything on it."""
     app = faust.App(
         settings.kafka_group_id,
@@ -65,6 +79,10 @@ def create_app(settings: Settings, clock: Clock = utc_now) -> faust.App:
         broker_heartbeat_interval=min(3.0, settings.kafka_session_timeout_ms / 3000),
         autodiscover=["escrow_stream.commands"],
         origin="escrow_stream.app",
+        web_application_options={
+            "middlewares": [problems_and_request_ids],
+            "client_max_size": settings.http_body_max_bytes,
+        },
     )
     database = Database(settings)
     topics = processor.Topics(app, settings)
@@ -77,6 +95,14 @@ def create_app(settings: Settings, clock: Clock = utc_now) -> faust.App:
     )
     mirror.register(app, topics.events, database)
     health.register(app, clock)
+    operations.register(app, readiness_checks(app, settings, database))
+
+    reader = gateway.EscrowReader(app, topics, escrows, recorded_outcomes)
+    publisher = OutboxPublisher(settings, database, clock)
+    idempotency = build_idempotency_store(settings, database)
+    api = gateway.Gateway(app, settings, clock, new_id, reader, database, idempotency, publisher)
+    gateway.register(app, api, topics)
+    outbox_agent.register(app, publisher, idempotency, clock)
 
     async def _close_database(sender: object, *args: object, **kwargs: object) -> None:
         await database.close()
@@ -84,6 +110,33 @@ def create_app(settings: Settings, clock: Clock = utc_now) -> faust.App:
     app.on_before_shutdown.connect(cast(Any, _close_database))
 
     return app
+
+
+def readiness_checks(
+    app: faust.App, settings: Settings, database: Database
+) -> dict[str, operations.Check]:
+    """What ``/ready`` asks: the broker, the database, and Redis when configured."""
+
+    async def kafka() -> None:
+        await topic_partitions(settings, settings.kafka_commands_topic)
+
+    async def postgres() -> None:
+        pool = await database.pool()
+        await pool.fetchval("SELECT 1")
+
+    checks: dict[str, operations.Check] = {"kafka": kafka, "postgres": postgres}
+    if settings.redis_url is not None:
+        redis_url = settings.redis_url.get_secret_value()
+
+        async def redis_check() -> None:
+            client = redis.asyncio.Redis.from_url(redis_url)
+            try:
+                await client.ping()
+            finally:
+                await client.aclose()
+
+        checks["redis"] = redis_check
+    return checks
 
 
 def _load() -> Settings:

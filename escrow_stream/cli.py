@@ -229,6 +229,67 @@ def reconcile(ctx: click.Context) -> None:
     click.echo("ledger ok: every posting balances, no holding is negative")
 
 
+@main.command("dev-token")
+@click.option("--sub", required=True, help="The user or service id.")
+@click.option("--role", type=click.Choice(["user", "admin", "service"]), default="user")
+@click.option("--ttl-minutes", type=click.IntRange(1, 24 * 60), default=60, show_default=True)
+@click.pass_context
+def dev_token(ctx: click.Context, sub: str, role: str, ttl_minutes: int) -> None:
+    """Print a JWT signed with JWT_SECRET, for development (refused in production)."""
+    from datetime import timedelta
+
+    from escrow_stream.clock import utc_now
+    from escrow_stream.web.auth import Role, issue_token
+
+    settings = _settings(ctx)
+    if settings.is_production:
+        raise click.ClickException("dev-token is not available with NODE_ENV=production")
+    secret = settings.jwt_secret.get_secret_value()
+    click.echo(issue_token(secret, sub, Role(role), utc_now(), timedelta(minutes=ttl_minutes)))
+
+
+@main.command("outbox-publisher")
+@click.pass_context
+def outbox_publisher(ctx: click.Context) -> None:
+    """Relay the outbox to Kafka without a worker (the seed's separate deployment)."""
+    import logging
+
+    from escrow_stream.agents.outbox import run_standalone
+
+    settings = _settings(ctx)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    asyncio.run(run_standalone(settings))
+
+
+@main.group()
+def outbox() -> None:
+    """The outbox of accepted commands."""
+
+
+@outbox.command("replay")
+@click.option("--aggregate", "aggregates", multiple=True, help="Only these escrow ids.")
+@click.option("--since", type=click.DateTime(), default=None, help="Only rows created since.")
+@click.pass_context
+def outbox_replay(ctx: click.Context, aggregates: tuple[str, ...], since: datetime | None) -> None:
+    """Make published or dead-lettered rows due again (seed's "Outbox Replay")."""
+    from escrow_stream.db.outbox import replay
+    from escrow_stream.db.pool import create_pool
+
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+
+    async def run() -> int:
+        pool = await create_pool(_settings(ctx))
+        try:
+            return await replay(pool, list(aggregates) or None, since)
+        finally:
+            await pool.close()
+
+    click.echo(f"{asyncio.run(run())} outbox row(s) will be sent again")
+
+
 @main.command()
 @click.pass_context
 def worker(ctx: click.Context) -> None:

@@ -33,6 +33,7 @@ from escrow_stream.agents import handling
 from escrow_stream.clock import Clock
 from escrow_stream.config import Settings
 from escrow_stream.domain import (
+    Command,
     CreateEscrow,
     DecisionContext,
     DomainSettings,
@@ -64,6 +65,11 @@ def domain_settings(settings: Settings) -> DomainSettings:
         max_amount_minor=settings.escrow_max_amount_minor,
         recent_commands_max=settings.escrow_recent_commands_max,
     )
+
+
+def encode_command(command: Command) -> bytes:
+    """A command as producers put it on ``escrow-commands`` (what the HMAC signs)."""
+    return command.model_dump_json(by_alias=True, exclude_none=True).encode()
 
 
 def encode_event(event: Event) -> bytes:

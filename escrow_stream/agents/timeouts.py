@@ -10,7 +10,6 @@ the escrow applies it once; the processor re-checks the deadline when it decides
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
 from datetime import datetime
@@ -19,6 +18,7 @@ from typing import Any
 import faust
 from faust.types import TableT
 
+from escrow_stream.agents.processor import encode_command
 from escrow_stream.clock import Clock
 from escrow_stream.config import Settings
 from escrow_stream.domain import Command, DomainSettings, timeout_command_for
@@ -29,9 +29,7 @@ from escrow_stream.tables import escrows as escrow_table
 log = logging.getLogger(__name__)
 
 
-def due_timeouts(
-    values: Iterable[bytes], now: datetime, rules: DomainSettings
-) -> list[Command]:
+def due_timeouts(values: Iterable[bytes], now: datetime, rules: DomainSettings) -> list[Command]:
     """The timeout commands due at ``now`` among the stored escrow snapshots."""
     due: list[Command] = []
     for value in values:
@@ -42,12 +40,6 @@ def due_timeouts(
         if command is not None:
             due.append(command)
     return due
-
-
-def encode_command(command: Command) -> bytes:
-    return json.dumps(
-        command.model_dump(mode="json", by_alias=True, exclude_none=True), separators=(",", ":")
-    ).encode()
 
 
 def register(

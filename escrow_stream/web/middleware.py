@@ -1,0 +1,64 @@
+"""aiohttp middlewares of the web server: problem details, request ids, access metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import Counter, Histogram
+
+from escrow_stream.web.problems import Problem
+
+log = logging.getLogger(__name__)
+
+HTTP_REQUESTS = Counter(
+    "escrow_http_requests_total",
+    "HTTP requests by route and status.",
+    ["method", "route", "status"],
+)
+HTTP_SECONDS = Histogram(
+    "escrow_http_request_seconds",
+    "HTTP request latency by route.",
+    ["method", "route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _route(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def problems_and_request_ids(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error becomes a problem+json; every response carries X-Request-Id."""
+    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    started = time.perf_counter()
+    route = _route(request)
+    try:
+        response = await handler(request)
+    except Problem as problem:
+        response = problem.response(request.path)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}.get(
+            exc.status, "HTTP_ERROR"
+        )
+        response = Problem(exc.status, code, exc.reason).response(request.path)
+    except Exception:
+        log.exception(
+            "unhandled error on %s %s (request %s)", request.method, request.path, request_id
+        )
+        response = Problem(500, "INTERNAL", "internal error; quote the request id").response(
+            request.path
+        )
+    response.headers["X-Request-Id"] = request_id
+    HTTP_REQUESTS.labels(request.method, route, str(response.status)).inc()
+    HTTP_SECONDS.labels(request.method, route).observe(time.perf_counter() - started)
+    return response

@@ -1,0 +1,208 @@
+"""The OpenAPI 3.1 document, generated from the pydantic models the handlers validate with."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from escrow_stream import __version__
+from escrow_stream.domain import Escrow
+from escrow_stream.web.schemas import (
+    Accepted,
+    CommandStatus,
+    CreateEscrowBody,
+    EmptyBody,
+    EscrowHistory,
+    EscrowPage,
+    Health,
+    ProblemBody,
+    Readiness,
+)
+
+REF = "#/components/schemas/{model}"
+PROBLEM_STATUSES = ("400", "401", "403", "404", "409", "413", "415", "422", "429", "503")
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": REF.format(model=model.__name__)}
+
+
+def _json(model: type[BaseModel], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(model)}}}
+
+
+def _problems(*statuses: str) -> dict[str, Any]:
+    return {
+        s: {
+            "description": "problem details (RFC 9457)",
+            "content": {"application/problem+json": {"schema": _ref(ProblemBody)}},
+        }
+        for s in statuses
+    }
+
+
+def _command(summary: str, body: type[BaseModel] | None, created: bool) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "security": [{"bearer": []}],
+        "parameters": [
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string", "maxLength": 200},
+            },
+            {
+                "name": "Prefer",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string", "pattern": "^wait=[0-9.]+$"},
+            },
+        ],
+        "responses": {
+            "202": _json(Accepted, "accepted: in the outbox, processed asynchronously"),
+            ("201" if created else "200"): _json(Escrow, "with Prefer: wait, the outcome"),
+            **_problems(*PROBLEM_STATUSES),
+        },
+    }
+    if body is not None and body is not EmptyBody:
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": _ref(body)}},
+        }
+    return operation
+
+
+def _read(summary: str, model: type[BaseModel], *problems: str) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "security": [{"bearer": []}],
+        "responses": {"200": _json(model, "ok"), **_problems(*problems)},
+    }
+
+
+def openapi_document() -> dict[str, Any]:
+    from escrow_stream.web.gateway import ACTIONS, MILESTONE_ACTIONS
+
+    id_param = {"name": "escrow_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    paths: dict[str, Any] = {
+        "/health": {"get": {"summary": "liveness", "responses": {"200": _json(Health, "ok")}}},
+        "/ready": {
+            "get": {
+                "summary": "readiness: Kafka, PostgreSQL, Redis",
+                "responses": {
+                    "200": _json(Readiness, "ready"),
+                    "503": _json(Readiness, "a dependency is down"),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "responses": {
+                    "200": {
+                        "description": "text format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/api/escrow": {
+            "post": _command(
+                "create an escrow (user: as the buyer; service: for a buyer)",
+                CreateEscrowBody,
+                created=True,
+            ),
+            "get": {
+                **_read(
+                    "list escrows (user: own; admin: all) from the mirror",
+                    EscrowPage,
+                    "400",
+                    "401",
+                    "403",
+                ),
+                "parameters": [
+                    {"name": n, "in": "query", "required": False, "schema": {"type": "string"}}
+                    for n in ("status", "rail", "role", "cursor", "limit")
+                ],
+            },
+        },
+        "/api/escrow/{escrow_id}": {
+            "get": {
+                **_read("one escrow, from its owning worker", Escrow, "401", "403", "404"),
+                "parameters": [id_param],
+            }
+        },
+        "/api/escrow/{escrow_id}/events": {
+            "get": {
+                **_read("history from the mirror", EscrowHistory, "401", "403", "404"),
+                "parameters": [id_param],
+            }
+        },
+        "/api/escrow/{escrow_id}/commands/{command_id}": {
+            "get": {
+                **_read("the outcome of one command", CommandStatus, "401", "403"),
+                "parameters": [
+                    id_param,
+                    {
+                        "name": "command_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    },
+                ],
+            }
+        },
+    }
+    for suffix, (command_type, body) in ACTIONS.items():
+        paths[f"/api/escrow/{{escrow_id}}/{suffix}"] = {
+            "post": {
+                **_command(command_type, body, created=False),
+                "parameters": [
+                    id_param,
+                    *_command(command_type, body, created=False)["parameters"],
+                ],
+            }
+        }
+    milestone_param = {
+        "name": "milestone_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+    }
+    for suffix, command_type in MILESTONE_ACTIONS.items():
+        operation = _command(command_type, None, created=False)
+        operation["parameters"] = [id_param, milestone_param, *operation["parameters"]]
+        paths[f"/api/escrow/{{escrow_id}}/milestones/{{milestone_id}}/{suffix}"] = {
+            "post": operation
+        }
+
+    models: list[type[BaseModel]] = [
+        Accepted,
+        CommandStatus,
+        CreateEscrowBody,
+        EscrowHistory,
+        EscrowPage,
+        Health,
+        ProblemBody,
+        Readiness,
+        Escrow,
+    ]
+    models += [body for _, body in ACTIONS.values() if body not in models]
+    _, schemas = models_json_schema(
+        [(m, "validation" if m.__name__.endswith("Body") else "serialization") for m in models],
+        ref_template=REF,
+    )
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "escrow-stream", "version": __version__},
+        "paths": paths,
+        "components": {
+            "schemas": schemas.get("$defs", {}),
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+            },
+        },
+    }

@@ -1,0 +1,208 @@
+"""End to end over HTTP: create → funds (system command) → deliver → release → settlement
+confirmed → GET shows RELEASED, history and PostgreSQL have every event; idempotency."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import asyncpg
+import pytest
+
+from escrow_stream.config import Settings
+from escrow_stream.web.auth import Role
+from tests.e2e.test_http_reads import call, token
+from tests.harness import Stack, WorkerProcess, eventually, wire_command
+
+pytestmark = pytest.mark.integration
+
+SYSTEM = {"id": "payments-agent", "role": "system"}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, stack_settings: Settings) -> Iterator[Stack]:
+    stack = Stack.create(tmp_path_factory.mktemp("flow"))
+    asyncio.run(stack.create_topics())
+    yield stack
+    stack.stop_all()
+
+
+@pytest.fixture(scope="module")
+def worker(stack: Stack) -> Iterator[WorkerProcess]:
+    worker = stack.worker("api").start()
+    worker.wait_healthy()
+    yield worker
+    assert worker.stop() == 0, worker.log_tail()
+
+
+def create_body(seller: str, amount: int = 10_000, fee: int = 500) -> dict[str, Any]:
+    return {
+        "offerId": "offer-1",
+        "contractId": "contract-1",
+        "rail": "STRIPE",
+        "amount": str(amount),
+        "currency": "USD",
+        "sellerId": seller,
+        "sellerFee": str(fee),
+        "sellerAccountId": "acct_1",
+    }
+
+
+def test_full_flow_over_http(stack: Stack, worker: WorkerProcess) -> None:
+    run = uuid.uuid4().hex[:8]
+    buyer, seller = f"b-{run}", f"s-{run}"
+    wait = {"Prefer": "wait=20"}
+
+    status, headers, escrow = call(
+        worker, "POST", "/api/escrow", token(stack, buyer), create_body(seller), wait
+    )
+    assert status == 201, escrow
+    assert headers["Preference-Applied"] == "wait=20"
+    escrow_id = escrow["escrowId"]
+    assert (escrow["status"], escrow["buyerId"], escrow["sellerId"]) == (
+        "AWAIT_FUNDS",
+        buyer,
+        seller,
+    )
+
+    funds = wire_command(
+        "ConfirmFunds",
+        escrow_id,
+        SYSTEM,
+        {
+            "provider": "stripe",
+            "providerPaymentId": f"pi_{run}",
+            "amount": "10000",
+            "currency": "USD",
+        },
+    )
+    asyncio.run(stack.send([funds]))
+
+    async def funds_held() -> Any:
+        status, _, body = call(worker, "GET", f"/api/escrow/{escrow_id}", token(stack, buyer))
+        return body if status == 200 and body["status"] == "FUNDS_HELD" else None
+
+    assert asyncio.run(eventually(funds_held, timeout_s=30)) is not None
+
+    status, _, body = call(
+        worker,
+        "POST",
+        f"/api/escrow/{escrow_id}/deliver",
+        token(stack, seller),
+        {"note": "shipped"},
+        wait,
+    )
+    assert (status, body["status"]) == (200, "DELIVERED"), body
+    status, _, body = call(
+        worker, "POST", f"/api/escrow/{escrow_id}/release", token(stack, buyer), None, wait
+    )
+    assert status == 200, body
+    assert body["settlement"]["kind"] == "RELEASE"
+
+    settled = wire_command(
+        "ConfirmSettlement",
+        escrow_id,
+        SYSTEM,
+        {"provider": "stripe", "providerReference": f"tr_{run}", "amount": "9500"},
+    )
+    asyncio.run(stack.send([settled]))
+
+    async def released() -> Any:
+        status, _, body = call(worker, "GET", f"/api/escrow/{escrow_id}", token(stack, buyer))
+        return body if status == 200 and body["status"] == "RELEASED" else None
+
+    final = asyncio.run(eventually(released, timeout_s=30))
+    assert final is not None and final["releasedAmount"] == "10000"
+
+    async def history() -> Any:
+        status, _, body = call(
+            worker, "GET", f"/api/escrow/{escrow_id}/events", token(stack, buyer)
+        )
+        return body if status == 200 and len(body["events"]) == 5 else None
+
+    events = asyncio.run(eventually(history, timeout_s=30))
+    assert events is not None
+    assert [e["type"] for e in events["events"]] == [
+        "EscrowCreated",
+        "EscrowFundsHeld",
+        "EscrowDelivered",
+        "SettlementRequested",
+        "EscrowReleased",
+    ]
+    assert [e["version"] for e in events["events"]] == [1, 2, 3, 4, 5]
+
+
+def test_wrong_party_and_roles_are_refused_before_acceptance(
+    stack: Stack, worker: WorkerProcess
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    buyer, seller = f"b-{run}", f"s-{run}"
+    status, _, escrow = call(
+        worker,
+        "POST",
+        "/api/escrow",
+        token(stack, buyer),
+        create_body(seller),
+        {"Prefer": "wait=20"},
+    )
+    assert status == 201, escrow
+    path = f"/api/escrow/{escrow['escrowId']}"
+    cases = [
+        ("deliver", token(stack, buyer), {}, 403),  # only the seller delivers
+        ("deliver", token(stack, "stranger"), {}, 403),
+        ("release", token(stack, seller), None, 403),
+        ("dispute/resolve", token(stack, buyer), {"resolution": "REFUND", "reason": "x"}, 403),
+        ("deliver", None, {}, 401),
+    ]
+    for suffix, bearer, body, want in cases:
+        status, _, problem = call(worker, "POST", f"{path}/{suffix}", bearer, body)
+        assert status == want, (suffix, problem)
+    status, _, problem = call(
+        worker, "POST", "/api/escrow", token(stack, "admin", Role.ADMIN), create_body(seller)
+    )
+    assert (status, problem["code"]) == (403, "NOT_AUTHORIZED")
+    status, _, problem = call(
+        worker, "POST", "/api/escrow", token(stack, buyer), {**create_body(seller), "amount": "-5"}
+    )
+    assert (status, problem["code"]) == (422, "VALIDATION_FAILED")
+    assert problem["errors"]
+
+
+def test_fifty_identical_posts_make_one_command(stack: Stack, worker: WorkerProcess) -> None:
+    run = uuid.uuid4().hex[:8]
+    buyer = f"b-{run}"
+    key = {"Idempotency-Key": f"key-{run}"}
+    bearer = token(stack, buyer)
+
+    def post(_: int) -> tuple[int, Any]:
+        status, _, body = call(worker, "POST", "/api/escrow", bearer, create_body(f"s-{run}"), key)
+        return status, body
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        results = list(pool.map(post, range(50)))
+    assert {status for status, _ in results} == {202}, results
+    assert all(body == results[0][1] for _, body in results)  # the same JSON content
+    escrow_id = results[0][1]["escrowId"]
+
+    async def outbox_rows() -> int:
+        conn = await asyncpg.connect(stack.settings.database_url.get_secret_value())
+        try:
+            return int(
+                await conn.fetchval(
+                    "SELECT count(*) FROM outbox WHERE aggregate_id = $1", escrow_id
+                )
+            )
+        finally:
+            await conn.close()
+
+    assert asyncio.run(outbox_rows()) == 1
+    events = asyncio.run(stack.events(lambda es: any(e["escrowId"] == escrow_id for e in es)))
+    assert [e["type"] for e in events if e["escrowId"] == escrow_id] == ["EscrowCreated"]
+
+    status, _, problem = call(
+        worker, "POST", "/api/escrow", bearer, create_body(f"s-{run}", amount=777), key
+    )
+    assert (status, problem["code"]) == (422, "IDEMPOTENCY_KEY_REUSED")
