@@ -106,7 +106,11 @@ class OutboxPublisher:
                 request_timeout_ms=int(SEND_TIMEOUT_S * 1000),
                 **client_kwargs(self._settings),
             )
-            await producer.start()
+            try:
+                await producer.start()
+            except BaseException:
+                await producer.stop()
+                raise
             self._producer = producer
         return self._producer
 
@@ -206,7 +210,7 @@ class OutboxPublisher:
         await conn.execute(
             """
             UPDATE outbox SET attempts = $2, last_error = $3, next_attempt_at = $4,
-                   dead_lettered_at = CASE WHEN $5 THEN $6 ELSE NULL END
+                   dead_lettered_at = CASE WHEN $5::boolean THEN $6::timestamptz END
              WHERE id = $1
             """,
             row["id"],
