@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, cast
 
+import aiohttp_cors
 import faust
 import redis.asyncio
 
@@ -29,7 +30,8 @@ from escrow_stream.kafka import topic_partitions
 from escrow_stream.tables import escrows as escrow_table
 from escrow_stream.tables import outcomes as outcome_table
 from escrow_stream.web import gateway, health, operations
-from escrow_stream.web.middleware import problems_and_request_ids
+from escrow_stream.web.middleware import make_middleware
+from escrow_stream.web.ratelimit import MemoryCounter, RateLimiter, RedisCounter
 
 TABLE_PARTITIONS = 6  # changelog partitions = escrow-commands partitions (co-partitioned)
 
@@ -57,6 +59,7 @@ def create_app(
     settings: Settings, clock: Clock = utc_now, new_id: Callable[[], str] = new_uuid
 ) -> faust.App:
     """Build the application and register everything on it."""
+    limiter = rate_limiter(settings)
     app = faust.App(
         settings.kafka_group_id,
         broker=settings.broker_urls,
@@ -79,8 +82,9 @@ def create_app(
         broker_heartbeat_interval=min(3.0, settings.kafka_session_timeout_ms / 3000),
         autodiscover=["escrow_stream.commands"],
         origin="escrow_stream.app",
+        web_cors_options=cors_options(settings),
         web_application_options={
-            "middlewares": [problems_and_request_ids],
+            "middlewares": [make_middleware(limiter, clock)],
             "client_max_size": settings.http_body_max_bytes,
         },
     )
@@ -100,7 +104,9 @@ def create_app(
     reader = gateway.EscrowReader(app, topics, escrows, recorded_outcomes)
     publisher = OutboxPublisher(settings, database, clock)
     idempotency = build_idempotency_store(settings, database)
-    api = gateway.Gateway(app, settings, clock, new_id, reader, database, idempotency, publisher)
+    api = gateway.Gateway(
+        app, settings, clock, new_id, reader, database, idempotency, publisher, limiter
+    )
     gateway.register(app, api, topics)
     outbox_agent.register(app, publisher, idempotency, clock)
 
@@ -110,6 +116,41 @@ def create_app(
     app.on_before_shutdown.connect(cast(Any, _close_database))
 
     return app
+
+
+def rate_limiter(settings: Settings) -> RateLimiter:
+    """Counts shared through Redis when REDIS_URL is set, else kept in this process."""
+    counter: MemoryCounter | RedisCounter = MemoryCounter()
+    if settings.redis_url is not None:
+        counter = RedisCounter(redis.asyncio.Redis.from_url(settings.redis_url.get_secret_value()))
+    return RateLimiter(
+        counter, settings.rate_limit_per_ip_per_minute, settings.rate_limit_per_user_per_minute
+    )
+
+
+def cors_options(settings: Settings) -> dict[str, aiohttp_cors.ResourceOptions]:
+    """CORS for the origins in CORS_ORIGINS (none: browsers on other origins are refused)."""
+    return {
+        origin: aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
+            allow_credentials=False,
+            allow_headers=(
+                "Authorization",
+                "Content-Type",
+                "Idempotency-Key",
+                "Prefer",
+                "X-Request-Id",
+            ),
+            expose_headers=(
+                "X-Request-Id",
+                "Retry-After",
+                "Preference-Applied",
+                "Idempotent-Replayed",
+            ),
+            allow_methods=("GET", "POST"),
+            max_age=600,
+        )
+        for origin in settings.cors_origins
+    }
 
 
 def readiness_checks(

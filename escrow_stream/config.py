@@ -77,6 +77,8 @@ OURS: tuple[str, ...] = (
     "CUSTODIAN_MIN_CONFIRMATIONS",
     "AWS_ENDPOINT_URL",
     "HTTP_BODY_MAX_BYTES",
+    "RATE_LIMIT_PER_IP_PER_MINUTE",
+    "RATE_LIMIT_PER_USER_PER_MINUTE",
 )
 
 
@@ -159,6 +161,8 @@ class Settings(BaseModel):
     jwt_secret: SecretStr = _env("JWT_SECRET", SecretStr(DEV_JWT_SECRET))
     cors_origins: tuple[str, ...] = _env("CORS_ORIGINS", ())
     http_body_max_bytes: int = _env("HTTP_BODY_MAX_BYTES", 1_048_576, ge=1024)
+    rate_limit_per_ip_per_minute: int = _env("RATE_LIMIT_PER_IP_PER_MINUTE", 100, ge=1)
+    rate_limit_per_user_per_minute: int = _env("RATE_LIMIT_PER_USER_PER_MINUTE", 50, ge=1)
 
     # Escrow service
     escrow_payment_deadline_days: int = _env("ESCROW_PAYMENT_DEADLINE_DAYS", 7, ge=1)

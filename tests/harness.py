@@ -74,6 +74,9 @@ class Stack:
             "INTERNAL_COMMAND_SECRET": f"test-internal-secret-{run}",
             "FEATURE_KYC_GATING": "false",
             "WEB_HOST": "127.0.0.1",
+            # every test request comes from 127.0.0.1: limits get a test of their own
+            "RATE_LIMIT_PER_IP_PER_MINUTE": "1000000",
+            "RATE_LIMIT_PER_USER_PER_MINUTE": "1000000",
         }
         env = stack_environ(**{**defaults, **overrides})
         return cls(env=env, settings=load_settings(env), data_root=data_root)

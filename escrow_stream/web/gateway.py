@@ -55,6 +55,7 @@ from escrow_stream.idempotency import (
 from escrow_stream.tables import escrows as escrow_table
 from escrow_stream.web.auth import Principal, Role, authenticate
 from escrow_stream.web.problems import Problem, rejection_problem
+from escrow_stream.web.ratelimit import RateLimiter
 from escrow_stream.web.schemas import (
     Accepted,
     CommandStatus,
@@ -204,6 +205,7 @@ class Gateway:
         database: Database,
         idempotency: IdempotencyStore,
         publisher: OutboxPublisher,
+        limiter: RateLimiter,
     ) -> None:
         self.app = app
         self.settings = settings
@@ -213,12 +215,17 @@ class Gateway:
         self.database = database
         self.idempotency = idempotency
         self.publisher = publisher
+        self.limiter = limiter
         self.jwt_secret = settings.jwt_secret.get_secret_value()
 
     # -- steps 1-5 ------------------------------------------------------------------
 
-    def principal(self, request: Request) -> Principal:
-        return authenticate(request.headers.get("Authorization"), self.jwt_secret, self.clock())
+    async def principal(self, request: Request) -> Principal:
+        """The authenticated caller, counted against the per-user limit of escrow routes."""
+        now = self.clock()
+        principal = authenticate(request.headers.get("Authorization"), self.jwt_secret, now)
+        await self.limiter.check_user(principal.sub, now)
+        return principal
 
     async def body(self, request: Request, model: type[BaseModel]) -> tuple[BaseModel, bytes]:
         raw = await request.read()
@@ -469,7 +476,7 @@ def register(app: faust.App, gateway: Gateway, topics: Topics) -> None:
     @app.page("/api/escrow")
     class EscrowCollection(View):
         async def post(self, request: Request) -> Response:
-            principal = gateway.principal(request)
+            principal = await gateway.principal(request)
             body, raw = await gateway.body(request, CreateEscrowBody)
             assert isinstance(body, CreateEscrowBody)
             if principal.role is Role.ADMIN:
@@ -498,7 +505,7 @@ def register(app: faust.App, gateway: Gateway, topics: Topics) -> None:
             )
 
         async def get(self, request: Request) -> Response:
-            principal = gateway.principal(request)
+            principal = await gateway.principal(request)
             if principal.role is Role.SERVICE:
                 raise Problem(403, "NOT_AUTHORIZED", "services do not list escrows")
             q = request.query
@@ -551,7 +558,7 @@ def register(app: faust.App, gateway: Gateway, topics: Topics) -> None:
         @app.topic_route(topics.commands, match_info="escrow_id")  # type: ignore[arg-type]
         async def get(self, request: Request, **match: Any) -> Response:
             escrow_id = str(match["escrow_id"])
-            principal = gateway.principal(request)
+            principal = await gateway.principal(request)
             escrow = escrow_table.load(gateway.reader._escrows.get(escrow_id))
             if escrow is None:
                 raise Problem(404, "NOT_FOUND", f"escrow {escrow_id} not found")
@@ -564,7 +571,7 @@ def register(app: faust.App, gateway: Gateway, topics: Topics) -> None:
         @app.topic_route(topics.commands, match_info="escrow_id")  # type: ignore[arg-type]
         async def get(self, request: Request, **match: Any) -> Response:
             escrow_id, command_id = str(match["escrow_id"]), str(match["command_id"])
-            principal = gateway.principal(request)
+            principal = await gateway.principal(request)
             escrow = escrow_table.load(gateway.reader._escrows.get(escrow_id))
             if escrow is not None and not may_read(principal, escrow):
                 raise Problem(403, "NOT_AUTHORIZED", "only the parties and admins see an escrow")
@@ -574,7 +581,7 @@ def register(app: faust.App, gateway: Gateway, topics: Topics) -> None:
     @app.page("/api/escrow/{escrow_id}/events")
     class EscrowEvents(View):
         async def get(self, request: Request, escrow_id: str) -> Response:
-            principal = gateway.principal(request)
+            principal = await gateway.principal(request)
             pool = await gateway.database.pool()
             row = await pool.fetchrow(
                 "SELECT buyer_id, seller_id FROM escrows WHERE id = $1", escrow_id
@@ -607,7 +614,7 @@ def register(app: faust.App, gateway: Gateway, topics: Topics) -> None:
     def action_view(suffix: str, command_type: str, model: type[BaseModel]) -> type[View]:
         class Action(View):
             async def post(self, request: Request, escrow_id: str, **path: str) -> Response:
-                principal = gateway.principal(request)
+                principal = await gateway.principal(request)
                 body, raw = await gateway.body(request, model)
                 escrow = await gateway.existing(request, escrow_id)
                 payload = body.model_dump(mode="json", by_alias=True, exclude_none=True)

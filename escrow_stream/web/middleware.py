@@ -10,7 +10,9 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from prometheus_client import Counter, Histogram
 
+from escrow_stream.clock import Clock
 from escrow_stream.web.problems import Problem
+from escrow_stream.web.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,7 @@ HTTP_SECONDS = Histogram(
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
 def _route(request: web.Request) -> str:
@@ -34,7 +37,25 @@ def _route(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
-@web.middleware
+#: Probes are never rate limited: an orchestrator must always reach them.
+UNLIMITED_PATHS = frozenset({"/health", "/ready", "/metrics"})
+
+
+def make_middleware(limiter: RateLimiter, clock: Clock) -> Middleware:
+    """Problem details, request ids, per-IP rate limit and access metrics, in that order."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        async def limited(request: web.Request) -> web.StreamResponse:
+            if request.path not in UNLIMITED_PATHS:
+                await limiter.check_ip(request.remote or "unknown", clock())
+            return await handler(request)
+
+        return await problems_and_request_ids(request, limited)
+
+    return middleware
+
+
 async def problems_and_request_ids(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error becomes a problem+json; every response carries X-Request-Id."""
     request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
