@@ -126,7 +126,7 @@ class EscrowReader:
             url = self._app.router.external_topic_key_store(
                 self._topics.commands, escrow_id.encode()
             )
-        except KeyError:
+        except (KeyError, TypeError):  # no assignment known yet (starting or rebalancing)
             raise Problem(503, "NOT_READY", "partitions are being assigned; retry") from None
         own = self._app.conf.canonical_url
         if (url.host, url.port) == (own.host, own.port):
