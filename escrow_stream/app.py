@@ -100,6 +100,8 @@ def create_app(
     mirror.register(app, topics.events, database)
     health.register(app, clock)
     operations.register(app, readiness_checks(app, settings, database))
+    if settings.metrics_enabled:
+        operations.serve_metrics_alone(app, settings.metrics_port)
 
     reader = gateway.EscrowReader(app, topics, escrows, recorded_outcomes)
     publisher = OutboxPublisher(settings, database, clock)

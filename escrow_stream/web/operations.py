@@ -8,7 +8,7 @@ from typing import Any, cast
 
 import faust
 from faust.web import Request, Response, View
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
 
 from escrow_stream.web.openapi import openapi_document
 
@@ -29,6 +29,14 @@ async def run_checks(checks: dict[str, Check]) -> dict[str, str]:
 
     results = await asyncio.gather(*(one(c) for c in checks.values()))
     return dict(zip(checks, results, strict=True))
+
+
+def serve_metrics_alone(app: faust.App, port: int) -> None:
+    """With METRICS_ENABLED=true, /metrics also on METRICS_PORT (scrapers off the public port)."""
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def metrics_server() -> None:
+        start_http_server(port)
 
 
 def register(app: faust.App, checks: dict[str, Check]) -> None:

@@ -16,6 +16,7 @@ import pytest
 from escrow_stream.config import Settings
 from escrow_stream.web.auth import Role, issue_token
 from tests.harness import Stack, WorkerProcess, eventually, wire_command
+from tests.support import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +28,12 @@ SYSTEM = {"id": "payments-agent", "role": "system"}
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, stack_settings: Settings) -> Iterator[Stack]:
-    stack = Stack.create(tmp_path_factory.mktemp("http"), REDIS_URL="redis://127.0.0.1:6379/15")
+    stack = Stack.create(
+        tmp_path_factory.mktemp("http"),
+        REDIS_URL="redis://127.0.0.1:6379/15",
+        METRICS_ENABLED="true",
+        METRICS_PORT=str(free_port()),
+    )
     asyncio.run(stack.create_topics())
     yield stack
     stack.stop_all()
@@ -112,6 +118,17 @@ def test_health_ready_metrics_openapi(stack: Stack, worker: WorkerProcess) -> No
     assert status == 200
     assert headers["Content-Type"].startswith("text/plain")
     assert "escrow_http_requests_total" in text
+
+    def metrics_alone() -> bytes | None:
+        url = f"http://127.0.0.1:{stack.settings.metrics_port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as alone:
+                return bytes(alone.read()) if alone.status == 200 else None
+        except OSError:
+            return None  # the worker starts its tasks after the web server
+
+    alone = asyncio.run(eventually(metrics_alone, timeout_s=30))
+    assert alone is not None and b"escrow_commands_total" in alone  # same registry, own port
     status, _, doc = call(worker, "GET", "/openapi.json")
     assert status == 200 and doc["openapi"] == "3.1.0"
     assert {"/api/escrow", "/api/escrow/{escrow_id}", "/api/escrow/{escrow_id}/release"} <= set(
