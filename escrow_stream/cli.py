@@ -304,8 +304,14 @@ def worker(ctx: click.Context) -> None:
     from faust import Worker
 
     from escrow_stream.app import app
+    from escrow_stream.logs import json_logging_config
 
-    Worker(app, loglevel=settings.log_level.upper()).execute_from_commandline()
+    logging_config = (
+        json_logging_config(settings.log_level) if settings.log_format == "json" else None
+    )
+    Worker(
+        app, loglevel=settings.log_level.upper(), logging_config=logging_config
+    ).execute_from_commandline()
 
 
 if __name__ == "__main__":  # pragma: no cover

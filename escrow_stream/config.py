@@ -77,6 +77,7 @@ OURS: tuple[str, ...] = (
     "CUSTODIAN_MIN_CONFIRMATIONS",
     "AWS_ENDPOINT_URL",
     "HTTP_BODY_MAX_BYTES",
+    "LOG_FORMAT",
     "RATE_LIMIT_PER_IP_PER_MINUTE",
     "RATE_LIMIT_PER_USER_PER_MINUTE",
 )
@@ -121,6 +122,7 @@ class Settings(BaseModel):
     log_level: Literal["debug", "info", "warning", "warn", "error", "critical"] = _env(
         "LOG_LEVEL", "info"
     )
+    log_format: Literal["json", "text"] = _env("LOG_FORMAT", "json")
     web_host: str = _env("WEB_HOST", "0.0.0.0")
 
     # Database

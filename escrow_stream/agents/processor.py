@@ -41,6 +41,7 @@ from escrow_stream.domain import (
     Event,
     ReleaseFunds,
 )
+from escrow_stream.logs import correlation_id_var, trace_id_var
 from escrow_stream.metrics import COMMAND_OUTCOMES, COMMAND_SECONDS, DEAD_LETTERS
 from escrow_stream.tables import escrows as escrow_table
 from escrow_stream.tables import outcomes as outcome_table
@@ -125,6 +126,8 @@ def register(
 
     async def _process_one(event: EventT[bytes]) -> None:
         message = event.message
+        trace_id_var.set(None)
+        correlation_id_var.set(None)
         key: bytes | None = message.key
         value: bytes = message.value or b""
         raw_headers = message.headers or []
@@ -138,6 +141,9 @@ def register(
             outcome = handling.handle(
                 key, value, headers, state, recorded, clock(), rules, secret, context
             )
+        if outcome.command is not None:
+            trace_id_var.set(outcome.command.trace_id)
+            correlation_id_var.set(outcome.command.correlation_id or outcome.command.command_id)
         command_type = outcome.command.type if outcome.command else "unparsed"
         COMMAND_OUTCOMES.labels(command_type, outcome.outcome_label).inc()
 

@@ -11,6 +11,7 @@ from aiohttp import web
 from prometheus_client import Counter, Histogram
 
 from escrow_stream.clock import Clock
+from escrow_stream.logs import request_id_var, trace_id_var
 from escrow_stream.web.problems import Problem
 from escrow_stream.web.ratelimit import RateLimiter
 
@@ -30,6 +31,14 @@ HTTP_SECONDS = Histogram(
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+
+
+def _trace_id(request: web.Request) -> str | None:
+    """The W3C ``traceparent`` trace id, else ``X-Trace-Id``."""
+    parts = request.headers.get("traceparent", "").split("-")
+    if len(parts) == 4 and len(parts[1]) == 32:
+        return parts[1]
+    return request.headers.get("X-Trace-Id")
 
 
 def _route(request: web.Request) -> str:
@@ -59,6 +68,8 @@ def make_middleware(limiter: RateLimiter, clock: Clock) -> Middleware:
 async def problems_and_request_ids(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error becomes a problem+json; every response carries X-Request-Id."""
     request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    request_id_var.set(request_id)  # each aiohttp request runs in a task of its own
+    trace_id_var.set(_trace_id(request))
     started = time.perf_counter()
     route = _route(request)
     try:
@@ -80,6 +91,7 @@ async def problems_and_request_ids(request: web.Request, handler: Handler) -> we
             request.path
         )
     response.headers["X-Request-Id"] = request_id
+    log.info("%s %s -> %s", request.method, request.path, response.status)
     HTTP_REQUESTS.labels(request.method, route, str(response.status)).inc()
     HTTP_SECONDS.labels(request.method, route).observe(time.perf_counter() - started)
     return response

@@ -200,3 +200,24 @@ def test_list_and_history_from_the_mirror(
         worker, "GET", f"/api/escrow/{escrow_id}/events", token(stack, "someone-else")
     )
     assert status == 403
+
+
+def test_json_logs_carry_request_and_trace_ids(stack: Stack, worker: WorkerProcess) -> None:
+    request_id = f"req-{uuid.uuid4().hex[:8]}"
+    trace_id = uuid.uuid4().hex
+    headers = {"X-Request-Id": request_id, "traceparent": f"00-{trace_id}-{'1' * 16}-01"}
+    status, response_headers, _ = call(
+        worker, "GET", "/api/escrow", token(stack, "x"), headers=headers
+    )
+    assert status == 200 and response_headers["X-Request-Id"] == request_id
+
+    def logged() -> dict[str, Any] | None:
+        for line in worker.log_path.read_text().splitlines():
+            if request_id in line and line.startswith("{"):
+                return dict(json.loads(line))
+        return None
+
+    line = asyncio.run(eventually(logged, timeout_s=10))
+    assert line is not None
+    assert (line["requestId"], line["traceId"]) == (request_id, trace_id)
+    assert line["msg"] == "GET /api/escrow -> 200"
