@@ -7,6 +7,7 @@ A request is counted in the window ``floor(now / 60 s)``; over the limit it gets
 
 from __future__ import annotations
 
+import logging
 import math
 from datetime import datetime
 from typing import Protocol
@@ -14,6 +15,8 @@ from typing import Protocol
 import redis.asyncio
 
 from escrow_stream.web.problems import Problem
+
+log = logging.getLogger(__name__)
 
 WINDOW_S = 60
 MEMORY_KEYS_MAX = 100_000
@@ -42,17 +45,25 @@ class MemoryCounter:
 
 
 class RedisCounter:
-    """Shared counts: INCR and EXPIRE in one pipeline per request."""
+    """Shared counts: INCR and EXPIRE in one pipeline per request.
+
+    Redis being down must not take the API down with it: the limit then fails open (the
+    request is allowed and a warning logged), and ``/ready`` reports Redis as failing.
+    """
 
     def __init__(self, client: redis.asyncio.Redis) -> None:
         self._redis = client
 
     async def hit(self, key: str, window: int) -> int:
         name = f"ratelimit:{window}:{key}"
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.incr(name)
-            pipe.expire(name, WINDOW_S * 2)
-            count, _ = await pipe.execute()
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.incr(name)
+                pipe.expire(name, WINDOW_S * 2)
+                count, _ = await pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            log.warning("rate limit not enforced, Redis unavailable: %s", exc)
+            return 0
         return int(count)
 
 
