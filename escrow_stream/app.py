@@ -107,7 +107,7 @@ def create_app(
     publisher = OutboxPublisher(settings, database, clock)
     idempotency = build_idempotency_store(settings, database)
     api = gateway.Gateway(
-        app, settings, clock, new_id, reader, database, idempotency, publisher, limiter
+        app, settings, clock, new_id, reader, database, idempotency, publisher, limiter, kyc
     )
     gateway.register(app, api, topics)
     outbox_agent.register(app, publisher, idempotency, clock)

@@ -23,6 +23,13 @@ class KycDirectory:
         )
         return frozenset(r["user_id"] for r in rows)
 
+    async def status(self, user_id: str) -> str | None:
+        pool = await self._database.pool()
+        value: str | None = await pool.fetchval(
+            "SELECT status FROM kyc_status WHERE user_id = $1", user_id
+        )
+        return value
+
     async def set_status(self, user_id: str, status: str, updated_by: str) -> None:
         pool = await self._database.pool()
         await pool.execute(

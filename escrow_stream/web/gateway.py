@@ -42,6 +42,7 @@ from escrow_stream.agents.processor import Topics, encode_command
 from escrow_stream.clock import Clock
 from escrow_stream.config import Settings
 from escrow_stream.db import outbox
+from escrow_stream.db.kyc import KycDirectory
 from escrow_stream.db.outbox import OutboxPublisher
 from escrow_stream.db.pool import Database
 from escrow_stream.domain import Command, CommandInvalid, Escrow, RejectionCode, parse_command
@@ -65,6 +66,8 @@ from escrow_stream.web.schemas import (
     EmptyBody,
     EscrowHistory,
     EscrowPage,
+    KycBody,
+    KycStatus,
     RefundBody,
     ResolveBody,
 )
@@ -206,6 +209,7 @@ class Gateway:
         idempotency: IdempotencyStore,
         publisher: OutboxPublisher,
         limiter: RateLimiter,
+        kyc: KycDirectory,
     ) -> None:
         self.app = app
         self.settings = settings
@@ -216,6 +220,7 @@ class Gateway:
         self.idempotency = idempotency
         self.publisher = publisher
         self.limiter = limiter
+        self.kyc = kyc
         self.jwt_secret = settings.jwt_secret.get_secret_value()
 
     # -- steps 1-5 ------------------------------------------------------------------
@@ -353,6 +358,17 @@ class Gateway:
             escrow = await self.reader.escrow(command.escrow_id, _auth(request))
             return _json(view, public_snapshot(escrow) if escrow else {}, 200, headers)
         return _json(view, accepted.model_dump(by_alias=True), 202, headers)
+
+    async def require_kyc(self, *user_ids: str) -> None:
+        """With FEATURE_KYC_GATING, every party must be VERIFIED (SPEC §5): else 403."""
+        if not self.settings.feature_kyc_gating:
+            return
+        wanted = frozenset(user_ids)
+        missing = sorted(wanted - await self.kyc.verified(wanted))
+        if missing:
+            raise Problem(
+                403, "KYC_REQUIRED", f"KYC verification required for: {', '.join(missing)}"
+            )
 
     async def begin_idempotent(self, user_id: str, key: str, digest: str) -> Begin:
         """Begin; a twin request still in flight is waited for (bounded), then replayed."""
@@ -500,8 +516,12 @@ def register(app: faust.App, gateway: Gateway, topics: Topics) -> None:
                 else gateway.new_id()
             )
             command = gateway.command(principal, "CreateEscrow", escrow_id, payload, key)
+
+            async def kyc_check() -> None:
+                await gateway.require_kyc(payload["buyerId"], payload["sellerId"])
+
             return await gateway.accept(
-                self, request, principal, command, created=True, raw_body=raw
+                self, request, principal, command, created=True, raw_body=raw, check=kyc_check
             )
 
         async def get(self, request: Request) -> Response:
@@ -627,6 +647,8 @@ def register(app: faust.App, gateway: Gateway, topics: Topics) -> None:
 
                 async def check() -> None:
                     authorize_action(principal, escrow, command)
+                    if command_type == "ReleaseFunds":
+                        await gateway.require_kyc(escrow.buyer_id, escrow.seller_id)
 
                 return await gateway.accept(
                     self, request, principal, command, created=False, raw_body=raw, check=check
@@ -634,6 +656,25 @@ def register(app: faust.App, gateway: Gateway, topics: Topics) -> None:
 
         Action.__name__ = f"Action_{command_type}"
         return Action
+
+    @app.page("/api/kyc/{user_id}")
+    class Kyc(View):
+        async def get(self, request: Request, user_id: str) -> Response:
+            principal = await gateway.principal(request)
+            if principal.role is Role.USER and principal.sub != user_id:
+                raise Problem(403, "NOT_AUTHORIZED", "users see only their own KYC status")
+            status = await gateway.kyc.status(user_id) or "UNKNOWN"
+            return _json(self, KycStatus(user_id=user_id, status=status).model_dump(by_alias=True))
+
+        async def put(self, request: Request, user_id: str) -> Response:
+            principal = await gateway.principal(request)
+            if principal.role not in (Role.ADMIN, Role.SERVICE):
+                raise Problem(403, "NOT_AUTHORIZED", "KYC status is set by admins and services")
+            body, _ = await gateway.body(request, KycBody)
+            assert isinstance(body, KycBody)
+            await gateway.kyc.set_status(user_id, body.status, updated_by=principal.sub)
+            record = KycStatus(user_id=user_id, status=body.status)
+            return _json(self, record.model_dump(by_alias=True))
 
     for suffix, (command_type, model) in ACTIONS.items():
         app.page(f"/api/escrow/{{escrow_id}}/{suffix}")(action_view(suffix, command_type, model))

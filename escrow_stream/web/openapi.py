@@ -17,6 +17,8 @@ from escrow_stream.web.schemas import (
     EscrowHistory,
     EscrowPage,
     Health,
+    KycBody,
+    KycStatus,
     ProblemBody,
     Readiness,
 )
@@ -156,6 +158,32 @@ def openapi_document() -> dict[str, Any]:
             }
         },
     }
+    paths["/api/kyc/{user_id}"] = {
+        "get": {
+            **_read("a user's KYC status (admin, service, the user)", KycStatus, "401", "403"),
+            "parameters": [
+                {"name": "user_id", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+        },
+        "put": {
+            **_read(
+                "set a user's KYC status (admin, service)",
+                KycStatus,
+                "400",
+                "401",
+                "403",
+                "415",
+                "422",
+            ),
+            "parameters": [
+                {"name": "user_id", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref(KycBody)}},
+            },
+        },
+    }
     for suffix, (command_type, body) in ACTIONS.items():
         paths[f"/api/escrow/{{escrow_id}}/{suffix}"] = {
             "post": {
@@ -189,6 +217,8 @@ def openapi_document() -> dict[str, Any]:
         ProblemBody,
         Readiness,
         Escrow,
+        KycBody,
+        KycStatus,
     ]
     models += [body for _, body in ACTIONS.values() if body not in models]
     _, schemas = models_json_schema(

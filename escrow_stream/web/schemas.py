@@ -46,6 +46,14 @@ class EmptyBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class KycBody(BaseModel):
+    """``PUT /api/kyc/{user_id}`` (admin, service): the user's verification status."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["PENDING", "VERIFIED", "REJECTED"]
+
+
 class _Out(BaseModel):
     model_config = ConfigDict(populate_by_name=True, alias_generator=to_camel)
 
@@ -67,6 +75,11 @@ class CommandStatus(_Out):
     code: str | None = None
     message: str | None = None
     escrow: dict[str, Any] | None = None
+
+
+class KycStatus(_Out):
+    user_id: str
+    status: Literal["PENDING", "VERIFIED", "REJECTED", "UNKNOWN"]
 
 
 class EscrowPage(_Out):
