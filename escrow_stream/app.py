@@ -29,7 +29,7 @@ from escrow_stream.idempotency import build_idempotency_store
 from escrow_stream.kafka import topic_partitions
 from escrow_stream.tables import escrows as escrow_table
 from escrow_stream.tables import outcomes as outcome_table
-from escrow_stream.web import gateway, health, operations
+from escrow_stream.web import gateway, health, operations, webhooks
 from escrow_stream.web.middleware import make_middleware
 from escrow_stream.web.ratelimit import MemoryCounter, RateLimiter, RedisCounter
 
@@ -110,6 +110,7 @@ def create_app(
         app, settings, clock, new_id, reader, database, idempotency, publisher, limiter, kyc
     )
     gateway.register(app, api, topics)
+    webhooks.register(app, api)
     outbox_agent.register(app, publisher, idempotency, clock)
 
     async def _close_database(sender: object, *args: object, **kwargs: object) -> None:

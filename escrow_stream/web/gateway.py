@@ -45,7 +45,14 @@ from escrow_stream.db import outbox
 from escrow_stream.db.kyc import KycDirectory
 from escrow_stream.db.outbox import OutboxPublisher
 from escrow_stream.db.pool import Database
-from escrow_stream.domain import Command, CommandInvalid, Escrow, RejectionCode, parse_command
+from escrow_stream.domain import (
+    ActorRole,
+    Command,
+    CommandInvalid,
+    Escrow,
+    RejectionCode,
+    parse_command,
+)
 from escrow_stream.domain.guards import check_sender_authorized
 from escrow_stream.idempotency import (
     Begin,
@@ -53,6 +60,7 @@ from escrow_stream.idempotency import (
     DatabaseIdempotencyStore,
     IdempotencyStore,
 )
+from escrow_stream.signing import signature_headers
 from escrow_stream.tables import escrows as escrow_table
 from escrow_stream.web.auth import Principal, Role, authenticate
 from escrow_stream.web.problems import Problem, rejection_problem
@@ -222,6 +230,7 @@ class Gateway:
         self.limiter = limiter
         self.kyc = kyc
         self.jwt_secret = settings.jwt_secret.get_secret_value()
+        self.internal_secret = settings.internal_command_secret.get_secret_value()
 
     # -- steps 1-5 ------------------------------------------------------------------
 
@@ -280,12 +289,34 @@ class Gateway:
             )
         else:
             command_id = self.new_id()
+        actor = {"id": principal.sub, "role": principal.role.value}
+        return self.build_command(actor, type_, escrow_id, payload, command_id)
+
+    def system_command(
+        self,
+        actor: dict[str, str],
+        type_: str,
+        escrow_id: str,
+        payload: dict[str, Any],
+        command_id: str,
+    ) -> Command:
+        """A command of a trusted producer (webhooks): signed when it is enqueued."""
+        return self.build_command(actor, type_, escrow_id, payload, command_id)
+
+    def build_command(
+        self,
+        actor: dict[str, str],
+        type_: str,
+        escrow_id: str,
+        payload: dict[str, Any],
+        command_id: str,
+    ) -> Command:
         data = {
             "schemaVersion": 1,
             "commandId": command_id,
             "type": type_,
             "escrowId": escrow_id,
-            "actor": {"id": principal.sub, "role": principal.role.value},
+            "actor": actor,
             "payload": payload,
             "issuedAt": self.clock().isoformat(),
             "correlationId": command_id,
@@ -337,7 +368,9 @@ class Gateway:
                     "a request with this Idempotency-Key is still being processed",
                 )
             if begun.kind is BeginKind.REPLAY:
-                return _json(view, begun.body, begun.status or 202, {"Idempotent-Replayed": "true"})
+                return json_response(
+                    view, begun.body, begun.status or 202, {"Idempotent-Replayed": "true"}
+                )
         try:
             if check is not None:
                 await check()
@@ -347,17 +380,17 @@ class Gateway:
                 await self.idempotency.abandon(principal.sub, key)
             raise
         if wait_s is None:
-            return _json(view, accepted.model_dump(by_alias=True), 202)
+            return json_response(view, accepted.model_dump(by_alias=True), 202)
         status = await self.wait(request, command, wait_s)
         headers = {"Preference-Applied": f"wait={wait_s:g}"}
         if status.status == "ACCEPTED":
-            return _json(view, status.escrow or {}, 201 if created else 200, headers)
+            return json_response(view, status.escrow or {}, 201 if created else 200, headers)
         if status.status == "REJECTED" and status.code:
             raise rejection_problem(RejectionCode(status.code), status.message or "")
         if status.status == "NO_OP":
             escrow = await self.reader.escrow(command.escrow_id, _auth(request))
-            return _json(view, public_snapshot(escrow) if escrow else {}, 200, headers)
-        return _json(view, accepted.model_dump(by_alias=True), 202, headers)
+            return json_response(view, public_snapshot(escrow) if escrow else {}, 200, headers)
+        return json_response(view, accepted.model_dump(by_alias=True), 202, headers)
 
     async def require_kyc(self, *user_ids: str) -> None:
         """With FEATURE_KYC_GATING, every party must be VERIFIED (SPEC §5): else 403."""
@@ -381,23 +414,37 @@ class Gateway:
             await asyncio.sleep(WAIT_POLL_S)
 
     async def enqueue(
-        self, user_id: str, key: str | None, command: Command, accepted_body: dict[str, Any]
+        self,
+        user_id: str,
+        key: str | None,
+        command: Command,
+        accepted_body: dict[str, Any],
+        status: int = 202,
     ) -> None:
-        """Step 4: outbox row and idempotency record in one transaction, then wake the relay."""
+        """Step 4: outbox row and idempotency record in one transaction, then wake the relay.
+
+        System commands (webhooks) are signed here, over the exact bytes that are sent.
+        """
+        body = encode_command(command)
+        headers = (
+            signature_headers(self.internal_secret, body)
+            if command.actor.role is ActorRole.SYSTEM
+            else []
+        )
         pool = await self.database.pool()
         async with pool.acquire() as conn, conn.transaction():
             await outbox.enqueue(
                 conn,
                 self.settings.kafka_commands_topic,
                 command.escrow_id,
-                encode_command(command),
-                [],
+                body,
+                headers,
                 command.escrow_id,
             )
             if key is not None and isinstance(self.idempotency, DatabaseIdempotencyStore):
-                await self.idempotency.complete_in(conn, user_id, key, 202, accepted_body)
+                await self.idempotency.complete_in(conn, user_id, key, status, accepted_body)
         if key is not None and not isinstance(self.idempotency, DatabaseIdempotencyStore):
-            await self.idempotency.complete(user_id, key, 202, accepted_body)
+            await self.idempotency.complete(user_id, key, status, accepted_body)
         self.publisher.notify()
 
     async def wait(self, request: Request, command: Command, wait_s: float) -> CommandStatus:
@@ -429,7 +476,7 @@ def _auth(request: Request) -> str:
     return request.headers.get("Authorization", "")
 
 
-def _json(
+def json_response(
     view: View, body: Any, status: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
     return view.json(body, status=status, headers=headers)
@@ -571,7 +618,7 @@ def register(app: faust.App, gateway: Gateway, topics: Topics) -> None:
             body = EscrowPage(
                 items=[public_snapshot(r["snapshot"]) for r in page], next_cursor=cursor
             )
-            return _json(self, body.model_dump(by_alias=True))
+            return json_response(self, body.model_dump(by_alias=True))
 
     @app.page("/api/escrow/{escrow_id}")
     class EscrowItem(View):
@@ -584,7 +631,7 @@ def register(app: faust.App, gateway: Gateway, topics: Topics) -> None:
                 raise Problem(404, "NOT_FOUND", f"escrow {escrow_id} not found")
             if not may_read(principal, escrow):
                 raise Problem(403, "NOT_AUTHORIZED", "only the parties and admins see an escrow")
-            return _json(self, public_snapshot(escrow))
+            return json_response(self, public_snapshot(escrow))
 
     @app.page("/api/escrow/{escrow_id}/commands/{command_id}")
     class CommandItem(View):
@@ -596,7 +643,7 @@ def register(app: faust.App, gateway: Gateway, topics: Topics) -> None:
             if escrow is not None and not may_read(principal, escrow):
                 raise Problem(403, "NOT_AUTHORIZED", "only the parties and admins see an escrow")
             status = gateway.reader.local_status(escrow_id, command_id, None)
-            return _json(self, status.model_dump(by_alias=True))
+            return json_response(self, status.model_dump(by_alias=True))
 
     @app.page("/api/escrow/{escrow_id}/events")
     class EscrowEvents(View):
@@ -627,7 +674,7 @@ def register(app: faust.App, gateway: Gateway, topics: Topics) -> None:
                 }
                 for r in rows
             ]
-            return _json(
+            return json_response(
                 self, EscrowHistory(escrow_id=escrow_id, events=events).model_dump(by_alias=True)
             )
 
@@ -664,7 +711,9 @@ def register(app: faust.App, gateway: Gateway, topics: Topics) -> None:
             if principal.role is Role.USER and principal.sub != user_id:
                 raise Problem(403, "NOT_AUTHORIZED", "users see only their own KYC status")
             status = await gateway.kyc.status(user_id) or "UNKNOWN"
-            return _json(self, KycStatus(user_id=user_id, status=status).model_dump(by_alias=True))
+            return json_response(
+                self, KycStatus(user_id=user_id, status=status).model_dump(by_alias=True)
+            )
 
         async def put(self, request: Request, user_id: str) -> Response:
             principal = await gateway.principal(request)
@@ -674,7 +723,7 @@ def register(app: faust.App, gateway: Gateway, topics: Topics) -> None:
             assert isinstance(body, KycBody)
             await gateway.kyc.set_status(user_id, body.status, updated_by=principal.sub)
             record = KycStatus(user_id=user_id, status=body.status)
-            return _json(self, record.model_dump(by_alias=True))
+            return json_response(self, record.model_dump(by_alias=True))
 
     for suffix, (command_type, model) in ACTIONS.items():
         app.page(f"/api/escrow/{{escrow_id}}/{suffix}")(action_view(suffix, command_type, model))

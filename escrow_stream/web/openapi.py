@@ -158,6 +158,30 @@ def openapi_document() -> dict[str, Any]:
             }
         },
     }
+    paths["/api/webhooks/stripe"] = {
+        "post": {
+            "summary": "Stripe events (Stripe-Signature over the raw body)",
+            "parameters": [
+                {
+                    "name": "Stripe-Signature",
+                    "in": "header",
+                    "required": True,
+                    "schema": {"type": "string"},
+                }
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            },
+            "responses": {
+                "200": {
+                    "description": "received (acted on, ignored or a replay)",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                **_problems("400", "409"),
+            },
+        }
+    }
     paths["/api/kyc/{user_id}"] = {
         "get": {
             **_read("a user's KYC status (admin, service, the user)", KycStatus, "401", "403"),
