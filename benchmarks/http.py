@@ -25,8 +25,13 @@ from tests.harness import Stack
 
 
 async def load(
-    url: str, method: str, count: int, concurrency: int, headers: dict[str, str],
-    body: Any = None, expect: int = 200,
+    url: str,
+    method: str,
+    count: int,
+    concurrency: int,
+    headers: dict[str, str],
+    body: Any = None,
+    expect: int = 200,
 ) -> tuple[float, list[float]]:
     """Requests per second and per-request latencies (s)."""
     latencies: list[float] = []
@@ -52,22 +57,35 @@ async def load(
 
 def row(name: str, rate: float, latencies: list[float], baseline: float) -> str:
     q = statistics.quantiles(latencies, n=100)
-    return (f"{name:<28} {rate:>9,.0f} req/s  p50 {q[49] * 1000:6.1f} ms  "
-            f"p99 {q[98] * 1000:6.1f} ms  ratio to /health {rate / baseline:.3f}")
+    return (
+        f"{name:<28} {rate:>9,.0f} req/s  p50 {q[49] * 1000:6.1f} ms  "
+        f"p99 {q[98] * 1000:6.1f} ms  ratio to /health {rate / baseline:.3f}"
+    )
 
 
 async def run(port: int, stack: Stack, count: int, concurrency: int) -> None:
     base = f"http://127.0.0.1:{port}"
     secret = stack.settings.jwt_secret.get_secret_value()
     buyer = f"bench-{uuid.uuid4().hex[:6]}"
-    bearer = {"Authorization": "Bearer " + issue_token(
-        secret, buyer, Role.USER, datetime.now(UTC), timedelta(hours=1))}
-    body = {"offerId": "o", "contractId": "c", "rail": "STRIPE", "amount": "10000",
-            "currency": "USD", "sellerId": "bench-seller"}
+    bearer = {
+        "Authorization": "Bearer "
+        + issue_token(secret, buyer, Role.USER, datetime.now(UTC), timedelta(hours=1))
+    }
+    body = {
+        "offerId": "o",
+        "contractId": "c",
+        "rail": "STRIPE",
+        "amount": "10000",
+        "currency": "USD",
+        "sellerId": "bench-seller",
+    }
     # one escrow to read, created and waited for
-    async with ClientSession() as session, session.post(
-        f"{base}/api/escrow", json=body, headers={**bearer, "Prefer": "wait=30"}
-    ) as response:
+    async with (
+        ClientSession() as session,
+        session.post(
+            f"{base}/api/escrow", json=body, headers={**bearer, "Prefer": "wait=30"}
+        ) as response,
+    ):
         assert response.status == 201, await response.text()
         escrow_id = (await response.json())["escrowId"]
 

@@ -59,7 +59,8 @@ def create_app(
     settings: Settings, clock: Clock = utc_now, new_id: Callable[[], str] = new_uuid
 ) -> faust.App:
     """Build the application and register everything on it."""
-    limiter = rate_limiter(settings)
+    shared_redis = redis_client(settings)
+    limiter = rate_limiter(settings, shared_redis)
     app = faust.App(
         settings.kafka_group_id,
         broker=settings.broker_urls,
@@ -105,7 +106,7 @@ def create_app(
 
     reader = gateway.EscrowReader(app, topics, escrows, recorded_outcomes)
     publisher = OutboxPublisher(settings, database, clock)
-    idempotency = build_idempotency_store(settings, database)
+    idempotency = build_idempotency_store(settings, database, shared_redis)
     api = gateway.Gateway(
         app, settings, clock, new_id, reader, database, idempotency, publisher, limiter, kyc
     )
@@ -115,17 +116,26 @@ def create_app(
 
     async def _close_database(sender: object, *args: object, **kwargs: object) -> None:
         await database.close()
+        if shared_redis is not None:
+            await shared_redis.aclose()
 
     app.on_before_shutdown.connect(cast(Any, _close_database))
 
     return app
 
 
-def rate_limiter(settings: Settings) -> RateLimiter:
-    """Counts shared through Redis when REDIS_URL is set, else kept in this process."""
+def redis_client(settings: Settings) -> redis.asyncio.Redis | None:
+    """The process's one Redis client (connects on first use), when REDIS_URL is set."""
+    if settings.redis_url is None:
+        return None
+    return redis.asyncio.Redis.from_url(settings.redis_url.get_secret_value())
+
+
+def rate_limiter(settings: Settings, client: redis.asyncio.Redis | None) -> RateLimiter:
+    """Counts shared through Redis (per app id) when there is a client, else in-process."""
     counter: MemoryCounter | RedisCounter = MemoryCounter()
-    if settings.redis_url is not None:
-        counter = RedisCounter(redis.asyncio.Redis.from_url(settings.redis_url.get_secret_value()))
+    if client is not None:
+        counter = RedisCounter(client, namespace=settings.kafka_group_id)
     return RateLimiter(
         counter, settings.rate_limit_per_ip_per_minute, settings.rate_limit_per_user_per_minute
     )

@@ -273,7 +273,12 @@ def outbox() -> None:
 @click.option("--since", type=click.DateTime(), default=None, help="Only rows created since.")
 @click.pass_context
 def outbox_replay(ctx: click.Context, aggregates: tuple[str, ...], since: datetime | None) -> None:
-    """Make published or dead-lettered rows due again (seed's "Outbox Replay")."""
+    """Send outbox rows again (seed's "Outbox Replay").
+
+    Without a filter: the dead-lettered rows only. With --aggregate and/or --since: also
+    rows already published (harmless downstream: a repeated commandId gets its recorded
+    outcome).
+    """
     from escrow_stream.db.outbox import replay
     from escrow_stream.db.pool import create_pool
 

@@ -1,25 +1,37 @@
-"""``Idempotency-Key`` records (SPEC §4), per user and key, in PostgreSQL or Redis.
+"""``Idempotency-Key`` records (SPEC §4), per user and key, in PostgreSQL, Redis or memory.
 
-Protocol of one keyed request:
+Protocol of one keyed request (the gateway):
 
-1. ``begin``: reserve the key (state in flight) — or learn that a completed request with
-   the same body exists (replay its response), that the same key came with another body
-   (422 ``IDEMPOTENCY_KEY_REUSED``), or that it is still in flight (409).
-2. The request does its work.  With the database store, ``complete_in`` stores the
-   response in the *same* transaction as the outbox row, so an accepted command and its
-   replayable response commit together.  Redis cannot join that transaction: the outbox
-   commits first and the response is stored right after; a crash in between leaves the key
-   in flight until it expires (``IDEMPOTENCY_TTL_HOURS``), so a retry gets 409 and never a
-   second command — the command itself is already safe in the outbox.
-3. ``abandon``: a request that failed before accepting anything releases its key.
+1. ``begin(user, key, request_hash, now)`` reserves the key — NEW, state in flight for
+   ``IN_FLIGHT_LEASE_S`` — or answers from an existing, unexpired record: REPLAY (same
+   hash, completed: the stored status and body), MISMATCH (other hash: 422
+   ``IDEMPOTENCY_KEY_REUSED``) or CONFLICT_IN_FLIGHT (same hash, not completed: 409).
+   Concurrent begins of one (user, key) yield exactly one NEW.
+2. The request does its work.  With the database store, ``complete_in(conn, …)`` stores the
+   response in the *same* transaction as the outbox row, so the accepted command and its
+   replayable response commit together.  Other stores: the outbox transaction commits
+   first, then ``complete`` stores the response.
+3. ``complete`` makes the record live for ``IDEMPOTENCY_TTL_HOURS`` from its ``begin``;
+   ``abandon`` instead drops an in-flight reservation (the request failed before anything
+   was accepted).
 
-Records expire after the TTL; ``purge_expired`` is the daily cleanup (Redis expires keys
-itself).
+Why the reservation is a short lease, not the full TTL: a process that dies between steps
+1 and 3 (before the outbox commit, or — Redis — between the outbox commit and
+``complete``) would otherwise leave the key in flight, answering 409 to every retry for a
+whole TTL.  With the lease, a retry after ``IN_FLIGHT_LEASE_S`` gets NEW and enqueues the
+command again; the gateway derives commandId (and a new escrow's id) from user + key, so
+it is the *same* command and the processor applies it once (SPEC §3, rule 1), and the
+retry gets the same 202 body.  The cost: a request still running after the lease could
+meet a twin that was given NEW — again the same command, applied once.
+
+Expired records count as absent.  ``purge_expired`` is the daily cleanup of the database
+store; Redis expires its keys itself (the key TTL follows the record's expiry).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -31,11 +43,18 @@ import redis.asyncio
 from escrow_stream.config import Settings
 from escrow_stream.db.pool import Database
 
+log = logging.getLogger(__name__)
+
+#: How long a NEW reservation blocks its key if the request never completes nor abandons.
+IN_FLIGHT_LEASE_S = 60.0
+#: The daily purge deletes at most this many rows per statement (short locks).
+PURGE_BATCH_MAX = 10_000
+
 
 class BeginKind(StrEnum):
     NEW = "new"
     REPLAY = "replay"
-    IN_FLIGHT = "in_flight"
+    CONFLICT_IN_FLIGHT = "in_flight"
     MISMATCH = "mismatch"
 
 
@@ -47,6 +66,8 @@ class Begin:
 
 
 class IdempotencyStore(Protocol):
+    """Steps 1-3 of the module docstring."""
+
     async def begin(self, user_id: str, key: str, request_hash: str, now: datetime) -> Begin: ...
 
     async def complete(self, user_id: str, key: str, status: int, body: Any) -> None: ...
@@ -56,39 +77,51 @@ class IdempotencyStore(Protocol):
     async def purge_expired(self, now: datetime) -> int: ...
 
 
+def _existing(stored_hash: str, state: str, status: int | None, body: Any, new: str) -> Begin:
+    if stored_hash != new:
+        return Begin(BeginKind.MISMATCH)
+    if state != "completed":
+        return Begin(BeginKind.CONFLICT_IN_FLIGHT)
+    return Begin(BeginKind.REPLAY, status, body)
+
+
 class DatabaseIdempotencyStore:
     """Table ``command_idempotency``; the default (``IDEMPOTENCY_STORAGE=database``)."""
 
-    def __init__(self, database: Database, ttl: timedelta) -> None:
+    def __init__(
+        self,
+        database: Database,
+        ttl: timedelta,
+        in_flight_lease: timedelta = timedelta(seconds=IN_FLIGHT_LEASE_S),
+    ) -> None:
         self._database = database
         self._ttl = ttl
+        self._lease = in_flight_lease
 
     async def begin(self, user_id: str, key: str, request_hash: str, now: datetime) -> Begin:
         pool = await self._database.pool()
         async with pool.acquire() as conn, conn.transaction():
-            # an expired record counts as absent: remove it under the row lock first
-            await conn.execute(
-                "DELETE FROM command_idempotency"
-                " WHERE user_id = $1 AND idempotency_key = $2 AND expires_at <= $3",
-                user_id,
-                key,
-                now,
-            )
-            inserted = await conn.fetchval(
+            # Insert, or take over an expired record.  ON CONFLICT DO UPDATE locks the
+            # existing row even when the WHERE is false, so the SELECT below sees it.
+            reserved = await conn.fetchval(
                 """
-                INSERT INTO command_idempotency
+                INSERT INTO command_idempotency AS r
                        (user_id, idempotency_key, request_hash, state, created_at, expires_at)
                 VALUES ($1, $2, $3, 'in_flight', $4, $5)
-                ON CONFLICT (user_id, idempotency_key) DO NOTHING
+                ON CONFLICT (user_id, idempotency_key) DO UPDATE
+                   SET request_hash = EXCLUDED.request_hash, state = 'in_flight',
+                       response_status = NULL, response_body = NULL,
+                       created_at = EXCLUDED.created_at, expires_at = EXCLUDED.expires_at
+                 WHERE r.expires_at <= $4
                 RETURNING 1
                 """,
                 user_id,
                 key,
                 request_hash,
                 now,
-                now + self._ttl,
+                now + self._lease,
             )
-            if inserted:
+            if reserved:
                 return Begin(BeginKind.NEW)
             row = await conn.fetchrow(
                 "SELECT request_hash, state, response_status, response_body"
@@ -96,7 +129,14 @@ class DatabaseIdempotencyStore:
                 user_id,
                 key,
             )
-        return _existing(row, request_hash)
+        assert row is not None  # locked by the upsert above
+        return _existing(
+            row["request_hash"],
+            row["state"],
+            row["response_status"],
+            row["response_body"],
+            request_hash,
+        )
 
     async def complete(self, user_id: str, key: str, status: int, body: Any) -> None:
         pool = await self._database.pool()
@@ -106,15 +146,25 @@ class DatabaseIdempotencyStore:
     async def complete_in(
         self, conn: asyncpg.Connection, user_id: str, key: str, status: int, body: Any
     ) -> None:
-        """Step 2 inside the caller's transaction (the one that writes the outbox row)."""
-        await conn.execute(
-            "UPDATE command_idempotency SET state = 'completed', response_status = $3,"
-            " response_body = $4 WHERE user_id = $1 AND idempotency_key = $2",
+        """Step 3 inside the caller's transaction (the one that writes the outbox row).
+
+        ``conn`` must come from a pool made by ``db.pool.create_pool`` (its jsonb codec).
+        """
+        updated = await conn.execute(
+            """
+            UPDATE command_idempotency
+               SET state = 'completed', response_status = $3, response_body = $4,
+                   expires_at = created_at + $5::interval
+             WHERE user_id = $1 AND idempotency_key = $2 AND state = 'in_flight'
+            """,
             user_id,
             key,
             status,
             body,
+            self._ttl,
         )
+        if updated.endswith(" 0"):
+            log.warning("idempotency: no reservation left to complete for user %s", user_id)
 
     async def abandon(self, user_id: str, key: str) -> None:
         pool = await self._database.pool()
@@ -127,75 +177,171 @@ class DatabaseIdempotencyStore:
 
     async def purge_expired(self, now: datetime) -> int:
         pool = await self._database.pool()
-        status = await pool.execute("DELETE FROM command_idempotency WHERE expires_at <= $1", now)
-        return int(status.split()[-1])
+        purged = 0
+        while True:
+            status = await pool.execute(
+                """
+                DELETE FROM command_idempotency
+                 WHERE (user_id, idempotency_key) IN (
+                        SELECT user_id, idempotency_key FROM command_idempotency
+                         WHERE expires_at <= $1 LIMIT $2)
+                   AND expires_at <= $1
+                """,
+                now,
+                PURGE_BATCH_MAX,
+            )
+            deleted = int(status.split()[-1])
+            purged += deleted
+            if deleted < PURGE_BATCH_MAX:
+                return purged
+
+
+# KEYS[1] record; ARGV: hash, now_ms, lease_ms.  Returns nil (reserved) or the live record.
+_BEGIN_LUA = """
+local cur = redis.call('HMGET', KEYS[1], 'hash', 'state', 'status', 'body', 'expires_ms')
+if cur[1] and tonumber(cur[5]) and tonumber(cur[5]) > tonumber(ARGV[2]) then
+  return {cur[1], cur[2], cur[3], cur[4]}
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'hash', ARGV[1], 'state', 'in_flight', 'created_ms', ARGV[2],
+           'expires_ms', string.format('%.0f', tonumber(ARGV[2]) + tonumber(ARGV[3])))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return nil
+"""
+
+# KEYS[1] record; ARGV: status, body (JSON), ttl_ms.  Returns 1 when completed.
+_COMPLETE_LUA = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'in_flight' then return 0 end
+local created = tonumber(redis.call('HGET', KEYS[1], 'created_ms'))
+redis.call('HSET', KEYS[1], 'state', 'completed', 'status', ARGV[1], 'body', ARGV[2],
+           'expires_ms', string.format('%.0f', created + tonumber(ARGV[3])))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+# KEYS[1] record.  Deletes it only while in flight.
+_ABANDON_LUA = """
+if redis.call('HGET', KEYS[1], 'state') == 'in_flight' then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 
 
 class RedisIdempotencyStore:
-    """``IDEMPOTENCY_STORAGE=redis``: one hash per (user, key), expiring with the TTL."""
+    """``IDEMPOTENCY_STORAGE=redis``: one hash per (user, key), changed only by Lua scripts.
 
-    def __init__(self, client: redis.asyncio.Redis, ttl: timedelta, prefix: str = "idem") -> None:
+    Expiry follows the injected ``now`` (the record's ``expires_ms``); the key's Redis TTL
+    (lease, then TTL from completion) only makes Redis forget it no earlier than that.
+    """
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        ttl: timedelta,
+        prefix: str = "escrow:idempotency",
+        in_flight_lease: timedelta = timedelta(seconds=IN_FLIGHT_LEASE_S),
+    ) -> None:
         self._redis = client
-        self._ttl_s = int(ttl.total_seconds())
+        self._ttl_ms = int(ttl.total_seconds() * 1000)
+        self._lease_ms = int(in_flight_lease.total_seconds() * 1000)
         self._prefix = prefix
+        self._begin = client.register_script(_BEGIN_LUA)
+        self._complete = client.register_script(_COMPLETE_LUA)
+        self._abandon = client.register_script(_ABANDON_LUA)
 
-    def _key(self, user_id: str, key: str) -> str:
+    def key(self, user_id: str, key: str) -> str:
+        """The Redis key of a record (the user's length keeps ``a:b`` + ``c`` apart)."""
         return f"{self._prefix}:{len(user_id)}:{user_id}:{key}"
 
     async def begin(self, user_id: str, key: str, request_hash: str, now: datetime) -> Begin:
-        name = self._key(user_id, key)
-        record = json.dumps({"hash": request_hash, "state": "in_flight"})
-        # SET NX EX: atomic reservation; Redis expiry is the TTL (``now`` is not needed)
-        if await self._redis.set(name, record, nx=True, ex=self._ttl_s):
+        now_ms = int(now.timestamp() * 1000)
+        found = await self._begin(
+            keys=[self.key(user_id, key)], args=[request_hash, now_ms, self._lease_ms]
+        )
+        if found is None:
             return Begin(BeginKind.NEW)
-        raw = await self._redis.get(name)
-        if raw is None:  # expired between the two calls: try once more
-            if await self._redis.set(name, record, nx=True, ex=self._ttl_s):
-                return Begin(BeginKind.NEW)
-            raw = await self._redis.get(name)
-        if raw is None:  # expired and taken again by a concurrent request: it is in flight
-            return Begin(BeginKind.IN_FLIGHT)
-        stored = json.loads(raw)
+        stored_hash, state, status, body = found
         return _existing(
-            {
-                "request_hash": stored["hash"],
-                "state": stored["state"],
-                "response_status": stored.get("status"),
-                "response_body": stored.get("body"),
-            },
+            _text(stored_hash),
+            _text(state),
+            int(status) if status is not None else None,
+            json.loads(body) if body is not None else None,
             request_hash,
         )
 
     async def complete(self, user_id: str, key: str, status: int, body: Any) -> None:
-        name = self._key(user_id, key)
-        raw = await self._redis.get(name)
-        stored = json.loads(raw) if raw is not None else {}
-        stored.update(state="completed", status=status, body=body)
-        await self._redis.set(name, json.dumps(stored), keepttl=True, xx=True)
+        done = await self._complete(
+            keys=[self.key(user_id, key)], args=[status, json.dumps(body), self._ttl_ms]
+        )
+        if not done:
+            log.warning("idempotency: no reservation left to complete for user %s", user_id)
 
     async def abandon(self, user_id: str, key: str) -> None:
-        name = self._key(user_id, key)
-        raw = await self._redis.get(name)
-        if raw is not None and json.loads(raw).get("state") == "in_flight":
-            await self._redis.delete(name)
+        await self._abandon(keys=[self.key(user_id, key)])
 
     async def purge_expired(self, now: datetime) -> int:
         return 0  # Redis expires the keys itself
 
 
-def _existing(row: Any, request_hash: str) -> Begin:
-    if row["request_hash"] != request_hash:
-        return Begin(BeginKind.MISMATCH)
-    if row["state"] != "completed":
-        return Begin(BeginKind.IN_FLIGHT)
-    return Begin(BeginKind.REPLAY, row["response_status"], row["response_body"])
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
-def build_idempotency_store(settings: Settings, database: Database) -> IdempotencyStore:
-    """The store ``IDEMPOTENCY_STORAGE`` names (config requires REDIS_URL for redis)."""
+@dataclass
+class _Record:
+    request_hash: str
+    state: str
+    created_at: datetime
+    expires_at: datetime
+    status: int | None = None
+    body: Any = None
+
+
+class MemoryIdempotencyStore:
+    """The in-memory fake for unit tests (one process; atomic because it never awaits)."""
+
+    def __init__(
+        self, ttl: timedelta, in_flight_lease: timedelta = timedelta(seconds=IN_FLIGHT_LEASE_S)
+    ) -> None:
+        self._ttl = ttl
+        self._lease = in_flight_lease
+        self._records: dict[tuple[str, str], _Record] = {}
+
+    async def begin(self, user_id: str, key: str, request_hash: str, now: datetime) -> Begin:
+        record = self._records.get((user_id, key))
+        if record is not None and record.expires_at > now:
+            return _existing(
+                record.request_hash, record.state, record.status, record.body, request_hash
+            )
+        self._records[(user_id, key)] = _Record(request_hash, "in_flight", now, now + self._lease)
+        return Begin(BeginKind.NEW)
+
+    async def complete(self, user_id: str, key: str, status: int, body: Any) -> None:
+        record = self._records.get((user_id, key))
+        if record is not None and record.state == "in_flight":
+            record.state, record.status, record.body = "completed", status, body
+            record.expires_at = record.created_at + self._ttl
+
+    async def abandon(self, user_id: str, key: str) -> None:
+        record = self._records.get((user_id, key))
+        if record is not None and record.state == "in_flight":
+            del self._records[(user_id, key)]
+
+    async def purge_expired(self, now: datetime) -> int:
+        expired = [k for k, r in self._records.items() if r.expires_at <= now]
+        for k in expired:
+            del self._records[k]
+        return len(expired)
+
+
+def build_idempotency_store(
+    settings: Settings, database: Database, redis_client: redis.asyncio.Redis | None = None
+) -> IdempotencyStore:
+    """The store ``IDEMPOTENCY_STORAGE`` names, on the composition root's adapters."""
     ttl = timedelta(hours=settings.idempotency_ttl_hours)
     if settings.idempotency_storage == "redis":
-        assert settings.redis_url is not None
-        client = redis.asyncio.Redis.from_url(settings.redis_url.get_secret_value())
-        return RedisIdempotencyStore(client, ttl)
+        if redis_client is None:
+            raise ValueError("IDEMPOTENCY_STORAGE=redis needs the app's Redis client")
+        return RedisIdempotencyStore(redis_client, ttl)
     return DatabaseIdempotencyStore(database, ttl)

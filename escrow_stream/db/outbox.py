@@ -2,27 +2,38 @@
 
 Writing (the gateway and the webhooks): :func:`enqueue` inserts the message inside the
 caller's transaction, next to the idempotency record; nothing is sent before the commit.
+Headers are stored losslessly (order, duplicates, bytes); a system command is signed by
+the code that enqueues it (``signing.signature_headers`` over the payload) and the
+publisher relays the signature as it is.
 
-Relaying (:class:`OutboxPublisher`), one batch at a time:
+Relaying (:class:`OutboxPublisher`), one batch per transaction:
 
-1. In one transaction claim up to ``BATCH_MAX`` due rows, oldest first
-   (``ORDER BY created_at, id ... FOR UPDATE SKIP LOCKED``): another publisher skips them,
-   so two publishers never send the same row in normal operation.
-2. Send them in order with an idempotent, ``acks=all`` producer.  Once a row of an
-   aggregate fails, that aggregate's later rows in the batch are not sent (per-escrow order).
-3. Mark sent rows ``published_at``; failed rows get ``attempts + 1``, ``last_error`` and
-   ``next_attempt_at = now + min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**attempts)``; after
-   ``ATTEMPTS_MAX`` failures a row is dead-lettered (``dead_lettered_at``).
-4. Commit, releasing the locks.  A crash between step 2 and 4 sends those rows again on the
-   next run: harmless, as the command processor answers a repeated commandId with its
-   recorded outcome.
+1. Claim up to ``BATCH_MAX`` due rows, oldest first (``ORDER BY created_at, id LIMIT …
+   FOR UPDATE SKIP LOCKED``): another publisher skips locked rows, so two publishers never
+   send the same row in normal operation.  A claimed row whose aggregate still has an
+   older live row outside this claim (backing off, or locked by another publisher) is
+   left alone, so an aggregate's messages never overtake each other.
+2. Send the rows with one idempotent ``acks=all`` producer: aggregates concurrently, each
+   aggregate's rows one after the other; after a failed send, that aggregate's later rows
+   in the batch are not attempted (and not charged an attempt).
+3. In the same transaction, which still holds the row locks: sent rows get
+   ``published_at``; a failed row gets ``attempts + 1``, ``last_error`` and
+   ``next_attempt_at = now + backoff_s(attempts)`` (``min(BACKOFF_MAX_S, BACKOFF_BASE_S *
+   2**attempts)``); at ``ATTEMPTS_MAX`` failures it is dead-lettered (``dead_lettered_at``).
+   A dead-lettered row no longer holds back its aggregate's later rows;
+   :func:`replay` makes it due again.
+4. Commit, releasing the locks.  A crash between steps 2 and 4 sends those rows again
+   later: harmless, because the command processor applies a commandId once and answers a
+   repeat with the recorded outcome (SPEC §3, rule 1).
 
-The publisher runs after every commit (:meth:`notify`) and polls every ``POLL_INTERVAL_S``.
+The publisher runs right after a commit (:meth:`OutboxPublisher.notify`) and otherwise
+every ``POLL_INTERVAL_S``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 from collections.abc import Sequence
@@ -43,17 +54,49 @@ log = logging.getLogger(__name__)
 BATCH_MAX = 100
 POLL_INTERVAL_S = 1.0
 ATTEMPTS_MAX = 10
-BACKOFF_BASE_S = 0.5
+BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 300.0
+#: aiokafka gives up on a message after this long (``request_timeout_ms``) …
 SEND_TIMEOUT_S = 10.0
+#: … and we stop waiting for its answer a little later.
+SEND_WAIT_S = SEND_TIMEOUT_S + 5.0
+LAST_ERROR_CHARS_MAX = 1000
+#: After an unexpected error the relay loop waits this long before trying again.
+ERROR_PAUSE_S = 1.0
 
 OUTBOX_PUBLISHED = Counter("escrow_outbox_published_total", "Outbox rows sent to Kafka.")
 OUTBOX_DEAD_LETTERS = Counter(
-    "escrow_outbox_dead_letters_total", f"Outbox rows given up after {ATTEMPTS_MAX} failures."
+    "escrow_outbox_dead_letters_total",
+    f"Outbox rows given up after {ATTEMPTS_MAX} failed attempts (see `outbox replay`).",
 )
-OUTBOX_PENDING = Gauge("escrow_outbox_pending", "Unpublished, live outbox rows at the last poll.")
+OUTBOX_PENDING = Gauge(
+    "escrow_outbox_pending", "Outbox rows neither published nor dead-lettered (last batch)."
+)
+OUTBOX_LAG = Gauge(
+    "escrow_outbox_lag_seconds", "Age of the oldest pending outbox row (0 when none)."
+)
 
 Headers = Sequence[tuple[str, bytes]]
+
+_CLAIM = """
+WITH claimed AS (
+    SELECT id, aggregate_id, topic, message_key, payload, headers, attempts, created_at
+      FROM outbox
+     WHERE published_at IS NULL AND dead_lettered_at IS NULL AND next_attempt_at <= $1
+     ORDER BY created_at, id
+     LIMIT $2
+       FOR UPDATE SKIP LOCKED
+)
+SELECT c.id, c.aggregate_id, c.topic, c.message_key, c.payload, c.headers, c.attempts
+  FROM claimed c
+ WHERE NOT EXISTS (
+        SELECT 1 FROM outbox o
+         WHERE o.aggregate_id = c.aggregate_id
+           AND o.published_at IS NULL AND o.dead_lettered_at IS NULL
+           AND (o.created_at, o.id) < (c.created_at, c.id)
+           AND o.id NOT IN (SELECT id FROM claimed))
+ ORDER BY c.created_at, c.id
+"""
 
 
 async def enqueue(
@@ -65,7 +108,6 @@ async def enqueue(
     aggregate_id: str,
 ) -> int:
     """Add a message to the outbox inside the caller's transaction; returns its row id."""
-    stored_headers = {name: value.decode("utf-8", "surrogateescape") for name, value in headers}
     row_id: int = await conn.fetchval(
         """
         INSERT INTO outbox (aggregate_id, topic, message_key, payload, headers)
@@ -75,17 +117,52 @@ async def enqueue(
         topic,
         key,
         payload,
-        stored_headers,  # the pool's jsonb codec encodes it
+        encode_headers(headers),  # the pool's jsonb codec turns it into JSON
     )
     return row_id
 
 
+def encode_headers(headers: Headers) -> list[dict[str, str]]:
+    """Kafka headers as JSON: ``{"name", "value"}`` for text, ``{"name", "base64"}`` else."""
+    encoded: list[dict[str, str]] = []
+    for name, value in headers:
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is None or "\x00" in text:  # jsonb cannot hold NUL
+            encoded.append({"name": name, "base64": base64.b64encode(value).decode("ascii")})
+        else:
+            encoded.append({"name": name, "value": text})
+    return encoded
+
+
+def decode_headers(stored: Any) -> list[tuple[str, bytes]]:
+    """The inverse of :func:`encode_headers`; also reads the older ``{name: text}`` form."""
+    if isinstance(stored, str):
+        stored = json.loads(stored)
+    if isinstance(stored, dict):
+        return [(name, str(value).encode("utf-8")) for name, value in stored.items()]
+    decoded: list[tuple[str, bytes]] = []
+    for item in stored or []:
+        if "base64" in item:
+            decoded.append((item["name"], base64.b64decode(item["base64"])))
+        else:
+            decoded.append((item["name"], item["value"].encode("utf-8")))
+    return decoded
+
+
 def backoff_s(attempts: int) -> float:
+    """Seconds before the next try of a row that has failed ``attempts`` times."""
     return float(min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**attempts))
 
 
 class OutboxPublisher:
-    """Relays outbox rows to Kafka; safe to run in several processes at once."""
+    """Relays outbox rows to Kafka (steps 1-4 of the module docstring).
+
+    Safe to run in several processes at once.  ``clock`` decides which rows are due and
+    stamps ``published_at`` / ``next_attempt_at``, so tests can fast-forward the backoff.
+    """
 
     def __init__(self, settings: Settings, database: Database, clock: Clock) -> None:
         self._settings = settings
@@ -97,6 +174,46 @@ class OutboxPublisher:
     def notify(self) -> None:
         """Wake the publisher now (called after a transaction with outbox rows commits)."""
         self._wake.set()
+
+    async def close(self) -> None:
+        """Stop the producer (it is started again on the next batch)."""
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Publish until ``stopping`` is set; a batch that has begun is always finished."""
+        while not stopping.is_set():
+            self._wake.clear()
+            try:
+                sent = await self.publish_batch()
+            except Exception:
+                log.exception("outbox: batch failed; retrying in %.1f s", ERROR_PAUSE_S)
+                await _first_of(stopping, timeout_s=ERROR_PAUSE_S)
+                continue
+            if sent >= BATCH_MAX:
+                continue  # a full batch: more are probably waiting
+            await _first_of(stopping, self._wake, timeout_s=POLL_INTERVAL_S)
+
+    async def publish_batch(self) -> int:
+        """One batch (steps 1-4); returns how many rows were sent."""
+        pool = await self._database.pool()
+        now = self._clock()
+        failed_any = False
+        async with pool.acquire() as conn:
+            async with conn.transaction():
+                rows = await conn.fetch(_CLAIM, now, BATCH_MAX)
+                sent: list[int] = []
+                if rows:
+                    sent, failed = await self._send(rows)
+                    failed_any = bool(failed)
+                    await self._mark(conn, sent, failed, now)
+            await self._observe(conn, now)
+        if sent:
+            OUTBOX_PUBLISHED.inc(len(sent))
+        if failed_any:
+            await self.close()  # start afresh: the producer's state is unknown
+        return len(sent)
 
     async def _producer_started(self) -> AIOKafkaProducer:
         if self._producer is None:
@@ -114,140 +231,123 @@ class OutboxPublisher:
             self._producer = producer
         return self._producer
 
-    async def close(self) -> None:
-        if self._producer is not None:
-            await self._producer.stop()
-            self._producer = None
-
-    async def run(self, stopping: asyncio.Event) -> None:
-        """Publish until ``stopping`` is set; the current batch is always finished."""
-        while not stopping.is_set():
-            try:
-                sent = await self.publish_batch()
-            except (OSError, asyncpg.PostgresError) as exc:
-                log.warning("outbox: database unavailable, retrying: %s", exc)
-                sent = 0
-            if sent >= BATCH_MAX:
-                continue  # more may be waiting
-            self._wake.clear()
-            waiter = asyncio.create_task(self._wake.wait())
-            stopper = asyncio.create_task(stopping.wait())
-            await asyncio.wait(
-                {waiter, stopper}, timeout=POLL_INTERVAL_S, return_when=asyncio.FIRST_COMPLETED
-            )
-            waiter.cancel()
-            stopper.cancel()
-
-    async def publish_batch(self) -> int:
-        """Steps 1-4 of the module docstring; returns how many rows were sent."""
-        pool = await self._database.pool()
-        now = self._clock()
-        async with pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(
-                """
-                SELECT id, aggregate_id, topic, message_key, payload, headers, attempts
-                  FROM outbox
-                 WHERE published_at IS NULL AND dead_lettered_at IS NULL
-                   AND next_attempt_at <= $1
-                 ORDER BY created_at, id
-                 LIMIT $2
-                   FOR UPDATE SKIP LOCKED
-                """,
-                now,
-                BATCH_MAX,
-            )
-            OUTBOX_PENDING.set(len(rows))
-            if not rows:
-                return 0
-            sent, failed = await self._send(rows)
-            if sent:
-                await conn.execute(
-                    "UPDATE outbox SET published_at = $2 WHERE id = ANY($1::bigint[])", sent, now
-                )
-                OUTBOX_PUBLISHED.inc(len(sent))
-            for row, error in failed:
-                await self._record_failure(conn, row, error, now)
-            return len(sent)
-
     async def _send(
         self, rows: Sequence[asyncpg.Record]
     ) -> tuple[list[int], list[tuple[asyncpg.Record, str]]]:
-        sent: list[int] = []
-        failed: list[tuple[asyncpg.Record, str]] = []
-        blocked: set[str] = set()
+        """Step 2: the ids sent, and the rows that failed with their error."""
+        by_aggregate: dict[str, list[asyncpg.Record]] = {}
+        for row in rows:
+            by_aggregate.setdefault(row["aggregate_id"], []).append(row)
         try:
             producer = await self._producer_started()
-        except Exception as exc:  # broker unreachable: every row fails this round
-            await self.close()
-            return [], [(row, f"producer: {exc}") for row in rows]
-        for row in rows:
-            if row["aggregate_id"] in blocked:
-                failed.append((row, "an earlier message of this aggregate failed"))
-                continue
-            headers = [(k, v.encode("utf-8", "surrogateescape")) for k, v in _headers(row)]
-            try:
-                await asyncio.wait_for(
-                    producer.send_and_wait(
-                        row["topic"],
-                        value=bytes(row["payload"]),
-                        key=row["message_key"].encode(),
-                        headers=headers,
-                    ),
-                    SEND_TIMEOUT_S,
-                )
-            except Exception as exc:
-                blocked.add(row["aggregate_id"])
-                failed.append((row, f"{type(exc).__name__}: {exc}"))
-                continue
-            sent.append(row["id"])
+        except Exception as exc:  # no broker: each aggregate's first row fails this round
+            error = f"producer start: {type(exc).__name__}: {exc}"
+            return [], [(chain[0], error) for chain in by_aggregate.values()]
+        sent: list[int] = []
+        failed: list[tuple[asyncpg.Record, str]] = []
+
+        async def send_chain(chain: list[asyncpg.Record]) -> None:
+            for row in chain:
+                try:
+                    await asyncio.wait_for(
+                        producer.send_and_wait(
+                            row["topic"],
+                            value=bytes(row["payload"]),
+                            key=row["message_key"].encode("utf-8"),
+                            headers=decode_headers(row["headers"]),
+                        ),
+                        SEND_WAIT_S,
+                    )
+                except Exception as exc:
+                    failed.append((row, f"{type(exc).__name__}: {exc}"))
+                    return  # the aggregate's later rows wait for this one
+                sent.append(row["id"])
+
+        await asyncio.gather(*(send_chain(chain) for chain in by_aggregate.values()))
         return sent, failed
 
-    async def _record_failure(
-        self, conn: asyncpg.Connection, row: asyncpg.Record, error: str, now: datetime
+    async def _mark(
+        self,
+        conn: asyncpg.Connection,
+        sent: list[int],
+        failed: list[tuple[asyncpg.Record, str]],
+        now: datetime,
     ) -> None:
-        attempts = row["attempts"] + 1
-        dead = attempts >= ATTEMPTS_MAX
-        await conn.execute(
-            """
-            UPDATE outbox SET attempts = $2, last_error = $3, next_attempt_at = $4,
-                   dead_lettered_at = CASE WHEN $5::boolean THEN $6::timestamptz END
-             WHERE id = $1
-            """,
-            row["id"],
-            attempts,
-            error[:1000],
-            now + timedelta(seconds=backoff_s(attempts)),
-            dead,
-            now,
-        )
-        if dead:
-            OUTBOX_DEAD_LETTERS.inc()
-            log.error(
-                "outbox row %s dead-lettered after %d attempts: %s", row["id"], attempts, error
+        """Step 3, under the locks taken in step 1."""
+        if sent:
+            await conn.execute(
+                "UPDATE outbox SET published_at = $2 WHERE id = ANY($1::bigint[])", sent, now
             )
+        for row, error in failed:
+            attempts = row["attempts"] + 1
+            dead = attempts >= ATTEMPTS_MAX
+            await conn.execute(
+                """
+                UPDATE outbox SET attempts = $2, last_error = $3, next_attempt_at = $4,
+                       dead_lettered_at = CASE WHEN $5::boolean THEN $6::timestamptz END
+                 WHERE id = $1
+                """,
+                row["id"],
+                attempts,
+                error[:LAST_ERROR_CHARS_MAX],
+                now + timedelta(seconds=backoff_s(attempts)),
+                dead,
+                now,
+            )
+            if dead:
+                OUTBOX_DEAD_LETTERS.inc()
+                log.error(
+                    "outbox row %s dead-lettered after %d attempts: %s", row["id"], attempts, error
+                )
+            else:
+                log.warning("outbox row %s failed (attempt %d): %s", row["id"], attempts, error)
+
+    async def _observe(self, conn: asyncpg.Connection, now: datetime) -> None:
+        pending, oldest = await conn.fetchrow(
+            "SELECT count(*), min(created_at) FROM outbox"
+            " WHERE published_at IS NULL AND dead_lettered_at IS NULL"
+        )
+        OUTBOX_PENDING.set(pending)
+        OUTBOX_LAG.set(max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0)
 
 
-def _headers(row: asyncpg.Record) -> list[tuple[str, str]]:
-    stored: Any = row["headers"]
-    if isinstance(stored, str):
-        stored = json.loads(stored)
-    return list(stored.items())
+async def _first_of(*events: asyncio.Event, timeout_s: float) -> None:
+    """Wait until one of ``events`` is set, or ``timeout_s``."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 async def replay(
-    pool: asyncpg.Pool, aggregate_ids: Sequence[str] | None, since: datetime | None
+    pool: asyncpg.Pool,
+    aggregate_ids: Sequence[str] | None,
+    since: datetime | None,
+    now: datetime | None = None,
 ) -> int:
-    """The seed's "Outbox Replay": make published or dead-lettered rows due again."""
+    """The seed's "Outbox Replay": make matching rows due again; returns how many.
+
+    With ``aggregate_ids`` and/or ``since``, published and dead-lettered rows of those
+    aggregates / created since then are replayed.  With neither, only dead-lettered rows
+    are: re-sending the whole published history needs an explicit filter (the processor
+    remembers only each escrow's recent commandIds).  ``now`` (default: the database's
+    clock) becomes ``next_attempt_at``.
+    """
+    everything = aggregate_ids is not None or since is not None
     status = await pool.execute(
         """
         UPDATE outbox
            SET published_at = NULL, dead_lettered_at = NULL, attempts = 0,
-               next_attempt_at = now(), last_error = NULL
-         WHERE (published_at IS NOT NULL OR dead_lettered_at IS NOT NULL)
+               next_attempt_at = coalesce($4::timestamptz, now()), last_error = NULL
+         WHERE (dead_lettered_at IS NOT NULL OR ($3::boolean AND published_at IS NOT NULL))
            AND ($1::text[] IS NULL OR aggregate_id = ANY($1::text[]))
            AND ($2::timestamptz IS NULL OR created_at >= $2)
         """,
         list(aggregate_ids) if aggregate_ids is not None else None,
         since,
+        everything,
+        now,
     )
     return int(status.split()[-1])

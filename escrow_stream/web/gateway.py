@@ -361,7 +361,7 @@ class Gateway:
                     "IDEMPOTENCY_KEY_REUSED",
                     "this Idempotency-Key was used with a different request",
                 )
-            if begun.kind is BeginKind.IN_FLIGHT:
+            if begun.kind is BeginKind.CONFLICT_IN_FLIGHT:
                 raise Problem(
                     409,
                     "IDEMPOTENCY_IN_FLIGHT",
@@ -409,7 +409,7 @@ class Gateway:
         deadline = loop.time() + IN_FLIGHT_WAIT_S
         while True:
             begun = await self.idempotency.begin(user_id, key, digest, self.clock())
-            if begun.kind is not BeginKind.IN_FLIGHT or loop.time() >= deadline:
+            if begun.kind is not BeginKind.CONFLICT_IN_FLIGHT or loop.time() >= deadline:
                 return begun
             await asyncio.sleep(WAIT_POLL_S)
 

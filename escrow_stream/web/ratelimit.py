@@ -51,11 +51,12 @@ class RedisCounter:
     request is allowed and a warning logged), and ``/ready`` reports Redis as failing.
     """
 
-    def __init__(self, client: redis.asyncio.Redis) -> None:
+    def __init__(self, client: redis.asyncio.Redis, namespace: str) -> None:
         self._redis = client
+        self._namespace = namespace  # the app id: replicas of one deployment share counts
 
     async def hit(self, key: str, window: int) -> int:
-        name = f"ratelimit:{window}:{key}"
+        name = f"ratelimit:{self._namespace}:{window}:{key}"
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.incr(name)

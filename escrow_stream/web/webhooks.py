@@ -127,7 +127,7 @@ async def accept_once(
     answer = {"received": True, "commandId": command.command_id}
     if begun.kind in (BeginKind.REPLAY, BeginKind.MISMATCH):  # mismatch: resent, new fields
         return json_response(view, begun.body or answer, 200)
-    if begun.kind is BeginKind.IN_FLIGHT:
+    if begun.kind is BeginKind.CONFLICT_IN_FLIGHT:
         raise Problem(409, "IDEMPOTENCY_IN_FLIGHT", "this event is being processed")
     try:
         await gateway.enqueue(WEBHOOK_USER, event_id, command, answer, status=200)

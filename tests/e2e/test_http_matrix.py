@@ -14,7 +14,7 @@ from escrow_stream.config import Settings
 from escrow_stream.web.auth import Role, issue_token
 from tests.e2e.test_http_flow import create_body
 from tests.e2e.test_http_reads import call, token
-from tests.harness import Stack, WorkerProcess, wire_command
+from tests.harness import Stack, WorkerProcess, eventually, wire_command
 
 pytestmark = pytest.mark.integration
 
@@ -99,6 +99,12 @@ def test_every_endpoint_for_every_caller(worker: tuple[Stack, WorkerProcess]) ->
     )
     asyncio.run(stack.send([funds]))
     asyncio.run(stack.events(lambda es: sum(e["escrowId"] == escrow_id for e in es) >= 2))
+
+    async def mirrored() -> bool:  # /events reads the mirror, which trails the table
+        admin = token(stack, "mx-admin", Role.ADMIN)
+        return call(process, "GET", f"/api/escrow/{escrow_id}/events", admin)[0] == 200
+
+    assert asyncio.run(eventually(mirrored, timeout_s=30))
 
     got: dict[tuple[str, str, str], int] = {}
     want: dict[tuple[str, str, str], int] = {}
