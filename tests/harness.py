@@ -15,7 +15,8 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -276,3 +277,19 @@ async def mirrored_snapshots(settings: Settings, escrow_ids: list[str]) -> dict[
     finally:
         await conn.close()
     return {r["id"]: json.loads(r["snapshot"]) for r in rows}
+
+
+@contextmanager
+def deployment(
+    data_root: Path, name: str = "api", **overrides: str
+) -> Iterator[tuple[Stack, WorkerProcess]]:
+    """An isolated stack with one healthy worker; the worker must stop cleanly afterwards."""
+    stack = Stack.create(data_root, **overrides)
+    asyncio.run(stack.create_topics())
+    worker = stack.worker(name).start()
+    try:
+        worker.wait_healthy()
+        yield stack, worker
+    finally:
+        code = worker.stop()
+    assert code == 0, worker.log_tail()

@@ -292,18 +292,7 @@ class Gateway:
         actor = {"id": principal.sub, "role": principal.role.value}
         return self.build_command(actor, type_, escrow_id, payload, command_id)
 
-    def system_command(
-        self,
-        actor: dict[str, str],
-        type_: str,
-        escrow_id: str,
-        payload: dict[str, Any],
-        command_id: str,
-    ) -> Command:
-        """A command of a trusted producer (webhooks): signed when it is enqueued."""
-        return self.build_command(actor, type_, escrow_id, payload, command_id)
-
-    def build_command(
+    def build_command(  # also for trusted producers: webhooks' commands are signed on enqueue
         self,
         actor: dict[str, str],
         type_: str,

@@ -112,7 +112,7 @@ def register(app: faust.App, gateway: Gateway) -> None:
             if mapped is None:
                 return json_response(self, {"received": True, "ignored": event.get("type")})
             command_type, escrow_id, command_payload = mapped
-            command = gateway.system_command(
+            command = gateway.build_command(
                 STRIPE_ACTOR, command_type, escrow_id, command_payload, f"stripe:{event['id']}"
             )
             return await accept_once(self, gateway, str(event["id"]), raw, command)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -11,7 +10,7 @@ import pytest
 
 from escrow_stream.config import Settings
 from tests.e2e.test_http_reads import call, token
-from tests.harness import Stack, WorkerProcess
+from tests.harness import Stack, WorkerProcess, deployment
 
 pytestmark = pytest.mark.integration
 
@@ -23,16 +22,12 @@ def worker(
     tmp_path_factory: pytest.TempPathFactory, stack_settings: Settings
 ) -> Iterator[tuple[Stack, WorkerProcess]]:
     # Redis on a port nothing listens on: /ready must say so, the API must keep working
-    stack = Stack.create(
+    with deployment(
         tmp_path_factory.mktemp("edges"),
         REDIS_URL="redis://127.0.0.1:1/0",
         HTTP_BODY_MAX_BYTES=str(BODY_MAX),
-    )
-    asyncio.run(stack.create_topics())
-    worker = stack.worker("api").start()
-    worker.wait_healthy()
-    yield stack, worker
-    assert worker.stop() == 0, worker.log_tail()
+    ) as running:
+        yield running
 
 
 def raw_post(worker: WorkerProcess, bearer: str, data: bytes, content_type: str) -> tuple[int, str]:

@@ -3,7 +3,6 @@ statuses; verified parties create and release."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Iterator
 
@@ -13,7 +12,7 @@ from escrow_stream.config import Settings
 from escrow_stream.web.auth import Role
 from tests.e2e.test_http_flow import create_body
 from tests.e2e.test_http_reads import call, token
-from tests.harness import Stack, WorkerProcess
+from tests.harness import Stack, WorkerProcess, deployment
 
 pytestmark = pytest.mark.integration
 
@@ -22,12 +21,8 @@ pytestmark = pytest.mark.integration
 def worker(
     tmp_path_factory: pytest.TempPathFactory, stack_settings: Settings
 ) -> Iterator[tuple[Stack, WorkerProcess]]:
-    stack = Stack.create(tmp_path_factory.mktemp("kyc"), FEATURE_KYC_GATING="true")
-    asyncio.run(stack.create_topics())
-    worker = stack.worker("api").start()
-    worker.wait_healthy()
-    yield stack, worker
-    assert worker.stop() == 0, worker.log_tail()
+    with deployment(tmp_path_factory.mktemp("kyc"), FEATURE_KYC_GATING="true") as running:
+        yield running
 
 
 def test_kyc_gates_creation_until_both_parties_are_verified(

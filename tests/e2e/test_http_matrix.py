@@ -14,7 +14,7 @@ from escrow_stream.config import Settings
 from escrow_stream.web.auth import Role, issue_token
 from tests.e2e.test_http_flow import create_body
 from tests.e2e.test_http_reads import call, token
-from tests.harness import Stack, WorkerProcess, eventually, wire_command
+from tests.harness import Stack, WorkerProcess, deployment, eventually, wire_command
 
 pytestmark = pytest.mark.integration
 
@@ -51,12 +51,8 @@ MATRIX: list[tuple[str, str, str | None, dict[str, Any] | None, tuple[int, ...]]
 def worker(
     tmp_path_factory: pytest.TempPathFactory, stack_settings: Settings
 ) -> Iterator[tuple[Stack, WorkerProcess]]:
-    stack = Stack.create(tmp_path_factory.mktemp("matrix"))
-    asyncio.run(stack.create_topics())
-    worker = stack.worker("api").start()
-    worker.wait_healthy()
-    yield stack, worker
-    assert worker.stop() == 0, worker.log_tail()
+    with deployment(tmp_path_factory.mktemp("matrix")) as running:
+        yield running
 
 
 def bearer_for(stack: Stack, who: str, party: str | None) -> str | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,7 +11,7 @@ import pytest
 
 from escrow_stream.config import Settings
 from tests.e2e.test_http_reads import token
-from tests.harness import Stack, WorkerProcess
+from tests.harness import Stack, WorkerProcess, deployment
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -31,12 +30,8 @@ CHECKS = ",".join(
 def worker(
     tmp_path_factory: pytest.TempPathFactory, stack_settings: Settings
 ) -> Iterator[tuple[Stack, WorkerProcess]]:
-    stack = Stack.create(tmp_path_factory.mktemp("schemathesis"))
-    asyncio.run(stack.create_topics())
-    worker = stack.worker("api").start()
-    worker.wait_healthy()
-    yield stack, worker
-    assert worker.stop() == 0, worker.log_tail()
+    with deployment(tmp_path_factory.mktemp("schemathesis")) as running:
+        yield running
 
 
 def test_generated_requests_get_no_5xx_and_documented_responses(

@@ -19,7 +19,7 @@ import pytest
 from escrow_stream.config import Settings
 from tests.e2e.test_http_flow import create_body
 from tests.e2e.test_http_reads import call, token
-from tests.harness import Stack, WorkerProcess, eventually
+from tests.harness import Stack, WorkerProcess, deployment, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -28,14 +28,10 @@ pytestmark = pytest.mark.integration
 def worker(
     tmp_path_factory: pytest.TempPathFactory, stack_settings: Settings
 ) -> Iterator[tuple[Stack, WorkerProcess]]:
-    stack = Stack.create(
+    with deployment(
         tmp_path_factory.mktemp("stripe"), STRIPE_WEBHOOK_SECRET=f"whsec_test_{uuid.uuid4().hex}"
-    )
-    asyncio.run(stack.create_topics())
-    worker = stack.worker("api").start()
-    worker.wait_healthy()
-    yield stack, worker
-    assert worker.stop() == 0, worker.log_tail()
+    ) as running:
+        yield running
 
 
 def sign(secret: str, body: bytes, at: int) -> str:
