@@ -18,7 +18,7 @@ import aiohttp_cors
 import faust
 import redis.asyncio
 
-from escrow_stream.agents import mirror, processor, timeouts
+from escrow_stream.agents import mirror, payments, processor, timeouts
 from escrow_stream.agents import outbox as outbox_agent
 from escrow_stream.clock import Clock, utc_now
 from escrow_stream.config import ConfigError, Settings, load_settings
@@ -27,6 +27,7 @@ from escrow_stream.db.outbox import OutboxPublisher
 from escrow_stream.db.pool import Database
 from escrow_stream.idempotency import build_idempotency_store
 from escrow_stream.kafka import topic_partitions
+from escrow_stream.payments.stripe_rail import StripeRail
 from escrow_stream.tables import escrows as escrow_table
 from escrow_stream.tables import outcomes as outcome_table
 from escrow_stream.web import gateway, health, operations, webhooks
@@ -99,6 +100,10 @@ def create_app(
         app, settings, clock, topics.commands, escrows, processor.domain_settings(settings)
     )
     mirror.register(app, topics.events, database)
+    if settings.payments_effects_enabled:
+        payments.register(
+            app, settings, clock, topics.events, topics.commands, StripeRail(settings)
+        )
     health.register(app, clock)
     operations.register(app, readiness_checks(app, settings, database))
     if settings.metrics_enabled:

@@ -74,6 +74,7 @@ OURS: tuple[str, ...] = (
     "DATA_DIR",
     "WEB_HOST",
     "STRIPE_API_BASE",
+    "PAYMENTS_EFFECTS_ENABLED",
     "CUSTODIAN_MIN_CONFIRMATIONS",
     "AWS_ENDPOINT_URL",
     "HTTP_BODY_MAX_BYTES",
@@ -105,6 +106,7 @@ class MissingVariables(ConfigError):
 
 
 _LOCAL_DATABASE_URL = "postgresql://escrow:escrow@127.0.0.1:5432/escrow"
+LOCAL_STRIPE_MOCK = "http://127.0.0.1:12111"
 
 
 def _env(name: str, default: Any = None, **kwargs: Any) -> Any:
@@ -184,12 +186,17 @@ class Settings(BaseModel):
     )
 
     # Payment providers (development values are obviously fake; stripe-mock accepts them)
-    stripe_secret_key: SecretStr = _env("STRIPE_SECRET_KEY", SecretStr("sk_test_dev_not_a_key"))
+    # stripe-mock accepts any key that looks like a test key: letters and digits after sk_test_
+    stripe_secret_key: SecretStr = _env(
+        "STRIPE_SECRET_KEY", SecretStr("sk_test_DevOnlyNotARealKey")
+    )
     stripe_webhook_secret: SecretStr = _env(
         "STRIPE_WEBHOOK_SECRET", SecretStr("whsec_dev_not_a_secret")
     )
     stripe_connect_client_id: str | None = _env("STRIPE_CONNECT_CLIENT_ID", None)
     stripe_api_base: str | None = _env("STRIPE_API_BASE", None)
+    #: Off only where a test plays the payment provider itself by sending system commands.
+    payments_effects_enabled: bool = _env("PAYMENTS_EFFECTS_ENABLED", True)
     custodian_api_key: SecretStr = _env("CUSTODIAN_API_KEY", SecretStr("custodian_dev_not_a_key"))
     custodian_api_url: str = _env("CUSTODIAN_API_URL", "http://127.0.0.1:12200")
     custodian_webhook_secret: SecretStr = _env(
@@ -327,6 +334,9 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         raise ConfigError(_describe(exc)) from None
     if settings.idempotency_storage == "redis" and settings.redis_url is None:
         raise ConfigError("Error: REDIS_URL is required when IDEMPOTENCY_STORAGE=redis")
+    if not settings.is_production and settings.stripe_api_base is None:
+        # development talks to the stack's stripe-mock, never to api.stripe.com
+        settings = settings.model_copy(update={"stripe_api_base": LOCAL_STRIPE_MOCK})
     if settings.is_production and settings.uses_dev_jwt_secret:
         raise ConfigError("Error: JWT_SECRET is the development secret; set a real one")
     return settings

@@ -24,7 +24,7 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STACK_DIR="${STACK_DIR:-$REPO/.stack}"
-SERVICES=(kafka postgres redis)
+SERVICES=(kafka postgres redis stripe-mock)
 export DEBIAN_FRONTEND=noninteractive
 
 KAFKA_DEFAULT_VERSION=3.9.2
@@ -36,6 +36,9 @@ KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx1g}"
 PG_PORT="${PG_PORT:-5432}"
 PG_MIN_MAJOR=15
 REDIS_PORT="${REDIS_PORT:-6379}"
+STRIPE_MOCK_PORT="${STRIPE_MOCK_PORT:-12111}"
+# Pinned so every machine runs the same mock; built once into .stack/bin with go install.
+STRIPE_MOCK_VERSION="${STRIPE_MOCK_VERSION:-v0.203.0}"
 
 # The default version keeps the documented layout (.stack/kafka, .stack/kafka.pid);
 # other versions get their own dirs so they never share a data dir.
@@ -534,11 +537,79 @@ redis_status() {
   return 1
 }
 
+# ------------------------------------------------------------ stripe-mock ---
+
+STRIPE_MOCK_BIN="$STACK_DIR/bin/stripe-mock-$STRIPE_MOCK_VERSION"
+STRIPE_MOCK_PID_FILE="$STACK_DIR/stripe-mock.pid"
+STRIPE_MOCK_LOG="$STACK_DIR/stripe-mock.log"
+
+stripe_mock_our_pid() {
+  local pid
+  pid="$(read_pid "$STRIPE_MOCK_PID_FILE")"
+  if [[ -n "$pid" ]] && pid_alive "$pid" "stripe-mock"; then echo "$pid"; fi
+}
+
+stripe_mock_up() {
+  local pid t0 i
+  pid="$(stripe_mock_our_pid)"
+  if [[ -n "$pid" ]]; then say "stripe-mock already up (pid $pid)"; return 0; fi
+  if port_open 127.0.0.1 "$STRIPE_MOCK_PORT"; then
+    say "stripe-mock: something already listens on 127.0.0.1:$STRIPE_MOCK_PORT, using it"
+    return 0
+  fi
+  t0="$(now)"
+  if [[ ! -x "$STRIPE_MOCK_BIN" ]]; then
+    command -v go >/dev/null || die "stripe-mock: Go is needed to build it (go install)"
+    say "stripe-mock: go install github.com/stripe/stripe-mock@$STRIPE_MOCK_VERSION"
+    mkdir -p "$STACK_DIR/bin"
+    local build="$STACK_DIR/bin/build-stripe-mock"
+    GOBIN="$build" go install "github.com/stripe/stripe-mock@$STRIPE_MOCK_VERSION" \
+      || die "stripe-mock: go install failed"
+    mv "$build/stripe-mock" "$STRIPE_MOCK_BIN"
+    rm -rf "$build"
+  fi
+  nohup setsid "$STRIPE_MOCK_BIN" -http-port "$STRIPE_MOCK_PORT" -https-port 0 \
+    >"$STRIPE_MOCK_LOG" 2>&1 &
+  echo $! >"$STRIPE_MOCK_PID_FILE"
+  for ((i = 0; i < 100; i++)); do port_open 127.0.0.1 "$STRIPE_MOCK_PORT" && break; sleep 0.1; done
+  port_open 127.0.0.1 "$STRIPE_MOCK_PORT" \
+    || { tail -n 20 "$STRIPE_MOCK_LOG" >&2; die "stripe-mock did not open its port"; }
+  say "stripe-mock up (pid $(read_pid "$STRIPE_MOCK_PID_FILE")) in $(since "$t0") on 127.0.0.1:$STRIPE_MOCK_PORT"
+}
+
+stripe_mock_down() {
+  local pid
+  pid="$(stripe_mock_our_pid)"
+  if [[ -z "$pid" ]]; then
+    rm -f "$STRIPE_MOCK_PID_FILE"
+    say "stripe-mock: not started by us, nothing to stop"
+    return 0
+  fi
+  stop_pid stripe-mock "$pid" 10
+  rm -f "$STRIPE_MOCK_PID_FILE"
+  say "stripe-mock stopped (pid $pid)"
+}
+
+stripe_mock_status() {
+  local pid
+  pid="$(stripe_mock_our_pid)"
+  if [[ -n "$pid" ]] && port_open 127.0.0.1 "$STRIPE_MOCK_PORT"; then
+    status_line stripe-mock up ours "$pid" "127.0.0.1:$STRIPE_MOCK_PORT" "$STRIPE_MOCK_VERSION"
+    return 0
+  fi
+  if port_open 127.0.0.1 "$STRIPE_MOCK_PORT"; then
+    status_line stripe-mock up external - "127.0.0.1:$STRIPE_MOCK_PORT"; return 0
+  fi
+  status_line stripe-mock down - - "127.0.0.1:$STRIPE_MOCK_PORT"
+  return 1
+}
+
 # ------------------------------------------------------------------- main ---
 
 svc_prefix() { # service name -> function prefix
   case "$1" in
     postgres | pg | postgresql) echo pg ;;
+    stripe-mock) echo stripe_mock ;;
     *) echo "$1" ;;
   esac
 }

@@ -75,6 +75,9 @@ class Stack:
             "INTERNAL_COMMAND_SECRET": f"test-internal-secret-{run}",
             "FEATURE_KYC_GATING": "false",
             "WEB_HOST": "127.0.0.1",
+            # the processor's tests play the payment provider themselves (system commands)
+            "PAYMENTS_EFFECTS_ENABLED": "false",
+            "STRIPE_API_BASE": "http://127.0.0.1:12111",
             # every test request comes from 127.0.0.1: limits get a test of their own
             "RATE_LIMIT_PER_IP_PER_MINUTE": "1000000",
             "RATE_LIMIT_PER_USER_PER_MINUTE": "1000000",

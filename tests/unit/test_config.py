@@ -129,3 +129,9 @@ def test_dev_secret_is_long_enough_and_never_accepted_in_production() -> None:
     assert len(DEV_JWT_SECRET) >= 64
     with pytest.raises(ConfigError, match="development secret"):
         load_settings(production_env(JWT_SECRET=DEV_JWT_SECRET))
+
+
+def test_development_talks_to_stripe_mock_and_production_to_stripe() -> None:
+    assert load_settings({}).stripe_api_base == "http://127.0.0.1:12111"
+    assert load_settings(production_env()).stripe_api_base is None
+    assert load_settings({"STRIPE_API_BASE": "http://mock:1"}).stripe_api_base == "http://mock:1"

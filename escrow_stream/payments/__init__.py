@@ -1,0 +1,1 @@
+"""Payment provider clients: the only code that talks to Stripe, the custodian, risk screening."""
