@@ -46,3 +46,88 @@ class StripeRail:
             "providerPaymentId": intent.id,
             "clientSecret": intent.client_secret,
         }
+
+    async def settle(self, escrow: dict[str, Any]) -> dict[str, Any]:
+        """Perform the escrow's pending settlement; the ConfirmSettlement payload.
+
+        RELEASE: a Transfer of the payout to the seller's Connect account, funded by the
+        charge (``source_transaction``) and grouped by the escrow.  REFUND: a Refund of the
+        PaymentIntent.  Raises :class:`PermanentSettlementError` when Stripe refuses for
+        good; other Stripe errors are for the caller to retry.
+        """
+        settlement = escrow["settlement"]
+        escrow_id = escrow["escrowId"]
+        payment_intent_id = (escrow.get("payment") or {}).get("providerPaymentId")
+        amount = int(settlement["payoutAmount"])
+        options: dict[str, Any] = {"idempotency_key": settlement_key(escrow_id, settlement)}
+        metadata = {"escrow_id": escrow_id, "attempt": str(settlement["attempt"])}
+        try:
+            if settlement["kind"] == "RELEASE":
+                if not escrow.get("sellerAccountId"):
+                    raise PermanentSettlementError(
+                        "no_seller_account", "the escrow has no seller Connect account"
+                    )
+                params: dict[str, Any] = {
+                    "amount": amount,
+                    "currency": str(escrow["currency"]).lower(),
+                    "destination": escrow["sellerAccountId"],
+                    "transfer_group": escrow_id,
+                    "metadata": metadata,
+                }
+                if payment_intent_id:
+                    intent = await self._client.v1.payment_intents.retrieve_async(payment_intent_id)
+                    if intent.latest_charge:
+                        charge = intent.latest_charge
+                        params["source_transaction"] = (
+                            charge if isinstance(charge, str) else charge.id
+                        )
+                transfer = await self._client.v1.transfers.create_async(
+                    params=params,  # type: ignore[arg-type]
+                    options=options,  # type: ignore[arg-type]
+                )
+                reference = transfer.id
+            else:
+                if not payment_intent_id:
+                    raise PermanentSettlementError(
+                        "no_payment_intent", "the escrow has no PaymentIntent to refund"
+                    )
+                refund = await self._client.v1.refunds.create_async(
+                    params={
+                        "payment_intent": payment_intent_id,
+                        "amount": amount,
+                        "metadata": metadata,
+                    },
+                    options=options,  # type: ignore[arg-type]
+                )
+                reference = refund.id
+        except stripe.StripeError as exc:
+            if _permanent(exc):
+                raise PermanentSettlementError(
+                    exc.code or type(exc).__name__, exc.user_message or str(exc)
+                ) from exc
+            raise
+        return {"provider": "stripe", "providerReference": reference, "amount": str(amount)}
+
+
+class PermanentSettlementError(Exception):
+    """Stripe refused the settlement for a reason a retry will not change."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def settlement_key(escrow_id: str, settlement: dict[str, Any]) -> str:
+    """One key per settlement attempt (and milestone): a retry never moves money twice."""
+    milestone = settlement.get("milestoneId") or "all"
+    return f"escrow-{settlement['kind'].lower()}:{escrow_id}:{milestone}:{settlement['attempt']}"
+
+
+def _permanent(exc: stripe.StripeError) -> bool:
+    return isinstance(
+        exc,
+        stripe.InvalidRequestError
+        | stripe.CardError
+        | stripe.PermissionError
+        | stripe.AuthenticationError,
+    )

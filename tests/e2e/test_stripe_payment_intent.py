@@ -4,6 +4,8 @@ reads its id and client secret on the escrow."""
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -13,6 +15,7 @@ import pytest
 from escrow_stream.config import Settings
 from tests.e2e.test_http_flow import create_body
 from tests.e2e.test_http_reads import call, token
+from tests.e2e.test_webhooks_stripe import deliver, sign
 from tests.harness import Stack, WorkerProcess, deployment, eventually
 
 pytestmark = pytest.mark.integration
@@ -26,6 +29,7 @@ def worker(
         tmp_path_factory.mktemp("stripe-pi"),
         PAYMENTS_EFFECTS_ENABLED="true",
         STRIPE_API_BASE="http://127.0.0.1:12111",
+        STRIPE_WEBHOOK_SECRET=f"whsec_test_{uuid.uuid4().hex}",
     ) as running:
         yield running
 
@@ -60,3 +64,108 @@ def test_payment_instructions_reach_the_buyer(worker: tuple[Stack, WorkerProcess
     mine = [e for e in events if e["escrowId"] == escrow_id]
     assert [e["type"] for e in mine] == ["EscrowCreated", "PaymentInstructionsRecorded"]
     assert mine[1]["causationId"] == f"payments:instructions:{escrow_id}"
+
+
+def funded_escrow(stack: Stack, process: WorkerProcess, buyer: str, seller: str) -> str:
+    """Create over HTTP, wait for the PaymentIntent, pay it through the signed webhook."""
+    status, _, escrow = call(
+        process,
+        "POST",
+        "/api/escrow",
+        token(stack, buyer),
+        create_body(seller),
+        {"Prefer": "wait=30"},
+    )
+    assert status == 201, escrow
+    escrow_id = escrow["escrowId"]
+
+    async def with_status(wanted: str) -> Any:
+        status, _, body = call(process, "GET", f"/api/escrow/{escrow_id}", token(stack, buyer))
+        ok = status == 200 and body["status"] == wanted and body.get("payment")
+        return body if ok else None
+
+    instructed = asyncio.run(eventually(lambda: with_status("AWAIT_FUNDS"), timeout_s=60))
+    assert instructed is not None
+    intent = instructed["payment"]["providerPaymentId"]
+    body = json.dumps(
+        {
+            "id": f"evt_{uuid.uuid4().hex}",
+            "object": "event",
+            "type": "payment_intent.succeeded",
+            "data": {
+                "object": {
+                    "id": intent,
+                    "object": "payment_intent",
+                    "amount": 10000,
+                    "amount_received": 10000,
+                    "currency": "usd",
+                    "metadata": {"escrow_id": escrow_id},
+                }
+            },
+        }
+    ).encode()
+    secret = stack.settings.stripe_webhook_secret.get_secret_value()
+    assert deliver(process, body, sign(secret, body, int(time.time())))[0] == 200
+    assert asyncio.run(eventually(lambda: with_status("FUNDS_HELD"), timeout_s=30)) is not None
+    return escrow_id
+
+
+def final_status(
+    stack: Stack, process: WorkerProcess, user: str, escrow_id: str, wanted: str
+) -> Any:
+    async def reached() -> Any:
+        status, _, body = call(process, "GET", f"/api/escrow/{escrow_id}", token(stack, user))
+        return body if status == 200 and body["status"] == wanted else None
+
+    return asyncio.run(eventually(reached, timeout_s=60))
+
+
+def test_release_transfers_the_payout_through_stripe(worker: tuple[Stack, WorkerProcess]) -> None:
+    stack, process = worker
+    run = uuid.uuid4().hex[:8]
+    buyer, seller = f"rel-b-{run}", f"rel-s-{run}"
+    escrow_id = funded_escrow(stack, process, buyer, seller)
+    wait = {"Prefer": "wait=30"}
+    assert (
+        call(process, "POST", f"/api/escrow/{escrow_id}/deliver", token(stack, seller), {}, wait)[0]
+        == 200
+    )
+    assert (
+        call(process, "POST", f"/api/escrow/{escrow_id}/release", token(stack, buyer), None, wait)[
+            0
+        ]
+        == 200
+    )
+    released = final_status(stack, process, buyer, escrow_id, "RELEASED")
+    assert released is not None, process.log_tail()
+    assert released["releasedAmount"] == "10000"
+    events = asyncio.run(stack.events(lambda es: False, timeout_s=3))
+    released_events = [
+        e for e in events if e["escrowId"] == escrow_id and e["type"] == "EscrowReleased"
+    ]
+    assert len({e["eventId"] for e in released_events}) == 1
+    assert released_events[0]["data"]["providerReference"].startswith("tr_")
+    assert released_events[0]["data"]["payoutAmount"] == "9500"  # amount - sellerFee
+
+
+def test_refund_refunds_the_payment_intent(worker: tuple[Stack, WorkerProcess]) -> None:
+    stack, process = worker
+    run = uuid.uuid4().hex[:8]
+    buyer, seller = f"ref-b-{run}", f"ref-s-{run}"
+    escrow_id = funded_escrow(stack, process, buyer, seller)
+    assert (
+        call(
+            process,
+            "POST",
+            f"/api/escrow/{escrow_id}/refund",
+            token(stack, seller),
+            {"reason": "out of stock"},
+            {"Prefer": "wait=30"},
+        )[0]
+        == 200
+    )
+    refunded = final_status(stack, process, buyer, escrow_id, "REFUNDED")
+    assert refunded is not None, process.log_tail()
+    events = asyncio.run(stack.events(lambda es: False, timeout_s=3))
+    refund = [e for e in events if e["escrowId"] == escrow_id and e["type"] == "EscrowRefunded"]
+    assert refund and refund[0]["data"]["providerReference"].startswith("re_")
