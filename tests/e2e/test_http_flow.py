@@ -14,7 +14,7 @@ import pytest
 
 from escrow_stream.config import Settings
 from escrow_stream.web.auth import Role
-from tests.e2e.test_http_reads import call, token
+from tests.e2e.test_http_reads import call, escrow_when, token
 from tests.harness import Stack, WorkerProcess, eventually, wire_command
 
 pytestmark = pytest.mark.integration
@@ -81,11 +81,8 @@ def test_full_flow_over_http(stack: Stack, worker: WorkerProcess) -> None:
     )
     asyncio.run(stack.send([funds]))
 
-    async def funds_held() -> Any:
-        status, _, body = call(worker, "GET", f"/api/escrow/{escrow_id}", token(stack, buyer))
-        return body if status == 200 and body["status"] == "FUNDS_HELD" else None
-
-    assert asyncio.run(eventually(funds_held, timeout_s=30)) is not None
+    held = escrow_when(stack, worker, buyer, escrow_id, lambda e: e["status"] == "FUNDS_HELD")
+    assert held is not None
 
     status, _, body = call(
         worker,
@@ -110,11 +107,7 @@ def test_full_flow_over_http(stack: Stack, worker: WorkerProcess) -> None:
     )
     asyncio.run(stack.send([settled]))
 
-    async def released() -> Any:
-        status, _, body = call(worker, "GET", f"/api/escrow/{escrow_id}", token(stack, buyer))
-        return body if status == 200 and body["status"] == "RELEASED" else None
-
-    final = asyncio.run(eventually(released, timeout_s=30))
+    final = escrow_when(stack, worker, buyer, escrow_id, lambda e: e["status"] == "RELEASED")
     assert final is not None and final["releasedAmount"] == "10000"
 
     async def history() -> Any:

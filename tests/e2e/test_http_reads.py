@@ -7,7 +7,7 @@ import json
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -84,6 +84,24 @@ def _decode(raw: bytes) -> Any:
         return json.loads(raw)
     except ValueError:
         return raw.decode()
+
+
+def escrow_when(
+    stack: Stack,
+    worker: WorkerProcess,
+    user: str,
+    escrow_id: str,
+    ready: Callable[[dict[str, Any]], Any],
+    timeout_s: float = 30,
+) -> dict[str, Any] | None:
+    """GET the escrow as ``user`` until ``ready(body)`` holds (bounded); the body or None."""
+
+    def check() -> dict[str, Any] | None:
+        status, _, body = call(worker, "GET", f"/api/escrow/{escrow_id}", token(stack, user))
+        return body if status == 200 and ready(body) else None
+
+    result: dict[str, Any] | None = asyncio.run(eventually(check, timeout_s=timeout_s))
+    return result
 
 
 @pytest.fixture(scope="module")

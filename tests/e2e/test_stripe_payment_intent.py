@@ -7,16 +7,16 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from escrow_stream.config import Settings
 from tests.e2e.test_http_flow import create_body
-from tests.e2e.test_http_reads import call, token
+from tests.e2e.test_http_reads import call, escrow_when, token
 from tests.e2e.test_webhooks_stripe import deliver, sign
-from tests.harness import Stack, WorkerProcess, deployment, eventually
+from tests.harness import Stack, WorkerProcess, deployment
 
 pytestmark = pytest.mark.integration
 
@@ -49,11 +49,7 @@ def test_payment_instructions_reach_the_buyer(worker: tuple[Stack, WorkerProcess
     assert status == 201, escrow
     escrow_id = escrow["escrowId"]
 
-    async def instructed() -> Any:
-        status, _, body = call(process, "GET", f"/api/escrow/{escrow_id}", token(stack, buyer))
-        return body if status == 200 and body.get("payment") else None
-
-    body = asyncio.run(eventually(instructed, timeout_s=60))
+    body = escrow_when(stack, process, buyer, escrow_id, lambda e: e.get("payment"), 60)
     assert body is not None, process.log_tail()
     payment = body["payment"]
     assert payment["provider"] == "stripe"
@@ -79,12 +75,10 @@ def funded_escrow(stack: Stack, process: WorkerProcess, buyer: str, seller: str)
     assert status == 201, escrow
     escrow_id = escrow["escrowId"]
 
-    async def with_status(wanted: str) -> Any:
-        status, _, body = call(process, "GET", f"/api/escrow/{escrow_id}", token(stack, buyer))
-        ok = status == 200 and body["status"] == wanted and body.get("payment")
-        return body if ok else None
+    def paid_by_stripe(wanted: str) -> Callable[[dict[str, Any]], bool]:
+        return lambda e: e["status"] == wanted and bool(e.get("payment"))
 
-    instructed = asyncio.run(eventually(lambda: with_status("AWAIT_FUNDS"), timeout_s=60))
+    instructed = escrow_when(stack, process, buyer, escrow_id, paid_by_stripe("AWAIT_FUNDS"), 60)
     assert instructed is not None
     intent = instructed["payment"]["providerPaymentId"]
     body = json.dumps(
@@ -106,18 +100,8 @@ def funded_escrow(stack: Stack, process: WorkerProcess, buyer: str, seller: str)
     ).encode()
     secret = stack.settings.stripe_webhook_secret.get_secret_value()
     assert deliver(process, body, sign(secret, body, int(time.time())))[0] == 200
-    assert asyncio.run(eventually(lambda: with_status("FUNDS_HELD"), timeout_s=30)) is not None
+    assert escrow_when(stack, process, buyer, escrow_id, paid_by_stripe("FUNDS_HELD")) is not None
     return escrow_id
-
-
-def final_status(
-    stack: Stack, process: WorkerProcess, user: str, escrow_id: str, wanted: str
-) -> Any:
-    async def reached() -> Any:
-        status, _, body = call(process, "GET", f"/api/escrow/{escrow_id}", token(stack, user))
-        return body if status == 200 and body["status"] == wanted else None
-
-    return asyncio.run(eventually(reached, timeout_s=60))
 
 
 def test_release_transfers_the_payout_through_stripe(worker: tuple[Stack, WorkerProcess]) -> None:
@@ -136,7 +120,9 @@ def test_release_transfers_the_payout_through_stripe(worker: tuple[Stack, Worker
         ]
         == 200
     )
-    released = final_status(stack, process, buyer, escrow_id, "RELEASED")
+    released = escrow_when(
+        stack, process, buyer, escrow_id, lambda e: e["status"] == "RELEASED", 60
+    )
     assert released is not None, process.log_tail()
     assert released["releasedAmount"] == "10000"
     events = asyncio.run(stack.events(lambda es: False, timeout_s=3))
@@ -164,7 +150,9 @@ def test_refund_refunds_the_payment_intent(worker: tuple[Stack, WorkerProcess]) 
         )[0]
         == 200
     )
-    refunded = final_status(stack, process, buyer, escrow_id, "REFUNDED")
+    refunded = escrow_when(
+        stack, process, buyer, escrow_id, lambda e: e["status"] == "REFUNDED", 60
+    )
     assert refunded is not None, process.log_tail()
     events = asyncio.run(stack.events(lambda es: False, timeout_s=3))
     refund = [e for e in events if e["escrowId"] == escrow_id and e["type"] == "EscrowRefunded"]

@@ -18,8 +18,8 @@ import pytest
 
 from escrow_stream.config import Settings
 from tests.e2e.test_http_flow import create_body
-from tests.e2e.test_http_reads import call, token
-from tests.harness import Stack, WorkerProcess, deployment, eventually
+from tests.e2e.test_http_reads import call, escrow_when, token
+from tests.harness import Stack, WorkerProcess, deployment
 
 pytestmark = pytest.mark.integration
 
@@ -118,11 +118,7 @@ def test_webhooks_drive_the_escrow_once_and_refuse_bad_signatures(
     assert {s for s, _ in answers} == {200}
     assert len({json.dumps(b, sort_keys=True) for _, b in answers}) == 1
 
-    async def funds_held() -> Any:
-        status, _, body = call(process, "GET", f"/api/escrow/{escrow_id}", token(stack, buyer))
-        return body if status == 200 and body["status"] == "FUNDS_HELD" else None
-
-    held = asyncio.run(eventually(funds_held, timeout_s=30))
+    held = escrow_when(stack, process, buyer, escrow_id, lambda e: e["status"] == "FUNDS_HELD")
     assert held is not None and held["payment"]["fundedProviderPaymentId"] == f"pi_{run}"
     events = asyncio.run(stack.events(lambda es: False, timeout_s=3))
     mine = {e["eventId"]: e["type"] for e in events if e["escrowId"] == escrow_id}
