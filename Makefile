@@ -16,7 +16,7 @@ help:
 	@echo "make test         venv + local stack + topics, then the whole test suite"
 	@echo "make test-unit    unit tests only (no servers)"
 	@echo "make lint         ruff and mypy"
-	@echo "make stack-up | stack-down | stack-status    Kafka, PostgreSQL, Redis, stripe-mock"
+	@echo "make stack-up | stack-down | stack-status    Kafka, PostgreSQL, Redis, stripe-mock, S3 (moto)"
 	@echo "make bench-domain the domain core benchmark"
 
 $(INSTALLED): pyproject.toml

@@ -28,9 +28,10 @@ from escrow_stream.db.pool import Database
 from escrow_stream.idempotency import build_idempotency_store
 from escrow_stream.kafka import topic_partitions
 from escrow_stream.payments.stripe_rail import StripeRail
+from escrow_stream.storage import EvidenceStore
 from escrow_stream.tables import escrows as escrow_table
 from escrow_stream.tables import outcomes as outcome_table
-from escrow_stream.web import gateway, health, operations, webhooks
+from escrow_stream.web import evidence, gateway, health, operations, webhooks
 from escrow_stream.web.middleware import make_middleware
 from escrow_stream.web.ratelimit import MemoryCounter, RateLimiter, RedisCounter
 
@@ -117,6 +118,7 @@ def create_app(
     )
     gateway.register(app, api, topics)
     webhooks.register(app, api)
+    evidence.register(app, api, EvidenceStore.from_settings(settings, new_id))
     outbox_agent.register(app, publisher, idempotency, clock)
 
     async def _close_database(sender: object, *args: object, **kwargs: object) -> None:

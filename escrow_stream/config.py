@@ -107,6 +107,8 @@ class MissingVariables(ConfigError):
 
 _LOCAL_DATABASE_URL = "postgresql://escrow:escrow@127.0.0.1:5432/escrow"
 LOCAL_STRIPE_MOCK = "http://127.0.0.1:12111"
+#: The stack's S3 (``scripts/stack.sh up s3``), with its dev bucket ``escrow-stream-dev``.
+LOCAL_S3 = "http://127.0.0.1:4566"
 
 
 def _env(name: str, default: Any = None, **kwargs: Any) -> Any:
@@ -337,6 +339,9 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     if not settings.is_production and settings.stripe_api_base is None:
         # development talks to the stack's stripe-mock, never to api.stripe.com
         settings = settings.model_copy(update={"stripe_api_base": LOCAL_STRIPE_MOCK})
+    if not settings.is_production and settings.aws_endpoint_url is None:
+        # development stores evidence in the stack's local S3, never in a real bucket
+        settings = settings.model_copy(update={"aws_endpoint_url": LOCAL_S3})
     if settings.is_production and settings.uses_dev_jwt_secret:
         raise ConfigError("Error: JWT_SECRET is the development secret; set a real one")
     return settings

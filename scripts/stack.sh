@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Local service stack for escrow-stream: Apache Kafka (KRaft, from Maven
-# Central), PostgreSQL and Redis.  No Docker.
+# Central), PostgreSQL, Redis, stripe-mock and a local S3 (moto).  No Docker.
 #
 #   scripts/stack.sh up     [service...]   start (idempotent; no-op when up)
 #   scripts/stack.sh down   [service...]   stop what THIS script started
 #   scripts/stack.sh status [service...]   one line per service; exit 0 iff all up
 #
-# Services: kafka postgres redis   (default: all, in that order)
+# Services: kafka postgres redis stripe-mock s3   (default: all, in that order)
 #
 # Runtime state lives in $STACK_DIR (default <repo>/.stack, git-ignored).
 # Environment knobs:
@@ -17,14 +17,17 @@
 #   KAFKA_START_TIMEOUT    seconds to wait for the broker (default 90)
 #   KAFKA_HEAP_OPTS        default "-Xms256m -Xmx1g"
 #   PG_PORT / REDIS_PORT   default 5432 / 6379
+#   STRIPE_MOCK_PORT       default 12111
+#   S3_PORT                local S3 (moto + presigned-URL check, stack/s3/server.py),
+#                          default 4566; dev bucket S3_DEV_BUCKET (escrow-stream-dev)
 #
-# To add a service (stripe-mock on 12111, moto S3, ...): write
+# To add a service: write
 # <name>_up / <name>_down / <name>_status functions and add <name> to SERVICES.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STACK_DIR="${STACK_DIR:-$REPO/.stack}"
-SERVICES=(kafka postgres redis stripe-mock)
+SERVICES=(kafka postgres redis stripe-mock s3)
 export DEBIAN_FRONTEND=noninteractive
 
 KAFKA_DEFAULT_VERSION=3.9.2
@@ -39,6 +42,12 @@ REDIS_PORT="${REDIS_PORT:-6379}"
 STRIPE_MOCK_PORT="${STRIPE_MOCK_PORT:-12111}"
 # Pinned so every machine runs the same mock; built once into .stack/bin with go install.
 STRIPE_MOCK_VERSION="${STRIPE_MOCK_VERSION:-v0.203.0}"
+S3_PORT="${S3_PORT:-4566}"
+S3_DEV_BUCKET="${S3_DEV_BUCKET:-escrow-stream-dev}"
+# moto's S3 backend and the Flask it serves with, in a venv of their own under the stack
+# dir (installed once, ~10 s; the project venv is not needed). Only what S3 needs, not the
+# whole moto[server] extra (cfn-lint, docker, ... : twice the size and time).
+S3_REQUIREMENTS=("moto[s3]>=5.1,<6" "flask>=3,<4" "flask-cors>=4,<7")
 
 # The default version keeps the documented layout (.stack/kafka, .stack/kafka.pid);
 # other versions get their own dirs so they never share a data dir.
@@ -601,6 +610,139 @@ stripe_mock_status() {
     status_line stripe-mock up external - "127.0.0.1:$STRIPE_MOCK_PORT"; return 0
   fi
   status_line stripe-mock down - - "127.0.0.1:$STRIPE_MOCK_PORT"
+  return 1
+}
+
+# --------------------------------------------------------------------- s3 ---
+
+S3_VENV="$STACK_DIR/s3-venv"
+S3_SERVER="$REPO/stack/s3/server.py"
+S3_PID_FILE="$STACK_DIR/s3.pid"
+S3_LOG="$STACK_DIR/s3.log"
+
+s3_our_pid() {
+  local pid
+  pid="$(read_pid "$S3_PID_FILE")"
+  if [[ -n "$pid" ]] && pid_alive "$pid" "$S3_SERVER"; then echo "$pid"; fi
+}
+
+# s3_http METHOD PATH -> prints the HTTP status of an unsigned request to the local S3.
+s3_http() {
+  # shellcheck disable=SC2016  # expanded by the inner bash
+  timeout 5 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"
+    printf "%s %s HTTP/1.0\r\nHost: 127.0.0.1:%s\r\nContent-Length: 0\r\n\r\n" "$2" "$3" "$1" >&3
+    IFS=" " read -r _ code _ <&3; printf "%s" "$code"' _ "$S3_PORT" "$1" "$2" 2>/dev/null
+}
+
+s3_answers() { [[ "$(s3_http GET /)" =~ ^[0-9]{3}$ ]]; }
+
+s3_moto_version() {
+  local d
+  for d in "$S3_VENV"/lib/python3*/site-packages/moto-*.dist-info; do
+    [[ -d "$d" ]] && { d="${d##*/moto-}"; echo "moto ${d%.dist-info}"; return 0; }
+  done
+  return 0
+}
+
+# The venv is built once; the stamp (requirements + interpreter) says it is complete, so a
+# second `up` never reinstalls, and a changed requirement rebuilds it.
+s3_venv() {
+  local python="${S3_PYTHON:-python3}" want t0
+  command -v "$python" >/dev/null || { need_root_for s3; apt_install python3 python3-venv; }
+  want="$("$python" -c 'import sys; print(sys.version.split()[0])') ${S3_REQUIREMENTS[*]}"
+  if [[ -x "$S3_VENV/bin/python" && -f "$S3_VENV/.installed" && "$(cat "$S3_VENV/.installed")" == "$want" ]]; then
+    return 0
+  fi
+  t0="$(now)"
+  say "s3: installing ${S3_REQUIREMENTS[*]} into $S3_VENV"
+  rm -rf "$S3_VENV"
+  if ! "$python" -m venv "$S3_VENV" >>"$S3_LOG" 2>&1; then
+    need_root_for s3
+    apt_install python3-venv
+    rm -rf "$S3_VENV"
+    "$python" -m venv "$S3_VENV" >>"$S3_LOG" 2>&1 || die "s3: python3 -m venv failed (log: $S3_LOG)"
+  fi
+  if ! "$S3_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+    "${S3_REQUIREMENTS[@]}" >>"$S3_LOG" 2>&1; then
+    tail -n 20 "$S3_LOG" >&2
+    die "s3: pip install failed (log: $S3_LOG)"
+  fi
+  echo "$want" >"$S3_VENV/.installed"
+  say "s3: $(s3_moto_version) installed in $(since "$t0")"
+}
+
+# The development bucket, created when missing (200 new, 409 already ours: both fine).
+s3_dev_bucket() {
+  local code
+  code="$(s3_http PUT "/$S3_DEV_BUCKET")" || true
+  case "$code" in
+    200 | 409) ;;
+    *) say "s3: could not create bucket $S3_DEV_BUCKET (HTTP ${code:-no answer}); create it yourself" ;;
+  esac
+}
+
+s3_up() {
+  local pid t0 i
+  pid="$(s3_our_pid)"
+  if [[ -n "$pid" ]] && s3_answers; then
+    s3_dev_bucket
+    say "s3 already up (pid $pid)"
+    return 0
+  fi
+  t0="$(now)"
+  if [[ -n "$pid" ]]; then
+    say "s3: pid $pid running but not answering yet; waiting"
+  elif port_open 127.0.0.1 "$S3_PORT"; then
+    s3_answers || die "s3: port $S3_PORT is taken by something that does not answer HTTP"
+    s3_dev_bucket
+    say "s3: something already serves HTTP on 127.0.0.1:$S3_PORT, using it"
+    return 0
+  else
+    s3_venv
+    t0="$(now)"
+    S3_ACCESS_KEY_ID="${S3_ACCESS_KEY_ID:-dev-access-key}" \
+      S3_SECRET_ACCESS_KEY="${S3_SECRET_ACCESS_KEY:-dev-secret-key}" \
+      nohup setsid "$S3_VENV/bin/python" "$S3_SERVER" --host 127.0.0.1 --port "$S3_PORT" \
+      >>"$S3_LOG" 2>&1 &
+    echo $! >"$S3_PID_FILE"
+    pid="$(read_pid "$S3_PID_FILE")"
+  fi
+  for ((i = 0; i < 200; i++)); do
+    s3_answers && break
+    pid_alive "$pid" || break
+    sleep 0.1
+  done
+  if ! s3_answers; then
+    tail -n 20 "$S3_LOG" >&2
+    die "s3 did not answer on 127.0.0.1:$S3_PORT"
+  fi
+  s3_dev_bucket
+  say "s3 up (pid $pid) in $(since "$t0") on 127.0.0.1:$S3_PORT, bucket $S3_DEV_BUCKET"
+}
+
+s3_down() {
+  local pid
+  pid="$(s3_our_pid)"
+  if [[ -z "$pid" ]]; then
+    rm -f "$S3_PID_FILE"
+    say "s3: not started by us, nothing to stop"
+    return 0
+  fi
+  stop_pid s3 "$pid" 10
+  rm -f "$S3_PID_FILE"
+  say "s3 stopped (pid $pid)"
+}
+
+s3_status() {
+  local pid
+  pid="$(s3_our_pid)"
+  if [[ -n "$pid" ]]; then
+    if s3_answers; then status_line s3 up ours "$pid" "127.0.0.1:$S3_PORT" "$(s3_moto_version)"; return 0; fi
+    status_line s3 down ours "$pid" "127.0.0.1:$S3_PORT" "running, not answering HTTP"
+    return 1
+  fi
+  if s3_answers; then status_line s3 up external - "127.0.0.1:$S3_PORT"; return 0; fi
+  status_line s3 down - - "127.0.0.1:$S3_PORT"
   return 1
 }
 

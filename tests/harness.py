@@ -24,9 +24,10 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from escrow_stream.config import Settings, load_settings
+from escrow_stream.config import LOCAL_S3, Settings, load_settings
 from escrow_stream.kafka import client_kwargs, topic_partitions
 from escrow_stream.signing import signature_headers
+from escrow_stream.storage import EvidenceStore
 from escrow_stream.topics import create_topics
 from tests.support import free_port, stack_environ, unique
 
@@ -78,6 +79,9 @@ class Stack:
             # the processor's tests play the payment provider themselves (system commands)
             "PAYMENTS_EFFECTS_ENABLED": "false",
             "STRIPE_API_BASE": "http://127.0.0.1:12111",
+            # the stack's S3; each deployment its own bucket, made by ensure_bucket()
+            "AWS_ENDPOINT_URL": os.environ.get("TEST_AWS_ENDPOINT_URL", LOCAL_S3),
+            "AWS_S3_BUCKET": f"escrow-{run}",
             # every test request comes from 127.0.0.1: limits get a test of their own
             "RATE_LIMIT_PER_IP_PER_MINUTE": "1000000",
             "RATE_LIMIT_PER_USER_PER_MINUTE": "1000000",
@@ -87,6 +91,12 @@ class Stack:
 
     async def create_topics(self) -> None:
         await create_topics(self.settings)
+
+    def ensure_bucket(self) -> EvidenceStore:
+        """Create this deployment's bucket in the stack's S3; the store to read it back."""
+        store = EvidenceStore.from_settings(self.settings, lambda: uuid.uuid4().hex)
+        store.ensure_bucket()
+        return store
 
     def worker(self, name: str = "w1", **overrides: str) -> WorkerProcess:
         env = dict(self.env)

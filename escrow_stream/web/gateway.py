@@ -206,6 +206,9 @@ class EscrowReader:
 class Gateway:
     """Everything the views need, built once by the composition root."""
 
+    #: Checks a command's evidenceKeys before acceptance; installed by web/evidence.py.
+    check_evidence: Callable[[Command], Awaitable[None]] | None = None
+
     def __init__(
         self,
         app: faust.App,
@@ -683,6 +686,8 @@ def register(app: faust.App, gateway: Gateway, topics: Topics) -> None:
 
                 async def check() -> None:
                     authorize_action(principal, escrow, command)
+                    if gateway.check_evidence is not None:
+                        await gateway.check_evidence(command)
                     if command_type == "ReleaseFunds":
                         await gateway.require_kyc(escrow.buyer_id, escrow.seller_id)
 

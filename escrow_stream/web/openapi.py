@@ -86,6 +86,8 @@ def _read(summary: str, model: type[BaseModel], *problems: str) -> dict[str, Any
 
 
 def openapi_document() -> dict[str, Any]:
+    from escrow_stream.storage import EVIDENCE_SIZE_MAX_BYTES
+    from escrow_stream.web.evidence import ContractUploadBody, EvidenceUploadBody, UploadTicket
     from escrow_stream.web.gateway import ACTIONS, MILESTONE_ACTIONS
 
     id_param = {"name": "escrow_id", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -208,6 +210,29 @@ def openapi_document() -> dict[str, Any]:
             },
         },
     }
+    uploads = (
+        ("evidence", EvidenceUploadBody, "presigned S3 PUT for evidence (parties, admin)"),
+        ("contract", ContractUploadBody, "presigned S3 PUT for the contract PDF (service, admin)"),
+    )
+    for suffix, upload_body, summary in uploads:
+        paths[f"/api/escrow/{{escrow_id}}/{suffix}"] = {
+            "post": {
+                "summary": summary,
+                "description": "PUT the bytes to uploadUrl with exactly the returned headers "
+                "before expiresAt; the key then goes into evidenceKeys (evidence). A presigned "
+                f"PUT cannot cap the size: keep uploads under {EVIDENCE_SIZE_MAX_BYTES} bytes.",
+                "security": [{"bearer": []}],
+                "parameters": [id_param],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref(upload_body)}},
+                },
+                "responses": {
+                    "201": _json(UploadTicket, "the presigned upload"),
+                    **_problems("400", "401", "403", "404", "415", "422", "429", "503"),
+                },
+            }
+        }
     for suffix, (command_type, body) in ACTIONS.items():
         paths[f"/api/escrow/{{escrow_id}}/{suffix}"] = {
             "post": {
@@ -245,6 +270,7 @@ def openapi_document() -> dict[str, Any]:
         KycStatus,
     ]
     models += [body for _, body in ACTIONS.values() if body not in models]
+    models += [EvidenceUploadBody, ContractUploadBody, UploadTicket]
     _, schemas = models_json_schema(
         [(m, "validation" if m.__name__.endswith("Body") else "serialization") for m in models],
         ref_template=REF,
