@@ -11,14 +11,14 @@ import os
 import ssl
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import aiohttp_cors
 import faust
 import redis.asyncio
 
-from escrow_stream.agents import mirror, payments, processor, timeouts
+from escrow_stream.agents import mirror, payments, processor, screening, timeouts
 from escrow_stream.agents import outbox as outbox_agent
 from escrow_stream.clock import Clock, utc_now
 from escrow_stream.config import ConfigError, Settings, load_settings
@@ -27,6 +27,8 @@ from escrow_stream.db.outbox import OutboxPublisher
 from escrow_stream.db.pool import Database
 from escrow_stream.idempotency import build_idempotency_store
 from escrow_stream.kafka import topic_partitions
+from escrow_stream.payments.custodian import CustodianClient, CustodianRail
+from escrow_stream.payments.screening import RiskScreener
 from escrow_stream.payments.stripe_rail import StripeRail
 from escrow_stream.storage import EvidenceStore
 from escrow_stream.tables import escrows as escrow_table
@@ -101,9 +103,19 @@ def create_app(
         app, settings, clock, topics.commands, escrows, processor.domain_settings(settings)
     )
     mirror.register(app, topics.events, database)
+    publisher = OutboxPublisher(settings, database, clock)
+    closers: list[Callable[[], Awaitable[None]]] = [database.close]
     if settings.payments_effects_enabled:
-        payments.register(
-            app, settings, clock, topics.events, topics.commands, StripeRail(settings)
+        custodian = CustodianClient(settings)
+        rails: dict[str, payments.Rail] = {
+            "STRIPE": StripeRail(settings),
+            "USDC_BASE": CustodianRail(custodian),
+        }
+        payments.register(app, settings, clock, topics.events, topics.commands, rails)
+        screener = RiskScreener(settings)
+        closers += [custodian.aclose, screener.aclose]
+        screening.register(
+            app, screening.DepositScreening(settings, clock, database, screener, publisher)
         )
     health.register(app, clock)
     operations.register(app, readiness_checks(app, settings, database))
@@ -111,18 +123,19 @@ def create_app(
         operations.serve_metrics_alone(app, settings.metrics_port)
 
     reader = gateway.EscrowReader(app, topics, escrows, recorded_outcomes)
-    publisher = OutboxPublisher(settings, database, clock)
     idempotency = build_idempotency_store(settings, database, shared_redis)
     api = gateway.Gateway(
         app, settings, clock, new_id, reader, database, idempotency, publisher, limiter, kyc
     )
     gateway.register(app, api, topics)
     webhooks.register(app, api)
+    webhooks.register_custodian(app, api)
     evidence.register(app, api, EvidenceStore.from_settings(settings, new_id))
     outbox_agent.register(app, publisher, idempotency, clock)
 
     async def _close_database(sender: object, *args: object, **kwargs: object) -> None:
-        await database.close()
+        for close in closers:
+            await close()
         if shared_redis is not None:
             await shared_redis.aclose()
 

@@ -75,6 +75,7 @@ OURS: tuple[str, ...] = (
     "WEB_HOST",
     "STRIPE_API_BASE",
     "PAYMENTS_EFFECTS_ENABLED",
+    "PROVIDER_TIMEOUT_MS",
     "CUSTODIAN_MIN_CONFIRMATIONS",
     "AWS_ENDPOINT_URL",
     "HTTP_BODY_MAX_BYTES",
@@ -199,6 +200,8 @@ class Settings(BaseModel):
     stripe_api_base: str | None = _env("STRIPE_API_BASE", None)
     #: Off only where a test plays the payment provider itself by sending system commands.
     payments_effects_enabled: bool = _env("PAYMENTS_EFFECTS_ENABLED", True)
+    #: One HTTP call to Stripe, the custodian, TRM or Chainalysis (connect + read).
+    provider_timeout_ms: int = _env("PROVIDER_TIMEOUT_MS", 30_000, ge=100, le=300_000)
     custodian_api_key: SecretStr = _env("CUSTODIAN_API_KEY", SecretStr("custodian_dev_not_a_key"))
     custodian_api_url: str = _env("CUSTODIAN_API_URL", "http://127.0.0.1:12200")
     custodian_webhook_secret: SecretStr = _env(

@@ -2,16 +2,24 @@
 
 Per event on ``escrow.events.v1`` (SPEC §5), in order:
 
-1. ``EscrowCreated`` on the STRIPE rail, with no payment instructions yet: create the
-   PaymentIntent (idempotency key from the escrow id) → ``RecordPaymentInstructions``.
-   ``SettlementRequested`` while that settlement is still pending: a Transfer (release) or
-   a Refund (idempotency key from escrow, milestone and attempt) → ``ConfirmSettlement``,
-   or ``RecordSettlementFailure`` when Stripe refuses for good.
-2. Send the command signed, with a commandId derived from the same ids, so a redelivered
-   event yields the same command, applied once.
-3. A provider error is retried with capped exponential backoff while the worker consumes
-   (the SDK already retries network errors ``ESCROW_MAX_RETRIES`` times); the event's offset
-   is not committed meanwhile, so nothing is skipped.
+1. Pick the escrow's rail: Stripe (USD) or the custodian (USDC on Base).
+   ``EscrowCreated`` with no payment instructions yet: a PaymentIntent, or a deposit
+   address (idempotency key from the escrow id) → ``RecordPaymentInstructions``.
+   ``SettlementRequested`` while that settlement is still pending: a Transfer / Refund, or a
+   custodian transfer (idempotency key from escrow, milestone and attempt) →
+   ``ConfirmSettlement`` when the provider answers with the result (Stripe), nothing when the
+   result comes later by webhook (the custodian's ``transfer.completed``), or
+   ``RecordSettlementFailure`` when the provider refuses for good.
+2. Send the command signed, with a commandId derived from the same ids
+   (``payments:settled:{settlement key}`` also for the webhook confirming the same
+   settlement), so a redelivered event or a second confirmation is the same command, applied
+   once.
+3. An error whose outcome is unknown (5xx, timeout, connection lost) is retried with the
+   same idempotency key, with exponential backoff from ``ESCROW_RETRY_DELAY_MS`` capped at
+   60 s, for as long as it takes; each round the client already retried
+   ``ESCROW_MAX_RETRIES`` times.  It is never turned into a settlement failure: the money may
+   have moved, and a failure would let a later attempt (a new key) move it again.  The
+   event's offset is not committed meanwhile, so nothing is skipped.
 """
 
 from __future__ import annotations
@@ -20,24 +28,41 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import faust
 
-from escrow_stream.agents.processor import encode_command
+from escrow_stream.agents.processor import encode_command, make_command
 from escrow_stream.clock import Clock
 from escrow_stream.config import Settings
-from escrow_stream.domain import parse_command
-from escrow_stream.payments.stripe_rail import PermanentSettlementError, StripeRail, settlement_key
+from escrow_stream.payments.common import (
+    PermanentSettlementError,
+    failed_command_id,
+    settled_command_id,
+    settlement_key,
+)
 from escrow_stream.signing import signature_headers
 
 log = logging.getLogger(__name__)
 
 ACTOR = {"id": "payments-agent", "role": "system"}
-RETRY_INITIAL_S = 1.0
+RETRY_MIN_S = 0.05
 RETRY_MAX_S = 60.0
 
 T = TypeVar("T")
+
+
+class Rail(Protocol):
+    """One payment provider, as the agent drives it (escrows as their JSON snapshots)."""
+
+    async def payment_instructions(self, escrow: dict[str, Any]) -> dict[str, Any]:
+        """The RecordPaymentInstructions payload; the same escrow gives the same object."""
+        ...
+
+    async def settle(self, escrow: dict[str, Any]) -> dict[str, Any] | None:
+        """Perform the pending settlement: the ConfirmSettlement payload, or None when the
+        provider reports completion later by webhook.  Raises PermanentSettlementError."""
+        ...
 
 
 def register(
@@ -46,13 +71,15 @@ def register(
     clock: Clock,
     events_topic: faust.TopicT,
     commands_topic: faust.TopicT,
-    stripe_rail: StripeRail,
+    rails: dict[str, Rail],
 ) -> None:
     secret = settings.internal_command_secret.get_secret_value()
+    first_delay_s = max(RETRY_MIN_S, settings.escrow_retry_delay_ms / 1000)
 
     async def retrying(what: str, call: Callable[[], Awaitable[T]]) -> T:
         """Step 3: retry what may pass later; PermanentSettlementError goes to the caller."""
-        delay_s = RETRY_INITIAL_S
+        delay_s = first_delay_s
+        rounds = 0
         while True:
             try:
                 return await call()
@@ -61,7 +88,8 @@ def register(
             except Exception as exc:
                 if app.should_stop:
                     raise
-                log.warning("%s failed, retry in %.0f s: %s", what, delay_s, exc)
+                rounds += 1
+                log.warning("%s failed (round %d), retry in %.2f s: %s", what, rounds, delay_s, exc)
                 await asyncio.sleep(delay_s)
                 delay_s = min(RETRY_MAX_S, delay_s * 2)
 
@@ -69,28 +97,25 @@ def register(
         event: dict[str, Any], type_: str, command_id: str, payload: dict[str, Any]
     ) -> None:
         """Step 2: a signed system command whose id derives from the event's subject."""
-        command = parse_command(
-            {
-                "schemaVersion": 1,
-                "commandId": command_id,
-                "type": type_,
-                "escrowId": event["escrowId"],
-                "actor": ACTOR,
-                "payload": payload,
-                "issuedAt": clock().isoformat(),
-                "causationId": event.get("eventId"),
-                "correlationId": event.get("correlationId"),
-            }
+        command = make_command(
+            ACTOR,
+            type_,
+            event["escrowId"],
+            payload,
+            command_id,
+            clock(),
+            causation_id=event.get("eventId"),
+            correlation_id=event.get("correlationId"),
         )
         body = encode_command(command)
         await commands_topic.send(
             key=command.escrow_id.encode(), value=body, headers=signature_headers(secret, body)
         )
 
-    async def on_created(event: dict[str, Any], escrow: dict[str, Any]) -> None:
+    async def on_created(rail: Rail, event: dict[str, Any], escrow: dict[str, Any]) -> None:
         payload = await retrying(
-            f"stripe: PaymentIntent of {escrow['escrowId']}",
-            lambda: stripe_rail.payment_instructions(escrow),
+            f"payment instructions of {escrow['escrowId']}",
+            lambda: rail.payment_instructions(escrow),
         )
         await send(
             event,
@@ -99,16 +124,16 @@ def register(
             payload,
         )
 
-    async def on_settlement(event: dict[str, Any], escrow: dict[str, Any]) -> None:
+    async def on_settlement(rail: Rail, event: dict[str, Any], escrow: dict[str, Any]) -> None:
         settlement = escrow["settlement"]
         key = settlement_key(escrow["escrowId"], settlement)
         try:
-            payload = await retrying(f"stripe: {key}", lambda: stripe_rail.settle(escrow))
+            payload = await retrying(key, lambda: rail.settle(escrow))
         except PermanentSettlementError as exc:
             await send(
                 event,
                 "RecordSettlementFailure",
-                f"payments:failed:{key}",
+                failed_command_id(key),
                 {
                     "errorCode": exc.code[:200],
                     "errorMessage": str(exc)[:2000],
@@ -116,19 +141,21 @@ def register(
                 },
             )
             return
-        await send(event, "ConfirmSettlement", f"payments:settled:{key}", payload)
+        if payload is not None:
+            await send(event, "ConfirmSettlement", settled_command_id(key), payload)
 
     @app.agent(events_topic, name="payments-effects")
     async def payments_effects(stream: faust.StreamT[bytes]) -> None:
         async for value in stream:
             event = json.loads(value)
             escrow = event.get("escrow") or {}
-            if escrow.get("rail") != "STRIPE":
-                continue  # the custodian rail is not wired yet
+            rail = rails.get(escrow.get("rail", ""))
+            if rail is None:
+                continue
             if event.get("type") == "EscrowCreated" and not escrow.get("payment"):
-                await on_created(event, escrow)
+                await on_created(rail, event, escrow)
             elif event.get("type") == "SettlementRequested" and is_current(event, escrow):
-                await on_settlement(event, escrow)
+                await on_settlement(rail, event, escrow)
 
 
 def is_current(event: dict[str, Any], escrow: dict[str, Any]) -> bool:

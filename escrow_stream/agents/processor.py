@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
 from typing import Any
 
 import faust
@@ -40,6 +41,7 @@ from escrow_stream.domain import (
     Escrow,
     Event,
     ReleaseFunds,
+    parse_command,
 )
 from escrow_stream.logs import correlation_id_var, trace_id_var
 from escrow_stream.metrics import COMMAND_OUTCOMES, COMMAND_SECONDS, DEAD_LETTERS
@@ -65,6 +67,33 @@ def domain_settings(settings: Settings) -> DomainSettings:
         feature_kyc_gating=settings.feature_kyc_gating,
         max_amount_minor=settings.escrow_max_amount_minor,
         recent_commands_max=settings.escrow_recent_commands_max,
+    )
+
+
+def make_command(
+    actor: Mapping[str, str],
+    type_: str,
+    escrow_id: str,
+    payload: Mapping[str, Any],
+    command_id: str,
+    issued_at: datetime,
+    causation_id: str | None = None,
+    correlation_id: str | None = None,
+) -> Command:
+    """A command this service itself issues (gateway, webhooks, payments), validated like
+    any other; raises ``CommandInvalid``."""
+    return parse_command(
+        {
+            "schemaVersion": 1,
+            "commandId": command_id,
+            "type": type_,
+            "escrowId": escrow_id,
+            "actor": dict(actor),
+            "payload": dict(payload),
+            "issuedAt": issued_at.isoformat(),
+            "causationId": causation_id,
+            "correlationId": correlation_id or command_id,
+        }
     )
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import stripe
 
 from escrow_stream.config import Settings
+from escrow_stream.payments.common import PermanentSettlementError, settlement_key
 
 
 def payment_intent_key(escrow_id: str) -> str:
@@ -24,7 +25,7 @@ class StripeRail:
         self._client = stripe.StripeClient(
             settings.stripe_secret_key.get_secret_value(),
             base_addresses=base,  # type: ignore[arg-type]
-            http_client=stripe.HTTPXClient(),
+            http_client=stripe.HTTPXClient(timeout=settings.provider_timeout_ms / 1000),
             max_network_retries=settings.escrow_max_retries,
         )
 
@@ -59,8 +60,14 @@ class StripeRail:
         escrow_id = escrow["escrowId"]
         payment_intent_id = (escrow.get("payment") or {}).get("providerPaymentId")
         amount = int(settlement["payoutAmount"])
-        options: dict[str, Any] = {"idempotency_key": settlement_key(escrow_id, settlement)}
-        metadata = {"escrow_id": escrow_id, "attempt": str(settlement["attempt"])}
+        key = settlement_key(escrow_id, settlement)
+        options: dict[str, Any] = {"idempotency_key": key}
+        # settlement_key lets the transfer.created webhook confirm this very settlement
+        metadata = {
+            "escrow_id": escrow_id,
+            "attempt": str(settlement["attempt"]),
+            "settlement_key": key,
+        }
         try:
             if settlement["kind"] == "RELEASE":
                 if not escrow.get("sellerAccountId"):
@@ -107,20 +114,6 @@ class StripeRail:
                 ) from exc
             raise
         return {"provider": "stripe", "providerReference": reference, "amount": str(amount)}
-
-
-class PermanentSettlementError(Exception):
-    """Stripe refused the settlement for a reason a retry will not change."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def settlement_key(escrow_id: str, settlement: dict[str, Any]) -> str:
-    """One key per settlement attempt (and milestone): a retry never moves money twice."""
-    milestone = settlement.get("milestoneId") or "all"
-    return f"escrow-{settlement['kind'].lower()}:{escrow_id}:{milestone}:{settlement['attempt']}"
 
 
 def _permanent(exc: stripe.StripeError) -> bool:

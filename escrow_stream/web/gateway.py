@@ -38,7 +38,7 @@ from faust.web import Request, Response, View
 from pydantic import BaseModel, ValidationError
 
 from escrow_stream.agents import handling
-from escrow_stream.agents.processor import Topics, encode_command
+from escrow_stream.agents.processor import Topics, encode_command, make_command
 from escrow_stream.clock import Clock
 from escrow_stream.config import Settings
 from escrow_stream.db import outbox
@@ -51,7 +51,6 @@ from escrow_stream.domain import (
     CommandInvalid,
     Escrow,
     RejectionCode,
-    parse_command,
 )
 from escrow_stream.domain.guards import check_sender_authorized
 from escrow_stream.idempotency import (
@@ -303,18 +302,8 @@ class Gateway:
         payload: dict[str, Any],
         command_id: str,
     ) -> Command:
-        data = {
-            "schemaVersion": 1,
-            "commandId": command_id,
-            "type": type_,
-            "escrowId": escrow_id,
-            "actor": actor,
-            "payload": payload,
-            "issuedAt": self.clock().isoformat(),
-            "correlationId": command_id,
-        }
         try:
-            return parse_command(data)
+            return make_command(actor, type_, escrow_id, payload, command_id, self.clock())
         except CommandInvalid as exc:
             raise Problem(
                 422,

@@ -9,16 +9,34 @@
    ``payment_intent.payment_failed`` → RecordPaymentFailure, ``transfer.created`` →
    ConfirmSettlement.  Other types, or events without an escrow id, are acknowledged and
    ignored (Stripe would otherwise retry them for days).
-3. The Stripe event id is the idempotency key (and fixes the commandId): a redelivered event
-   replays the first answer and enqueues nothing; the command, signed with
+3. The Stripe event id is the idempotency key (and fixes the commandId, but for a transfer
+   the payments agent made, whose confirmation is named by its settlement): a redelivered
+   event replays the first answer and enqueues nothing; the command, signed with
    ``INTERNAL_COMMAND_SECRET``, goes through the outbox in the same transaction as that
    record, before the 200.  The escrow's own rules decide what the command means (an event
    out of order is rejected there and changes nothing).
+
+``POST /api/webhooks/custodian``, per delivery:
+
+1. ``X-Custodian-Signature`` must be the hex HMAC-SHA256, keyed with
+   ``CUSTODIAN_WEBHOOK_SECRET``, of ``{X-Custodian-Timestamp}.{raw body}`` (compared in
+   constant time), and the timestamp within 5 minutes of the injected clock, either way →
+   else 400 with nothing changed.
+2. ``deposit.confirmed`` (``data``: ``id``, ``address``, ``reference`` = escrowId,
+   ``fromAddress``, ``amount``, ``asset``, ``confirmations``, ``txHash``): below
+   ``CUSTODIAN_MIN_CONFIRMATIONS`` it is acknowledged and not recorded (the custodian reports
+   again with more); else the deposit is recorded once per deposit id for risk screening
+   (``agents.screening``), which alone may confirm the funds.
+3. ``transfer.completed`` → ConfirmSettlement and ``transfer.failed`` →
+   RecordSettlementFailure, for the escrow in ``data.metadata.escrow_id`` and the transfer
+   the agent made for a settlement (``data.reference`` = settlement key), once per event id
+   as for Stripe.  Other types are acknowledged and ignored.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from typing import Any
 
@@ -26,14 +44,19 @@ import faust
 import stripe
 from faust.web import Request, Response, View
 
+from escrow_stream.db import deposits
+from escrow_stream.db.deposits import Deposit
 from escrow_stream.domain import Command
 from escrow_stream.idempotency import BeginKind
+from escrow_stream.payments.common import settled_command_id
+from escrow_stream.payments.custodian import is_address
 from escrow_stream.web.gateway import Gateway, json_response
 from escrow_stream.web.problems import Problem
 
 STRIPE_TOLERANCE_S = 300
+CUSTODIAN_TOLERANCE_S = 300
+CUSTODIAN_ACTOR = {"id": "custodian-webhook", "role": "system"}
 STRIPE_ACTOR = {"id": "stripe-webhook", "role": "system"}
-WEBHOOK_USER = "webhook:stripe"
 
 
 def stripe_timestamp(header: str) -> int | None:
@@ -44,8 +67,13 @@ def stripe_timestamp(header: str) -> int | None:
     return None
 
 
-def stripe_command(event: dict[str, Any]) -> tuple[str, str, dict[str, Any]] | None:
-    """(command type, escrowId, payload) for the event types we act on, else None."""
+def stripe_command(event: dict[str, Any]) -> tuple[str, str, dict[str, Any], str] | None:
+    """(command type, escrowId, payload, commandId) for the event types we act on, else None.
+
+    The commandId is ``stripe:{event id}``, except for ``transfer.created`` of a transfer
+    the payments agent made: that names the settlement (``metadata.settlement_key``), so the
+    agent's confirmation and the webhook's are one command, applied once."""
+    by_event = f"stripe:{event.get('id')}"
     kind = event.get("type")
     obj = (event.get("data") or {}).get("object") or {}
     metadata = obj.get("metadata") or {}
@@ -61,6 +89,7 @@ def stripe_command(event: dict[str, Any]) -> tuple[str, str, dict[str, Any]] | N
                 "amount": str(amount),
                 "currency": str(obj.get("currency", "")).upper(),
             },
+            by_event,
         )
     if kind == "payment_intent.payment_failed" and escrow_id:
         error = obj.get("last_payment_error") or {}
@@ -73,10 +102,12 @@ def stripe_command(event: dict[str, Any]) -> tuple[str, str, dict[str, Any]] | N
                 "errorCode": str(error.get("code") or "payment_failed")[:200],
                 "errorMessage": str(error.get("message") or "")[:2000],
             },
+            by_event,
         )
     if kind == "transfer.created":
         escrow_id = escrow_id or obj.get("transfer_group")
         if escrow_id:
+            key = metadata.get("settlement_key")
             return (
                 "ConfirmSettlement",
                 escrow_id,
@@ -85,6 +116,7 @@ def stripe_command(event: dict[str, Any]) -> tuple[str, str, dict[str, Any]] | N
                     "providerReference": obj["id"],
                     "amount": str(obj.get("amount")),
                 },
+                settled_command_id(key) if key else by_event,
             )
     return None
 
@@ -111,27 +143,155 @@ def register(app: faust.App, gateway: Gateway) -> None:
             mapped = stripe_command(event)
             if mapped is None:
                 return json_response(self, {"received": True, "ignored": event.get("type")})
-            command_type, escrow_id, command_payload = mapped
+            command_type, escrow_id, command_payload, command_id = mapped
             command = gateway.build_command(
-                STRIPE_ACTOR, command_type, escrow_id, command_payload, f"stripe:{event['id']}"
+                STRIPE_ACTOR, command_type, escrow_id, command_payload, command_id
             )
-            return await accept_once(self, gateway, str(event["id"]), raw, command)
+            return await accept_once(self, gateway, "stripe", str(event["id"]), raw, command)
 
 
 async def accept_once(
-    view: View, gateway: Gateway, event_id: str, raw: bytes, command: Command
+    view: View, gateway: Gateway, provider: str, event_id: str, raw: bytes, command: Command
 ) -> Response:
     """Step 3: the first delivery enqueues; every later one replays the same answer."""
+    user = f"webhook:{provider}"  # the idempotency records' namespace
     digest = hashlib.sha256(raw).hexdigest()
-    begun = await gateway.begin_idempotent(WEBHOOK_USER, event_id, digest)
+    begun = await gateway.begin_idempotent(user, event_id, digest)
     answer = {"received": True, "commandId": command.command_id}
     if begun.kind in (BeginKind.REPLAY, BeginKind.MISMATCH):  # mismatch: resent, new fields
         return json_response(view, begun.body or answer, 200)
     if begun.kind is BeginKind.CONFLICT_IN_FLIGHT:
         raise Problem(409, "IDEMPOTENCY_IN_FLIGHT", "this event is being processed")
     try:
-        await gateway.enqueue(WEBHOOK_USER, event_id, command, answer, status=200)
+        await gateway.enqueue(user, event_id, command, answer, status=200)
     except BaseException:
-        await gateway.idempotency.abandon(WEBHOOK_USER, event_id)
+        await gateway.idempotency.abandon(user, event_id)
         raise
     return json_response(view, answer, 200)
+
+
+def custodian_signature(secret: str, timestamp: str, raw: bytes) -> str:
+    """What the custodian sends in ``X-Custodian-Signature`` (step 1)."""
+    message = timestamp.encode() + b"." + raw
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def verify_custodian(
+    secret: str, timestamp: str | None, signature: str | None, raw: bytes, now_s: float
+) -> None:
+    """Step 1; raises a 400 Problem."""
+    if not timestamp or not signature:
+        raise Problem(400, "INVALID_SIGNATURE", "X-Custodian-Timestamp and -Signature needed")
+    expected = custodian_signature(secret, timestamp, raw)
+    if not hmac.compare_digest(expected.encode(), signature.strip().lower().encode()):
+        raise Problem(400, "INVALID_SIGNATURE", "the signature does not match the body")
+    try:
+        stamp = int(timestamp)
+    except ValueError:
+        raise Problem(400, "INVALID_SIGNATURE", "the timestamp is not a number") from None
+    if abs(now_s - stamp) > CUSTODIAN_TOLERANCE_S:
+        raise Problem(400, "INVALID_SIGNATURE", "the timestamp is outside the 5-minute window")
+
+
+def custodian_deposit(data: dict[str, Any]) -> Deposit:
+    """Step 2's deposit, or a 400 Problem naming what is missing."""
+    try:
+        deposit = Deposit(
+            deposit_id=_text(data, "id"),
+            escrow_id=_text(data, "reference"),
+            deposit_address=_text(data, "address"),
+            sender_address=_text(data, "fromAddress"),
+            tx_hash=str(data["txHash"]) if data.get("txHash") else None,
+            amount=_amount(data.get("amount")),
+            asset=_text(data, "asset").upper(),
+            confirmations=int(data.get("confirmations", 0)),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise Problem(400, "INVALID_EVENT", f"deposit.confirmed: {exc}") from None
+    if deposit.asset != "USDC" or not is_address(deposit.sender_address):
+        raise Problem(400, "INVALID_EVENT", "deposit.confirmed: not USDC from an address")
+    return deposit
+
+
+def custodian_command(event: dict[str, Any]) -> tuple[str, str, dict[str, Any], str] | None:
+    """Step 3: (command type, escrowId, payload, commandId) for a transfer event, else None.
+
+    The commandId is the event's own (``custodian:{event id}``), not the settlement's: an
+    event that arrives before its settlement is pending is refused by the escrow, and a
+    refusal recorded under the settlement's id would also refuse the genuine event later."""
+    kind = event.get("type")
+    data = event.get("data") or {}
+    key = data.get("reference")
+    escrow_id = (data.get("metadata") or {}).get("escrow_id")
+    if not key or not escrow_id or kind not in ("transfer.completed", "transfer.failed"):
+        return None
+    payload: dict[str, Any]
+    if kind == "transfer.completed":
+        payload = {
+            "provider": "custodian",
+            "providerReference": str(data.get("id")),
+            "amount": str(data.get("amount")),
+        }
+        return "ConfirmSettlement", escrow_id, payload, f"custodian:{event.get('id')}"
+    error = data.get("error") or {}
+    payload = {
+        "errorCode": str(error.get("code") or "transfer_failed")[:200],
+        "errorMessage": str(error.get("message") or "")[:2000],
+        "retryable": False,
+    }
+    return "RecordSettlementFailure", escrow_id, payload, f"custodian:{event.get('id')}"
+
+
+def _text(data: dict[str, Any], name: str) -> str:
+    value = data.get(name)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} missing")
+    return value
+
+
+def _amount(value: object) -> int:
+    if not isinstance(value, str) or not value.isdigit() or int(value) <= 0:
+        raise ValueError("amount must be a string of base units")
+    return int(value)
+
+
+def register_custodian(app: faust.App, gateway: Gateway) -> None:
+    settings = gateway.settings
+    secret = settings.custodian_webhook_secret.get_secret_value()
+
+    @app.page("/api/webhooks/custodian")
+    class CustodianWebhook(View):
+        async def post(self, request: Request) -> Response:
+            raw = await request.read()
+            verify_custodian(
+                secret,
+                request.headers.get("X-Custodian-Timestamp"),
+                request.headers.get("X-Custodian-Signature"),
+                raw,
+                gateway.clock().timestamp(),
+            )
+            try:
+                event = json.loads(raw)
+                event_id = str(event["id"])
+                kind = str(event["type"])
+            except (ValueError, KeyError, TypeError):
+                raise Problem(400, "INVALID_EVENT", "not a custodian event") from None
+            if kind == "deposit.confirmed":
+                deposit = custodian_deposit(event.get("data") or {})
+                if deposit.confirmations < settings.custodian_min_confirmations:
+                    return json_response(
+                        self, {"received": True, "ignored": "awaiting confirmations"}
+                    )
+                pool = await gateway.database.pool()
+                new = await deposits.record(pool, deposit, gateway.clock())
+                return json_response(
+                    self, {"received": True, "depositId": deposit.deposit_id, "new": new}
+                )
+            mapped = custodian_command(event)
+            if mapped is None:
+                return json_response(self, {"received": True, "ignored": kind})
+            command_type, escrow_id, payload, command_id = mapped
+            command = gateway.build_command(
+                CUSTODIAN_ACTOR, command_type, escrow_id, payload, command_id
+            )
+            return await accept_once(self, gateway, "custodian", event_id, raw, command)

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from escrow_stream.config import Settings
+from escrow_stream.web.auth import Role
 from tests.e2e.test_http_flow import create_body
 from tests.e2e.test_http_reads import call, escrow_when, token
 from tests.e2e.test_webhooks_stripe import deliver, sign
@@ -157,3 +158,36 @@ def test_refund_refunds_the_payment_intent(worker: tuple[Stack, WorkerProcess]) 
     events = asyncio.run(stack.events(lambda es: False, timeout_s=3))
     refund = [e for e in events if e["escrowId"] == escrow_id and e["type"] == "EscrowRefunded"]
     assert refund and refund[0]["data"]["providerReference"].startswith("re_")
+
+
+def test_dispute_resolved_for_the_seller_transfers_the_payout(
+    worker: tuple[Stack, WorkerProcess],
+) -> None:
+    stack, process = worker
+    run = uuid.uuid4().hex[:8]
+    buyer, seller = f"dis-b-{run}", f"dis-s-{run}"
+    escrow_id = funded_escrow(stack, process, buyer, seller)
+    wait = {"Prefer": "wait=30"}
+    steps = [
+        (seller, Role.USER, "deliver", {}),
+        (buyer, Role.USER, "dispute", {"reason": "not what was described"}),
+        (
+            f"admin-{run}",
+            Role.ADMIN,
+            "dispute/resolve",
+            {"resolution": "RELEASE", "reason": "delivery matches the contract"},
+        ),
+    ]
+    for user, role, action, body in steps:
+        path = f"/api/escrow/{escrow_id}/{action}"
+        status, _, answer = call(process, "POST", path, token(stack, user, role), body, wait)
+        assert status == 200, (action, answer)
+    released = escrow_when(
+        stack, process, buyer, escrow_id, lambda e: e["status"] == "RELEASED", 60
+    )
+    assert released is not None, process.log_tail()
+    events = asyncio.run(stack.events(lambda es: False, timeout_s=3))
+    mine = [e for e in events if e["escrowId"] == escrow_id and e["type"] == "EscrowReleased"]
+    assert len({e["eventId"] for e in mine}) == 1
+    assert mine[0]["data"]["providerReference"].startswith("tr_")
+    assert mine[0]["data"]["payoutAmount"] == "9500"

@@ -1,0 +1,146 @@
+"""Deposit screening: no USDC counts as held before TRM Labs and Chainalysis cleared its sender.
+
+Every second, on every worker, for each deposit due (``custodian_deposits``, status
+SCREENING), one at a time, inside one PostgreSQL transaction that holds the row locked
+(``FOR UPDATE SKIP LOCKED``: workers never screen the same deposit at once):
+
+1. Screen the sender address with both providers.
+2. Both passed → enqueue ConfirmFunds (commandId ``custodian:deposit:{depositId}``) through
+   the outbox; the deposit is CLEARED.  The escrow's own rules then check the amount and
+   currency (AMOUNT_MISMATCH otherwise: a partial deposit never holds funds).
+3. A provider flagged the sender → enqueue CancelEscrow with reason COMPLIANCE_REJECTED
+   (``custodian:compliance:{depositId}``); the deposit is FROZEN for compliance review and
+   is not sent back automatically.
+4. A provider error → the deposit stays SCREENING, with the error and the next attempt time
+   (exponential backoff from ``ESCROW_RETRY_DELAY_MS``, capped at 5 minutes); nothing else.
+
+The command and the deposit's new status commit together, so a crash anywhere leaves the
+deposit either unscreened (screened again) or decided with its command on the way.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import faust
+
+from escrow_stream.agents.processor import encode_command, make_command
+from escrow_stream.clock import Clock
+from escrow_stream.config import Settings
+from escrow_stream.db import deposits, outbox
+from escrow_stream.db.deposits import DepositStatus
+from escrow_stream.db.outbox import OutboxPublisher
+from escrow_stream.db.pool import Database
+from escrow_stream.payments.screening import RiskScreener, ScreeningUnavailable
+from escrow_stream.signing import signature_headers
+
+log = logging.getLogger(__name__)
+
+ACTOR = {"id": "deposit-screening", "role": "system"}
+INTERVAL_S = 1.0
+BATCH = 20
+
+
+class DepositScreening:
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Clock,
+        database: Database,
+        screener: RiskScreener,
+        publisher: OutboxPublisher,
+    ) -> None:
+        self._settings = settings
+        self._clock = clock
+        self._database = database
+        self._screener = screener
+        self._publisher = publisher
+        self._secret = settings.internal_command_secret.get_secret_value()
+
+    async def screen_due(self, limit: int = BATCH) -> int:
+        """Screen up to ``limit`` due deposits; how many were decided or rescheduled."""
+        done = 0
+        while done < limit and await self._screen_one():
+            done += 1
+        if done:
+            self._publisher.notify()
+        return done
+
+    async def _screen_one(self) -> bool:
+        pool = await self._database.pool()
+        async with pool.acquire() as conn, conn.transaction():
+            now = self._clock()
+            row = await deposits.claim_due(conn, now)
+            if row is None:
+                return False
+            try:
+                verdict = await self._screener.screen(
+                    row["sender_address"], reference=row["escrow_id"]
+                )
+            except (ScreeningUnavailable, ValueError) as exc:  # step 4
+                first_s = self._settings.escrow_retry_delay_ms / 1000
+                at = self._clock() + deposits.backoff(row["attempts"], first_s)
+                log.warning("screening of deposit %s deferred: %s", row["deposit_id"], exc)
+                await deposits.retry_later(conn, row["deposit_id"], str(exc), at)
+                return True
+            record: dict[str, Any] = {
+                "passed": verdict.passed,
+                "reasons": verdict.reasons(),
+                "providers": [
+                    {"provider": p.provider, "passed": p.passed, "risk": p.risk, "raw": p.raw}
+                    for p in verdict.providers
+                ],
+            }
+            if verdict.passed:  # step 2
+                command = make_command(
+                    ACTOR,
+                    "ConfirmFunds",
+                    row["escrow_id"],
+                    {
+                        "provider": "custodian",
+                        "providerPaymentId": row["deposit_id"],
+                        "amount": str(row["amount"]),
+                        "currency": row["asset"],
+                        "senderAddress": row["sender_address"],
+                    },
+                    f"custodian:deposit:{row['deposit_id']}",
+                    now,
+                )
+                status = DepositStatus.CLEARED
+            else:  # step 3
+                command = make_command(
+                    ACTOR,
+                    "CancelEscrow",
+                    row["escrow_id"],
+                    {"reason": "COMPLIANCE_REJECTED"},
+                    f"custodian:compliance:{row['deposit_id']}",
+                    now,
+                )
+                status = DepositStatus.FROZEN
+                log.warning(
+                    "deposit %s of escrow %s FROZEN for compliance review: %s",
+                    row["deposit_id"],
+                    row["escrow_id"],
+                    "; ".join(verdict.reasons()),
+                )
+            body = encode_command(command)
+            await outbox.enqueue(
+                conn,
+                self._settings.kafka_commands_topic,
+                command.escrow_id,
+                body,
+                signature_headers(self._secret, body),
+                command.escrow_id,
+            )
+            await deposits.decide(conn, row["deposit_id"], status, record, now)
+            return True
+
+
+def register(app: faust.App, screening: DepositScreening) -> None:
+    @app.timer(INTERVAL_S, name="deposit-screening")  # type: ignore[untyped-decorator]
+    async def screen_deposits() -> None:
+        try:
+            await screening.screen_due()
+        except Exception:  # the database is down, say: the next tick tries again
+            log.exception("deposit screening failed; retrying next tick")

@@ -1,0 +1,121 @@
+"""Custodian deposits (``custodian_deposits``): recorded by the webhook, screened by the
+deposit-screening loop, kept as the compliance record (FROZEN ones wait for a human).
+
+A deposit is recorded once per custodian deposit id, whichever webhook delivery (or event id)
+brings it: ``ON CONFLICT DO NOTHING``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+import asyncpg
+
+
+class DepositStatus(StrEnum):
+    SCREENING = "SCREENING"  # waiting for (or retrying) TRM and Chainalysis
+    CLEARED = "CLEARED"  # both passed: ConfirmFunds was enqueued
+    FROZEN = "FROZEN"  # a provider flagged the sender: escrow cancelled, funds kept for review
+
+
+@dataclass(frozen=True)
+class Deposit:
+    deposit_id: str
+    escrow_id: str
+    deposit_address: str
+    sender_address: str
+    tx_hash: str | None
+    amount: int
+    asset: str
+    confirmations: int
+
+
+async def record(conn: asyncpg.Connection | asyncpg.Pool, deposit: Deposit, now: datetime) -> bool:
+    """Record a confirmed deposit for screening; False when it was already recorded."""
+    inserted = await conn.fetchval(
+        """
+        INSERT INTO custodian_deposits (deposit_id, escrow_id, deposit_address, sender_address,
+                                        tx_hash, amount, asset, confirmations, status,
+                                        next_attempt_at, received_at)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'SCREENING', $9, $9)
+        ON CONFLICT (deposit_id) DO NOTHING
+        RETURNING true
+        """,
+        deposit.deposit_id,
+        deposit.escrow_id,
+        deposit.deposit_address,
+        deposit.sender_address,
+        deposit.tx_hash,
+        deposit.amount,
+        deposit.asset,
+        deposit.confirmations,
+        now,
+    )
+    return bool(inserted)
+
+
+async def claim_due(conn: asyncpg.Connection, now: datetime) -> asyncpg.Record | None:
+    """Lock the oldest deposit due for screening (inside the caller's transaction); other
+    workers skip it, so each deposit is screened by one of them at a time."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        """
+        SELECT * FROM custodian_deposits
+         WHERE status = 'SCREENING' AND next_attempt_at <= $1
+         ORDER BY next_attempt_at, received_at
+         LIMIT 1
+         FOR UPDATE SKIP LOCKED
+        """,
+        now,
+    )
+    return row
+
+
+async def retry_later(conn: asyncpg.Connection, deposit_id: str, error: str, at: datetime) -> None:
+    await conn.execute(
+        """
+        UPDATE custodian_deposits
+           SET attempts = attempts + 1, last_error = $2, next_attempt_at = $3
+         WHERE deposit_id = $1
+        """,
+        deposit_id,
+        error[:2000],
+        at,
+    )
+
+
+async def decide(
+    conn: asyncpg.Connection,
+    deposit_id: str,
+    status: DepositStatus,
+    screening: dict[str, Any],
+    now: datetime,
+) -> None:
+    await conn.execute(
+        """
+        UPDATE custodian_deposits
+           SET status = $2, screening = $3, screened_at = $4,
+               attempts = attempts + 1, last_error = NULL
+         WHERE deposit_id = $1
+        """,
+        deposit_id,
+        status.value,
+        screening,  # the pool's jsonb codec encodes it
+        now,
+    )
+    if status is DepositStatus.FROZEN:  # the mirror's rail row, when it is there already
+        await conn.execute(
+            """
+            UPDATE stablecoin_escrows SET frozen = true, updated_at = $2
+             WHERE escrow_id = (SELECT escrow_id FROM custodian_deposits WHERE deposit_id = $1)
+            """,
+            deposit_id,
+            now,
+        )
+
+
+def backoff(attempts: int, first_s: float, cap_s: float = 300.0) -> timedelta:
+    """Delay before screening attempt ``attempts + 1``: exponential from ``first_s``."""
+    return timedelta(seconds=min(cap_s, max(first_s, 0.05) * 2 ** min(attempts, 16)))

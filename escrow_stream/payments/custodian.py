@@ -1,0 +1,186 @@
+"""The USDC-on-Base rail: a custodian's REST API, with ``httpx``.
+
+The custodian is "Coinbase Prime-style" (SPEC §5): it holds the platform's USDC, gives out
+deposit addresses and sends transfers, and reports both by signed webhook.  The shapes used
+(and spoken by the local stand-in in ``tests/standins/custodian.py``), all JSON, amounts as
+strings of USDC base units (6 decimals):
+
+* ``POST /v1/deposit-addresses`` ``{"reference", "asset": "USDC", "network": "base"}`` →
+  ``{"id", "address", "asset", "network", "reference"}``.  ``reference`` is our escrowId;
+  the custodian echoes it in every ``deposit.confirmed`` for that address.
+* ``POST /v1/transfers`` ``{"reference", "asset", "network", "amount", "destination":
+  {"address"}, "metadata"}`` → ``{"id", "status": "PENDING" | "COMPLETED" | "FAILED",
+  "reference", "amount", ...}``.  ``reference`` is our settlement key.
+* Every request carries ``Authorization: Bearer CUSTODIAN_API_KEY`` and every POST an
+  ``Idempotency-Key``: the same key returns the object created the first time, never a
+  second one.  Errors are ``{"error": {"code", "message"}}``.
+
+4xx answers (but 408, 409 "in progress" and 429) are refusals: a retry will not change
+them.  Anything else — 5xx, 408, 429, timeouts, lost connections — leaves the outcome
+unknown: the call is retried here ``ESCROW_MAX_RETRIES`` times with backoff from
+``ESCROW_RETRY_DELAY_MS``, then :class:`CustodianUnavailable` goes to the caller, which
+retries later with the same key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+import httpx
+
+from escrow_stream.config import Settings
+from escrow_stream.payments.common import PermanentSettlementError, settlement_key
+
+ASSET = "USDC"
+NETWORK = "base"
+ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+RETRY_CAP_S = 10.0
+#: Answers whose outcome is unknown or that ask us to come back later.
+RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
+
+
+class CustodianUnavailable(Exception):
+    """The custodian did not give an answer we can act on; try again later, same key."""
+
+
+class CustodianRefused(Exception):
+    """The custodian refused the request for good (HTTP 4xx)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+
+
+def deposit_key(escrow_id: str) -> str:
+    return f"escrow-deposit:{escrow_id}"
+
+
+def is_address(value: object) -> bool:
+    return isinstance(value, str) and bool(ADDRESS.match(value))
+
+
+class CustodianClient:
+    def __init__(
+        self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self._http = httpx.AsyncClient(
+            base_url=settings.custodian_api_url.rstrip("/"),
+            headers={
+                "Authorization": f"Bearer {settings.custodian_api_key.get_secret_value()}",
+                "User-Agent": "escrow-stream",
+            },
+            timeout=settings.provider_timeout_ms / 1000,
+            transport=transport,
+        )
+        self._retries = settings.escrow_max_retries
+        self._delay_s = settings.escrow_retry_delay_ms / 1000
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def create_deposit_address(self, escrow_id: str) -> dict[str, Any]:
+        body = {"reference": escrow_id, "asset": ASSET, "network": NETWORK}
+        answer = await self._post("/v1/deposit-addresses", body, deposit_key(escrow_id))
+        if not answer.get("id") or not is_address(answer.get("address")):
+            raise CustodianUnavailable("deposit address answer without id or address")
+        return answer
+
+    async def create_transfer(
+        self, key: str, amount: int, to_address: str, metadata: dict[str, str]
+    ) -> dict[str, Any]:
+        body = {
+            "reference": key,
+            "asset": ASSET,
+            "network": NETWORK,
+            "amount": str(amount),
+            "destination": {"address": to_address},
+            "metadata": metadata,
+        }
+        answer = await self._post("/v1/transfers", body, key)
+        if not answer.get("id"):
+            raise CustodianUnavailable("transfer answer without id")
+        return answer
+
+    async def _post(self, path: str, body: dict[str, Any], key: str) -> dict[str, Any]:
+        delay_s = self._delay_s
+        for attempt in range(self._retries + 1):
+            last = attempt == self._retries
+            try:
+                response = await self._http.post(path, json=body, headers={"Idempotency-Key": key})
+            except httpx.HTTPError as exc:  # timeout, connection refused or lost
+                if last:
+                    raise CustodianUnavailable(f"POST {path}: {type(exc).__name__}") from exc
+            else:
+                status = response.status_code
+                if 200 <= status < 300:
+                    try:
+                        answer = response.json()
+                    except ValueError:
+                        raise CustodianUnavailable(f"POST {path}: not JSON") from None
+                    if not isinstance(answer, dict):
+                        raise CustodianUnavailable(f"POST {path}: not a JSON object")
+                    return answer
+                if 400 <= status < 500 and status not in RETRYABLE_STATUS:
+                    code, message = _error(response)
+                    raise CustodianRefused(status, code, message)
+                if last:
+                    raise CustodianUnavailable(f"POST {path}: HTTP {status}")
+            await asyncio.sleep(delay_s)
+            delay_s = min(RETRY_CAP_S, max(delay_s * 2, 0.01))
+        raise AssertionError("unreachable")
+
+
+def _error(response: httpx.Response) -> tuple[str, str]:
+    try:
+        error = response.json().get("error") or {}
+        return str(error.get("code") or response.status_code), str(error.get("message") or "")
+    except (ValueError, AttributeError):
+        return str(response.status_code), response.text[:500]
+
+
+class CustodianRail:
+    """The agent's view of the custodian (see ``agents.payments.Rail``)."""
+
+    def __init__(self, client: CustodianClient) -> None:
+        self._client = client
+
+    async def payment_instructions(self, escrow: dict[str, Any]) -> dict[str, Any]:
+        """A deposit address for the escrow: where the buyer sends the USDC."""
+        address = await self._client.create_deposit_address(escrow["escrowId"])
+        return {
+            "provider": "custodian",
+            "providerPaymentId": address["id"],
+            "depositAddress": address["address"],
+        }
+
+    async def settle(self, escrow: dict[str, Any]) -> None:
+        """Send the pending settlement's transfer.  Completion arrives by webhook
+        (``transfer.completed`` → ConfirmSettlement), so there is nothing to confirm here.
+
+        RELEASE goes to the seller's wallet (``sellerAccountId``); REFUND to
+        ``buyerWalletAddress`` when the buyer gave one, else back to the deposit's sender.
+        """
+        settlement = escrow["settlement"]
+        escrow_id = escrow["escrowId"]
+        payment = escrow.get("payment") or {}
+        if settlement["kind"] == "RELEASE":
+            to_address = escrow.get("sellerAccountId")
+            missing = "no_seller_wallet", "the escrow has no seller wallet address"
+        else:
+            to_address = escrow.get("buyerWalletAddress") or payment.get("senderAddress")
+            missing = "no_refund_address", "neither a buyer wallet nor the deposit's sender"
+        if not is_address(to_address):
+            raise PermanentSettlementError(*missing)
+        key = settlement_key(escrow_id, settlement)
+        try:
+            await self._client.create_transfer(
+                key,
+                int(settlement["payoutAmount"]),
+                str(to_address),
+                {"escrow_id": escrow_id, "settlement_key": key},
+            )
+        except CustodianRefused as exc:
+            raise PermanentSettlementError(exc.code, str(exc)) from exc
