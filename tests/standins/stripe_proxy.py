@@ -1,0 +1,263 @@
+"""A test stand-in in front of the real stripe-mock: a reverse proxy that adds what stripe-mock
+lacks, Stripe's idempotency, and the provider faults the payments agent must survive.
+
+stripe-mock is stateless: the same ``Idempotency-Key`` twice creates two objects.  Stripe
+itself stores the answer to the first request per key and replays it to every later one
+(header ``Idempotent-Replayed: true``), and refuses a key reused with other parameters
+(400 ``idempotency_error``).  This proxy does both, so "objects Stripe created" is the number
+of distinct keys it forwarded successfully — counted here, on the provider's side.  Only a
+2xx answer is stored: a fault injected before forwarding models a request that never reached
+Stripe's API, which Stripe does not store either.
+
+It serves real HTTP on 127.0.0.1 from a thread with its own event loop, so a worker process
+can call it through ``STRIPE_API_BASE``.  Faults are programmed per path prefix (and method,
+POST unless told) and used up one per matching request, in the order programmed:
+
+* :meth:`StripeProxy.lose_response` — forward (the object IS created and stored), then drop
+  the connection unanswered;
+* :meth:`StripeProxy.fail` — answer a Stripe-shaped error (500 ``api_error``) unforwarded;
+* :meth:`StripeProxy.delay` — forward, store, then answer only after ``seconds`` (longer than
+  the client's timeout, so the client gives up first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+import aiohttp
+from aiohttp import web
+
+from tests.support import free_port
+
+STRIPE_MOCK = "http://127.0.0.1:12111"
+START_WAIT_S = 10.0
+UPSTREAM_TIMEOUT_S = 30.0
+# hop-by-hop or recomputed by the server/client on each side
+_DROPPED_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "accept-encoding",
+        "content-encoding",
+    }
+)
+
+FaultKind = Literal["lose", "fail", "delay"]
+Action = Literal["forwarded", "replayed", "failed", "conflict"]
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: FaultKind
+    status: int = 500
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One request the proxy received and what it did with it."""
+
+    method: str
+    path: str
+    key: str | None
+    action: Action  # forwarded upstream / replayed from the store / answered by a fault
+    fault: FaultKind | None
+    status: int  # the answer's, whether or not it reached the caller (fault "lose": not)
+
+
+@dataclass
+class _Stored:
+    body: bytes  # the request's, to refuse the key reused with other parameters
+    status: int
+    headers: dict[str, str]
+    answer: bytes
+
+
+@dataclass
+class StripeProxy:
+    upstream: str = STRIPE_MOCK
+    port: int = field(default_factory=free_port)
+    log: list[Entry] = field(default_factory=list)
+    created: Counter[str] = field(default_factory=Counter)  # by path: distinct keys forwarded
+    _stored: dict[str, _Stored] = field(default_factory=dict)  # by idempotency key
+    _faults: dict[tuple[str, str], deque[Fault]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # -- the test's side -------------------------------------------------------------
+
+    def lose_response(self, prefix: str, n: int, method: str = "POST") -> None:
+        self._program(prefix, method, [Fault("lose")] * n)
+
+    def fail(self, prefix: str, n: int, status: int = 500, method: str = "POST") -> None:
+        self._program(prefix, method, [Fault("fail", status=status)] * n)
+
+    def delay(self, prefix: str, n: int, seconds: float, method: str = "POST") -> None:
+        self._program(prefix, method, [Fault("delay", seconds=seconds)] * n)
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def pending_faults(self) -> int:
+        with self._lock:
+            return sum(len(q) for q in self._faults.values())
+
+    def requests(self, prefix: str, key_contains: str, method: str = "POST") -> list[Entry]:
+        """The log entries for ``method`` on ``prefix`` whose key contains ``key_contains``."""
+        with self._lock:
+            return [
+                e
+                for e in self.log
+                if e.method == method
+                and e.path.startswith(prefix)
+                and key_contains in (e.key or "")
+            ]
+
+    def created_keys(self, prefix: str, key_contains: str) -> set[str]:
+        """Distinct idempotency keys for which stripe-mock created an object on ``prefix``."""
+        return {
+            str(e.key)
+            for e in self.requests(prefix, key_contains)
+            if e.action == "forwarded" and 200 <= e.status < 300
+        }
+
+    def stored_answer(self, key: str) -> bytes | None:
+        with self._lock:
+            stored = self._stored.get(key)
+            return stored.answer if stored else None
+
+    def _program(self, prefix: str, method: str, faults: list[Fault]) -> None:
+        with self._lock:
+            self._faults.setdefault((method.upper(), prefix), deque()).extend(faults)
+
+    def _next_fault(self, method: str, path: str) -> Fault | None:
+        with self._lock:
+            for (m, prefix), queue in self._faults.items():
+                if m == method and path.startswith(prefix) and queue:
+                    return queue.popleft()
+        return None
+
+    def _record(self, entry: Entry) -> None:
+        with self._lock:
+            self.log.append(entry)
+
+    # -- the server ------------------------------------------------------------------
+
+    def start(self) -> StripeProxy:
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            runner, session = loop.run_until_complete(self._serve())
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(runner.cleanup())
+            loop.run_until_complete(session.close())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="stripe-proxy", daemon=True)
+        self._thread.start()
+        assert ready.wait(START_WAIT_S), "stripe proxy did not start"
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(START_WAIT_S)
+
+    async def _serve(self) -> tuple[web.AppRunner, aiohttp.ClientSession]:
+        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=UPSTREAM_TIMEOUT_S))
+        key_locks: dict[str, asyncio.Lock] = {}
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            key = request.headers.get("Idempotency-Key")
+            if key is None:
+                response, fault = await self._answer(request, session, None)
+            else:
+                async with key_locks.setdefault(key, asyncio.Lock()):  # one at a time per key
+                    response, fault = await self._answer(request, session, key)
+            if fault is not None and fault.kind == "lose":
+                # done upstream, but the answer never reaches the caller
+                assert request.transport is not None
+                request.transport.abort()
+            elif fault is not None and fault.kind == "delay":
+                await asyncio.sleep(fault.seconds)  # the key is free again meanwhile
+            return response
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", self.port).start()
+        return runner, session
+
+    async def _answer(
+        self, request: web.Request, session: aiohttp.ClientSession, key: str | None
+    ) -> tuple[web.Response, Fault | None]:
+        """The answer to one request, and the fault still to apply on the way back.
+
+        1. A ``fail`` fault answers unforwarded.
+        2. A key stored with other parameters is refused; a stored key is replayed.
+        3. Otherwise forward upstream; a 2xx answer with a key is stored (an object created).
+        4. The caller loses (``lose``) or waits for (``delay``) the answer.
+        """
+        method, path = request.method, request.path
+        body = await request.read()
+        fault = self._next_fault(method, path)
+        if fault is not None and fault.kind == "fail":
+            self._record(Entry(method, path, key, "failed", "fail", fault.status))
+            return _error(fault.status, "api_error", "injected by the test proxy"), None
+
+        with self._lock:
+            stored = self._stored.get(key) if key is not None else None
+        if stored is not None and stored.body != body:
+            self._record(Entry(method, path, key, "conflict", None, 400))
+            message = f"key {key} was first used with other parameters"
+            return _error(400, "idempotency_error", message), None
+        if stored is not None:
+            action: Action = "replayed"
+            status, headers, answer = stored.status, dict(stored.headers), stored.answer
+            headers["Idempotent-Replayed"] = "true"
+        else:
+            action = "forwarded"
+            status, headers, answer = await self._forward(request, session, body)
+            if key is not None and 200 <= status < 300:
+                with self._lock:
+                    self._stored[key] = _Stored(body, status, headers, answer)
+                    self.created[path] += 1
+
+        self._record(Entry(method, path, key, action, fault.kind if fault else None, status))
+        return web.Response(status=status, headers=headers, body=answer), fault
+
+    async def _forward(
+        self, request: web.Request, session: aiohttp.ClientSession, body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROPPED_HEADERS}
+        async with session.request(
+            request.method,
+            self.upstream + request.path_qs,
+            headers=headers,
+            data=body,
+            allow_redirects=False,
+        ) as upstream:
+            answer = await upstream.read()
+            back = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROPPED_HEADERS}
+            return upstream.status, back, answer
+
+
+def _error(status: int, kind: str, message: str) -> web.Response:
+    return web.json_response({"error": {"type": kind, "message": message}}, status=status)
