@@ -18,6 +18,7 @@ import aiohttp_cors
 import faust
 import redis.asyncio
 
+from escrow_stream import transport
 from escrow_stream.agents import mirror, payments, processor, screening, timeouts
 from escrow_stream.agents import outbox as outbox_agent
 from escrow_stream.clock import Clock, utc_now
@@ -65,7 +66,7 @@ def create_app(
     """Build the application and register everything on it."""
     shared_redis = redis_client(settings)
     limiter = rate_limiter(settings, shared_redis)
-    app = faust.App(
+    app = transport.App(
         settings.kafka_group_id,
         broker=settings.broker_urls,
         broker_client_id=settings.kafka_client_id,
