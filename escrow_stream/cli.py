@@ -207,6 +207,38 @@ def escrows_stuck(ctx: click.Context) -> None:
     click.echo(f"{len(rows)} stuck escrow(s)", err=True)
 
 
+@main.group()
+def deposits() -> None:
+    """USDC deposits the custodian reported, and their risk screening."""
+
+
+@deposits.command("list")
+@click.option(
+    "--status",
+    type=click.Choice(["SCREENING", "CLEARED", "FROZEN"]),
+    help="Only these; FROZEN ones wait for compliance review.",
+)
+@click.option("--escrow-id", help="Only this escrow's deposits.")
+@click.pass_context
+def deposits_list(ctx: click.Context, status: str | None, escrow_id: str | None) -> None:
+    """One JSON line per deposit, oldest first (amounts in USDC base units)."""
+    from escrow_stream.db.deposits import DepositStatus, listing
+    from escrow_stream.db.pool import create_pool
+
+    async def run() -> list[dict[str, object]]:
+        pool = await create_pool(_settings(ctx))
+        try:
+            wanted = DepositStatus(status) if status else None
+            return await listing(pool, wanted, escrow_id)
+        finally:
+            await pool.close()
+
+    rows = asyncio.run(run())
+    for row in rows:
+        click.echo(json.dumps(row, default=str, sort_keys=True))
+    click.echo(f"{len(rows)} deposit(s)", err=True)
+
+
 @main.command()
 @click.pass_context
 def reconcile(ctx: click.Context) -> None:

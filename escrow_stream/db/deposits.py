@@ -119,3 +119,22 @@ async def decide(
 def backoff(attempts: int, first_s: float, cap_s: float = 300.0) -> timedelta:
     """Delay before screening attempt ``attempts + 1``: exponential from ``first_s``."""
     return timedelta(seconds=min(cap_s, max(first_s, 0.05) * 2 ** min(attempts, 16)))
+
+
+async def listing(
+    pool: asyncpg.Pool, status: DepositStatus | None = None, escrow_id: str | None = None
+) -> list[dict[str, Any]]:
+    """Deposits for compliance review (``escrow-stream deposits list``), oldest first."""
+    rows = await pool.fetch(
+        """
+        SELECT deposit_id, escrow_id, status, amount, asset, sender_address, deposit_address,
+               tx_hash, confirmations, attempts, last_error, screening, received_at,
+               screened_at, next_attempt_at
+          FROM custodian_deposits
+         WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR escrow_id = $2)
+         ORDER BY received_at, deposit_id
+        """,
+        status.value if status is not None else None,
+        escrow_id,
+    )
+    return [dict(r) for r in rows]
