@@ -104,6 +104,19 @@ stop_pid() {
   kill -KILL "$pid" 2>/dev/null || true
 }
 
+# down_ours NAME PID_FILE PID: stop a service this script started (PID empty: not ours).
+down_ours() {
+  local name="$1" pid_file="$2" pid="$3"
+  if [[ -z "$pid" ]]; then
+    rm -f "$pid_file"
+    say "$name: not started by us, nothing to stop"
+    return 0
+  fi
+  stop_pid "$name" "$pid" 10
+  rm -f "$pid_file"
+  say "$name stopped (pid $pid)"
+}
+
 status_line() { # name up|down ours|external|- pid port [note]
   printf '%-10s %-5s %-9s pid=%-8s %s%s\n' "$1" "$2" "$3" "${4:--}" "$5" "${6:+  ($6)}"
 }
@@ -520,18 +533,7 @@ redis_up() {
   say "redis up (pid $(read_pid "$REDIS_PID_FILE")) in $(since "$t0") on 127.0.0.1:$REDIS_PORT"
 }
 
-redis_down() {
-  local pid
-  pid="$(redis_our_pid)"
-  if [[ -z "$pid" ]]; then
-    rm -f "$REDIS_PID_FILE"
-    say "redis: not started by us, nothing to stop"
-    return 0
-  fi
-  stop_pid redis "$pid" 10
-  rm -f "$REDIS_PID_FILE"
-  say "redis stopped (pid $pid)"
-}
+redis_down() { down_ours redis "$REDIS_PID_FILE" "$(redis_our_pid)"; }
 
 redis_status() {
   local pid
@@ -586,18 +588,7 @@ stripe_mock_up() {
   say "stripe-mock up (pid $(read_pid "$STRIPE_MOCK_PID_FILE")) in $(since "$t0") on 127.0.0.1:$STRIPE_MOCK_PORT"
 }
 
-stripe_mock_down() {
-  local pid
-  pid="$(stripe_mock_our_pid)"
-  if [[ -z "$pid" ]]; then
-    rm -f "$STRIPE_MOCK_PID_FILE"
-    say "stripe-mock: not started by us, nothing to stop"
-    return 0
-  fi
-  stop_pid stripe-mock "$pid" 10
-  rm -f "$STRIPE_MOCK_PID_FILE"
-  say "stripe-mock stopped (pid $pid)"
-}
+stripe_mock_down() { down_ours stripe-mock "$STRIPE_MOCK_PID_FILE" "$(stripe_mock_our_pid)"; }
 
 stripe_mock_status() {
   local pid
@@ -720,18 +711,7 @@ s3_up() {
   say "s3 up (pid $pid) in $(since "$t0") on 127.0.0.1:$S3_PORT, bucket $S3_DEV_BUCKET"
 }
 
-s3_down() {
-  local pid
-  pid="$(s3_our_pid)"
-  if [[ -z "$pid" ]]; then
-    rm -f "$S3_PID_FILE"
-    say "s3: not started by us, nothing to stop"
-    return 0
-  fi
-  stop_pid s3 "$pid" 10
-  rm -f "$S3_PID_FILE"
-  say "s3 stopped (pid $pid)"
-}
+s3_down() { down_ours s3 "$S3_PID_FILE" "$(s3_our_pid)"; }
 
 s3_status() {
   local pid
