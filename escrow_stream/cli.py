@@ -6,17 +6,45 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from escrow_stream.config import ConfigError, Settings, dump_json, load_settings
 
+if TYPE_CHECKING:
+    import asyncpg
+
+T = TypeVar("T")
+
 
 def _settings(ctx: click.Context) -> Settings:
     settings: Settings = ctx.obj
     return settings
+
+
+def _on_database(ctx: click.Context, query: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
+    """Run ``query`` on a pool of its own, closed afterwards."""
+    from escrow_stream.db.pool import create_pool
+
+    async def run() -> T:
+        pool = await create_pool(_settings(ctx))
+        try:
+            return await query(pool)
+        finally:
+            await pool.close()
+
+    return asyncio.run(run())
+
+
+def _echo_rows(rows: list[dict[str, Any]], counted: str) -> None:
+    """One JSON line per row on stdout, the count on stderr."""
+    for row in rows:
+        click.echo(json.dumps(row, default=str, sort_keys=True))
+    click.echo(f"{len(rows)} {counted}", err=True)
 
 
 @click.group()
@@ -191,20 +219,9 @@ def escrows() -> None:
 def escrows_stuck(ctx: click.Context) -> None:
     """List escrows past a deadline that a timeout should have moved (seed's query)."""
     from escrow_stream.clock import utc_now
-    from escrow_stream.db.pool import create_pool
     from escrow_stream.db.queries import stuck_escrows
 
-    async def run() -> list[dict[str, object]]:
-        pool = await create_pool(_settings(ctx))
-        try:
-            return await stuck_escrows(pool, utc_now())
-        finally:
-            await pool.close()
-
-    rows = asyncio.run(run())
-    for row in rows:
-        click.echo(json.dumps(row, default=str, sort_keys=True))
-    click.echo(f"{len(rows)} stuck escrow(s)", err=True)
+    _echo_rows(_on_database(ctx, lambda pool: stuck_escrows(pool, utc_now())), "stuck escrow(s)")
 
 
 @main.group()
@@ -223,37 +240,18 @@ def deposits() -> None:
 def deposits_list(ctx: click.Context, status: str | None, escrow_id: str | None) -> None:
     """One JSON line per deposit, oldest first (amounts in USDC base units)."""
     from escrow_stream.db.deposits import DepositStatus, listing
-    from escrow_stream.db.pool import create_pool
 
-    async def run() -> list[dict[str, object]]:
-        pool = await create_pool(_settings(ctx))
-        try:
-            wanted = DepositStatus(status) if status else None
-            return await listing(pool, wanted, escrow_id)
-        finally:
-            await pool.close()
-
-    rows = asyncio.run(run())
-    for row in rows:
-        click.echo(json.dumps(row, default=str, sort_keys=True))
-    click.echo(f"{len(rows)} deposit(s)", err=True)
+    wanted = DepositStatus(status) if status else None
+    _echo_rows(_on_database(ctx, lambda pool: listing(pool, wanted, escrow_id)), "deposit(s)")
 
 
 @main.command()
 @click.pass_context
 def reconcile(ctx: click.Context) -> None:
     """Check the mirrored ledger's invariants (SPEC §7); exit 1 on any violation."""
-    from escrow_stream.db.pool import create_pool
     from escrow_stream.db.queries import reconcile as reconcile_mirror
 
-    async def run() -> list[str]:
-        pool = await create_pool(_settings(ctx))
-        try:
-            return await reconcile_mirror(pool)
-        finally:
-            await pool.close()
-
-    problems = asyncio.run(run())
+    problems = _on_database(ctx, reconcile_mirror)
     for problem in problems:
         click.echo(problem)
     if problems:
@@ -312,19 +310,11 @@ def outbox_replay(ctx: click.Context, aggregates: tuple[str, ...], since: dateti
     outcome).
     """
     from escrow_stream.db.outbox import replay
-    from escrow_stream.db.pool import create_pool
 
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
-
-    async def run() -> int:
-        pool = await create_pool(_settings(ctx))
-        try:
-            return await replay(pool, list(aggregates) or None, since)
-        finally:
-            await pool.close()
-
-    click.echo(f"{asyncio.run(run())} outbox row(s) will be sent again")
+    count = _on_database(ctx, lambda pool: replay(pool, list(aggregates) or None, since))
+    click.echo(f"{count} outbox row(s) will be sent again")
 
 
 @main.command()
