@@ -15,13 +15,12 @@ import pytest
 from escrow_stream.config import Settings
 from escrow_stream.storage import PRESIGN_EXPIRY_S, EvidenceStore
 from escrow_stream.web.auth import Role
-from tests.e2e.test_http_flow import create_body
+from tests.e2e.test_http_flow import confirm_funds, create_body
 from tests.e2e.test_http_reads import call, escrow_when, token
-from tests.harness import Stack, WorkerProcess, eventually, wire_command
+from tests.harness import Stack, WorkerProcess, eventually
 
 pytestmark = pytest.mark.integration
 
-SYSTEM = {"id": "payments-agent", "role": "system"}
 WAIT = {"Prefer": "wait=20"}
 
 
@@ -57,18 +56,7 @@ def new_escrow(stack: Stack, worker: WorkerProcess, funded: bool = False) -> tup
     assert status == 201, escrow
     escrow_id = escrow["escrowId"]
     if funded:
-        funds = wire_command(
-            "ConfirmFunds",
-            escrow_id,
-            SYSTEM,
-            {
-                "provider": "stripe",
-                "providerPaymentId": f"pi_{run}",
-                "amount": "10000",
-                "currency": "USD",
-            },
-        )
-        asyncio.run(stack.send([funds]))
+        asyncio.run(stack.send([confirm_funds(escrow_id, f"pi_{run}")]))
         held = escrow_when(stack, worker, buyer, escrow_id, lambda e: e["status"] == "FUNDS_HELD")
         assert held is not None
     return escrow_id, buyer, seller

@@ -38,6 +38,18 @@ def worker(stack: Stack) -> Iterator[WorkerProcess]:
     assert worker.stop() == 0, worker.log_tail()
 
 
+def confirm_funds(escrow_id: str, payment_id: str, amount: int = 10_000) -> dict[str, Any]:
+    """ConfirmFunds as the payments agent sends it for a paid Stripe PaymentIntent (signed
+    on send by the harness)."""
+    payload = {
+        "provider": "stripe",
+        "providerPaymentId": payment_id,
+        "amount": str(amount),
+        "currency": "USD",
+    }
+    return wire_command("ConfirmFunds", escrow_id, SYSTEM, payload)
+
+
 def create_body(seller: str, amount: int = 10_000, fee: int = 500) -> dict[str, Any]:
     return {
         "offerId": "offer-1",
@@ -68,18 +80,7 @@ def test_full_flow_over_http(stack: Stack, worker: WorkerProcess) -> None:
         seller,
     )
 
-    funds = wire_command(
-        "ConfirmFunds",
-        escrow_id,
-        SYSTEM,
-        {
-            "provider": "stripe",
-            "providerPaymentId": f"pi_{run}",
-            "amount": "10000",
-            "currency": "USD",
-        },
-    )
-    asyncio.run(stack.send([funds]))
+    asyncio.run(stack.send([confirm_funds(escrow_id, f"pi_{run}")]))
 
     held = escrow_when(stack, worker, buyer, escrow_id, lambda e: e["status"] == "FUNDS_HELD")
     assert held is not None

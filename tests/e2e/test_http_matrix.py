@@ -12,9 +12,9 @@ import pytest
 
 from escrow_stream.config import Settings
 from escrow_stream.web.auth import Role, issue_token
-from tests.e2e.test_http_flow import create_body
+from tests.e2e.test_http_flow import confirm_funds, create_body
 from tests.e2e.test_http_reads import call, token
-from tests.harness import Stack, WorkerProcess, deployment, eventually, wire_command
+from tests.harness import Stack, WorkerProcess, deployment, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -82,18 +82,7 @@ def test_every_endpoint_for_every_caller(worker: tuple[Stack, WorkerProcess]) ->
     )
     assert code == 201, escrow
     escrow_id = escrow["escrowId"]
-    funds = wire_command(
-        "ConfirmFunds",
-        escrow_id,
-        {"id": "payments", "role": "system"},
-        {
-            "provider": "stripe",
-            "providerPaymentId": f"pi-{RUN}",
-            "amount": "10000",
-            "currency": "USD",
-        },
-    )
-    asyncio.run(stack.send([funds]))
+    asyncio.run(stack.send([confirm_funds(escrow_id, f"pi-{RUN}")]))
     asyncio.run(stack.events(lambda es: sum(e["escrowId"] == escrow_id for e in es) >= 2))
 
     async def mirrored() -> bool:  # /events reads the mirror, which trails the table

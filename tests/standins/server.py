@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Self
 
 from aiohttp import web
 
@@ -27,7 +28,7 @@ class ThreadedServer:
     def routes(self, app: web.Application) -> None:
         raise NotImplementedError
 
-    def start(self) -> ThreadedServer:
+    def start(self) -> Self:
         ready = threading.Event()
 
         def run() -> None:

@@ -23,18 +23,17 @@ POST unless told) and used up one per matching request, in the order programmed:
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Literal
 
 import aiohttp
 from aiohttp import web
 
-from tests.support import free_port
+from tests.standins.server import ThreadedServer
 
 STRIPE_MOCK = "http://127.0.0.1:12111"
-START_WAIT_S = 10.0
 UPSTREAM_TIMEOUT_S = 30.0
 # hop-by-hop or recomputed by the server/client on each side
 _DROPPED_HEADERS = frozenset(
@@ -80,21 +79,16 @@ class _Stored:
     answer: bytes
 
 
-@dataclass
-class StripeProxy:
-    upstream: str = STRIPE_MOCK
-    port: int = field(default_factory=free_port)
-    log: list[Entry] = field(default_factory=list)
-    created: Counter[str] = field(default_factory=Counter)  # by path: distinct keys forwarded
-    _stored: dict[str, _Stored] = field(default_factory=dict)  # by idempotency key
-    _faults: dict[tuple[str, str], deque[Fault]] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _loop: asyncio.AbstractEventLoop | None = None
-    _thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+class StripeProxy(ThreadedServer):
+    def __init__(self, upstream: str = STRIPE_MOCK) -> None:
+        super().__init__()
+        self.upstream = upstream
+        self.log: list[Entry] = []
+        self.created: Counter[str] = Counter()  # by path: distinct keys forwarded
+        self._stored: dict[str, _Stored] = {}  # by idempotency key
+        self._faults: dict[tuple[str, str], deque[Fault]] = {}
+        self._key_locks: dict[str, asyncio.Lock] = {}  # one request at a time per key
+        self._session: aiohttp.ClientSession | None = None
 
     # -- the test's side -------------------------------------------------------------
 
@@ -108,16 +102,16 @@ class StripeProxy:
         self._program(prefix, method, [Fault("delay", seconds=seconds)] * n)
 
     def clear_faults(self) -> None:
-        with self._lock:
+        with self.lock:
             self._faults.clear()
 
     def pending_faults(self) -> int:
-        with self._lock:
+        with self.lock:
             return sum(len(q) for q in self._faults.values())
 
     def requests(self, prefix: str, key_contains: str, method: str = "POST") -> list[Entry]:
         """The log entries for ``method`` on ``prefix`` whose key contains ``key_contains``."""
-        with self._lock:
+        with self.lock:
             return [
                 e
                 for e in self.log
@@ -135,75 +129,53 @@ class StripeProxy:
         }
 
     def stored_answer(self, key: str) -> bytes | None:
-        with self._lock:
+        with self.lock:
             stored = self._stored.get(key)
             return stored.answer if stored else None
 
     def _program(self, prefix: str, method: str, faults: list[Fault]) -> None:
-        with self._lock:
+        with self.lock:
             self._faults.setdefault((method.upper(), prefix), deque()).extend(faults)
 
     def _next_fault(self, method: str, path: str) -> Fault | None:
-        with self._lock:
+        with self.lock:
             for (m, prefix), queue in self._faults.items():
                 if m == method and path.startswith(prefix) and queue:
                     return queue.popleft()
         return None
 
     def _record(self, entry: Entry) -> None:
-        with self._lock:
+        with self.lock:
             self.log.append(entry)
 
     # -- the server ------------------------------------------------------------------
 
-    def start(self) -> StripeProxy:
-        ready = threading.Event()
+    def routes(self, app: web.Application) -> None:
+        app.cleanup_ctx.append(self._upstream_session)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
 
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            runner, session = loop.run_until_complete(self._serve())
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(runner.cleanup())
-            loop.run_until_complete(session.close())
-            loop.close()
+    async def _upstream_session(self, app: web.Application) -> AsyncIterator[None]:
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=UPSTREAM_TIMEOUT_S)
+        )
+        yield
+        await self._session.close()
 
-        self._thread = threading.Thread(target=run, name="stripe-proxy", daemon=True)
-        self._thread.start()
-        assert ready.wait(START_WAIT_S), "stripe proxy did not start"
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(START_WAIT_S)
-
-    async def _serve(self) -> tuple[web.AppRunner, aiohttp.ClientSession]:
-        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=UPSTREAM_TIMEOUT_S))
-        key_locks: dict[str, asyncio.Lock] = {}
-
-        async def handle(request: web.Request) -> web.StreamResponse:
-            key = request.headers.get("Idempotency-Key")
-            if key is None:
-                response, fault = await self._answer(request, session, None)
-            else:
-                async with key_locks.setdefault(key, asyncio.Lock()):  # one at a time per key
-                    response, fault = await self._answer(request, session, key)
-            if fault is not None and fault.kind == "lose":
-                # done upstream, but the answer never reaches the caller
-                assert request.transport is not None
-                request.transport.abort()
-            elif fault is not None and fault.kind == "delay":
-                await asyncio.sleep(fault.seconds)  # the key is free again meanwhile
-            return response
-
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", self.port).start()
-        return runner, session
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        assert self._session is not None
+        key = request.headers.get("Idempotency-Key")
+        if key is None:
+            response, fault = await self._answer(request, self._session, None)
+        else:
+            async with self._key_locks.setdefault(key, asyncio.Lock()):
+                response, fault = await self._answer(request, self._session, key)
+        if fault is not None and fault.kind == "lose":
+            # done upstream, but the answer never reaches the caller
+            assert request.transport is not None
+            request.transport.abort()
+        elif fault is not None and fault.kind == "delay":
+            await asyncio.sleep(fault.seconds)  # the key is free again meanwhile
+        return response
 
     async def _answer(
         self, request: web.Request, session: aiohttp.ClientSession, key: str | None
@@ -222,7 +194,7 @@ class StripeProxy:
             self._record(Entry(method, path, key, "failed", "fail", fault.status))
             return _error(fault.status, "api_error", "injected by the test proxy"), None
 
-        with self._lock:
+        with self.lock:
             stored = self._stored.get(key) if key is not None else None
         if stored is not None and stored.body != body:
             self._record(Entry(method, path, key, "conflict", None, 400))
@@ -236,7 +208,7 @@ class StripeProxy:
             action = "forwarded"
             status, headers, answer = await self._forward(request, session, body)
             if key is not None and 200 <= status < 300:
-                with self._lock:
+                with self.lock:
                     self._stored[key] = _Stored(body, status, headers, answer)
                     self.created[path] += 1
 
