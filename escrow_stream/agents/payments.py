@@ -11,9 +11,9 @@ Per event on ``escrow.events.v1`` (SPEC §5), in order:
    result comes later by webhook (the custodian's ``transfer.completed``), or
    ``RecordSettlementFailure`` when the provider refuses for good.
 2. Send the command signed, with a commandId derived from the same ids
-   (``payments:settled:{settlement key}`` also for the webhook confirming the same
-   settlement), so a redelivered event or a second confirmation is the same command, applied
-   once.
+   (``payments:settled:{settlement key}``, which Stripe's ``transfer.created`` webhook for
+   the same transfer uses too), so a redelivered event or a second confirmation is the same
+   command, applied once.
 3. An error whose outcome is unknown (5xx, timeout, connection lost) is retried with the
    same idempotency key, with exponential backoff from ``ESCROW_RETRY_DELAY_MS`` capped at
    60 s, for as long as it takes; each round the client already retried
