@@ -23,7 +23,7 @@ import pytest
 from escrow_stream.config import Settings
 from escrow_stream.web.auth import Role
 from tests.e2e.test_http_reads import call, escrow_when, token
-from tests.harness import Stack, WorkerProcess, deployment
+from tests.harness import Stack, WorkerProcess, deployment, eventually
 from tests.standins.custodian import CustodianStandin, address_for, signed_headers
 from tests.standins.risk import ChainalysisStandin, TrmStandin
 
@@ -129,17 +129,18 @@ def act(
     assert status == 200, answer
 
 
-def deposit_row(u: Usdc, escrow_id: str) -> asyncpg.Record:
-    async def fetch() -> asyncpg.Record:
-        conn = await asyncpg.connect(u.stack.settings.database_url.get_secret_value())
-        try:
-            return await conn.fetchrow(
-                "SELECT * FROM custodian_deposits WHERE escrow_id = $1", escrow_id
-            )
-        finally:
-            await conn.close()
+async def fetch_deposit(u: Usdc, escrow_id: str) -> asyncpg.Record | None:
+    conn = await asyncpg.connect(u.stack.settings.database_url.get_secret_value())
+    try:
+        return await conn.fetchrow(
+            "SELECT * FROM custodian_deposits WHERE escrow_id = $1", escrow_id
+        )
+    finally:
+        await conn.close()
 
-    return asyncio.run(fetch())
+
+def deposit_row(u: Usdc, escrow_id: str) -> asyncpg.Record | None:
+    return asyncio.run(fetch_deposit(u, escrow_id))
 
 
 def one_transfer(u: Usdc, escrow_id: str) -> dict[str, Any]:
@@ -260,20 +261,19 @@ def test_partial_deposit_does_not_hold_funds(usdc: Usdc) -> None:
     escrow_id = usdc_escrow(u, buyer, seller, wallet)["escrowId"]
     code, _ = u.custodian.pay(escrow_id, AMOUNT - 1, address_for(f"buyer-wallet:{buyer}"))
     assert code == 200
-    cleared = wait_for(lambda: (deposit_row(u, escrow_id) or {}).get("status") == "CLEARED")
-    assert cleared
-    time.sleep(2)
+
+    async def cleared() -> bool:
+        row = await fetch_deposit(u, escrow_id)
+        return row is not None and row["status"] == "CLEARED"
+
+    assert asyncio.run(eventually(cleared, 30))
+    command_id = f"custodian:deposit:dpt_{escrow_id}"
+    refused = asyncio.run(
+        u.stack.rejections(lambda rs: any(r["commandId"] == command_id for r in rs))
+    )
+    assert [r["code"] for r in refused if r["commandId"] == command_id][:1] == ["AMOUNT_MISMATCH"]
     status, _, escrow = call(u.worker, "GET", f"/api/escrow/{escrow_id}", token(u.stack, buyer))
     assert status == 200 and escrow["status"] == "AWAIT_FUNDS", escrow
-
-
-def wait_for(check: Any, timeout_s: float = 30) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.3)
-    return False
 
 
 # -- webhook attacks ----------------------------------------------------------------------
@@ -349,7 +349,11 @@ def test_transfer_events_out_of_order_and_repeated(usdc: Usdc) -> None:
     for _ in range(5):
         status, answer = u.custodian.send_webhook("transfer.completed", completed, event_id)
         assert status == 200, answer
-    time.sleep(2)
+    command_id = f"custodian:{event_id}"
+    refused = asyncio.run(
+        u.stack.rejections(lambda rs: any(r["commandId"] == command_id for r in rs))
+    )
+    assert {r["type"] for r in refused if r["commandId"] == command_id} == {"ConfirmSettlement"}
     escrow = escrow_when(u.stack, u.worker, buyer, escrow_id, status_is("AWAIT_FUNDS"), 10)
     assert escrow is not None and escrow["releasedAmount"] == "0"
 
