@@ -1,10 +1,13 @@
-"""The commit correction of escrow_stream.transport (faust-streaming #606)."""
+"""The corrections of escrow_stream.transport: commits (#606), and buffers kept on resume."""
 
 from __future__ import annotations
 
-import pytest
+import asyncio
 
-from escrow_stream.transport import may_commit_over_hole
+import pytest
+from mode.utils.queues import FlowControlQueue
+
+from escrow_stream.transport import FlowControl, may_commit_over_hole
 
 
 @pytest.mark.parametrize(
@@ -40,3 +43,46 @@ def test_the_app_consumes_through_the_corrected_transport() -> None:
     app = create_app(load_settings({"NODE_ENV": "test", "PAYMENTS_EFFECTS_ENABLED": "false"}))
     assert isinstance(app.transport, transport.Transport)
     assert app.transport.Consumer is transport.Consumer
+    assert isinstance(app.flow_control, transport.FlowControl)
+    assert app.flow_control.cleared_on_resume(app.tables.changelog_queue)
+
+
+def test_resuming_keeps_stream_buffers_and_clears_the_changelog_buffer() -> None:
+    async def scenario() -> None:
+        changelog: list[FlowControlQueue[str]] = []
+        flow = FlowControl(lambda queue: queue in changelog)
+        stream: FlowControlQueue[str] = FlowControlQueue(flow_control=flow, clear_on_resume=True)
+        changelog.append(FlowControlQueue(flow_control=flow, clear_on_resume=True))
+        flow.resume()
+        # the fetcher delivers after the final seek, before the resume that ends recovery
+        stream.put_nowait("command@13")
+        changelog[0].put_nowait("changelog record")
+        flow.resume()
+        assert flow.is_active()
+        assert stream.qsize() == 1 and await stream.get() == "command@13"
+        assert changelog[0].qsize() == 0
+        # revocation still empties every buffer, as faust does (flow suspended first)
+        stream.put_nowait("command@14")
+        flow.suspend()
+        flow.clear()
+        assert stream.qsize() == 0 and not flow.is_active()
+
+    asyncio.run(scenario())
+
+
+def test_stream_partitions_with_nothing_committed_are_rewound_after_a_rebalance() -> None:
+    from faust.types import TP
+
+    from escrow_stream.transport import to_restart
+
+    commands = [TP("escrow-commands", p) for p in range(4)]
+    changelog = TP("app-escrows-changelog", 0)
+    committed = {
+        commands[0]: 41,  # sought to 41 by faust itself
+        commands[1]: None,  # never committed: faust leaves it where the fetcher was
+        commands[2]: 0,  # "0" is read as nothing committed by faust and aiokafka alike
+        commands[3]: 7,
+        changelog: None,  # tables read their changelogs themselves: never touched here
+    }
+    restart = to_restart(committed, lambda tp: tp.topic.endswith("-changelog"))
+    assert restart == [commands[1], commands[2]]
