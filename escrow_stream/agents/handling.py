@@ -14,7 +14,9 @@ Steps, in order (each failing step ends the handling):
    forgery would pre-empt the genuine signed command.
 5. Recorded outcome: a commandId (from the same actor) that was rejected or was a no-op
    before gets that outcome again (``tables.outcomes``); accepted commands are
-   recognised by the escrow itself in step 6.
+   recognised by the escrow itself in step 6.  With another type or payload than the
+   recorded one (``command_fingerprint``) it is refused ``COMMAND_ID_REUSED`` instead,
+   unrecorded, here and in step 6.
 6. Decide with the domain core → events (possibly a duplicate's recorded events) or a
    rejection / no-op, which the caller records (``Outcome.record``).
 
@@ -41,6 +43,7 @@ from escrow_stream.domain import (
     Event,
     Rejection,
     RejectionCode,
+    command_fingerprint,
     decide,
     parse_command,
 )
@@ -93,7 +96,7 @@ def command_escrow_id(value: bytes) -> str | None:
     """The escrowId of a raw command, when it can be read, to find the state to decide on."""
     try:
         data = json.loads(value)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         return None
     escrow_id = data.get("escrowId") if isinstance(data, dict) else None
     return escrow_id if isinstance(escrow_id, str) else None
@@ -139,8 +142,8 @@ def _handle(
         return _dead(DeadLetterReason.INVALID_JSON, "empty message value")
     try:
         data = json.loads(value)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return _dead(DeadLetterReason.INVALID_JSON, str(exc))
+    except (ValueError, RecursionError) as exc:  # incl. invalid UTF-8 and deep nesting
+        return _dead(DeadLetterReason.INVALID_JSON, f"{type(exc).__name__}: {exc}")
     if not isinstance(data, dict):
         return _dead(DeadLetterReason.INVALID_SCHEMA, "a command must be a JSON object")
     try:
@@ -169,12 +172,19 @@ def _handle(
                 trace_id=command.trace_id,
             ),
         )
-    found, previous = outcomes.find(recorded, record_key(command))
-    if found:
-        return Outcome(command=command, state=state, rejection=previous, duplicate=True)
+    found = outcomes.find(recorded, record_key(command))
+    if found is not None and found.fingerprint not in (None, command_fingerprint(command)):
+        return Outcome(command=command, state=state, rejection=_reused(command, now))
+    if found is not None:
+        return Outcome(command=command, state=state, rejection=found.outcome, duplicate=True)
     decision = decide(state, command, now, settings, context)
     if decision.rejection is not None:
-        return Outcome(command=command, state=state, rejection=decision.rejection, record=True)
+        # a reused commandId is refused without being recorded: recording it under the
+        # command's key would answer the genuine command's redelivery with this refusal
+        reused = decision.rejection.code is RejectionCode.COMMAND_ID_REUSED
+        return Outcome(
+            command=command, state=state, rejection=decision.rejection, record=not reused
+        )
     if not decision.events:
         return Outcome(command=command, state=state, record=True)
     return Outcome(
@@ -182,6 +192,19 @@ def _handle(
         state=decision.state_after(state),
         events=list(decision.events),
         duplicate=decision.duplicate,
+    )
+
+
+def _reused(command: Command, now: datetime) -> Rejection:
+    return Rejection(
+        command_id=command.command_id,
+        type=command.type,
+        escrow_id=command.escrow_id,
+        code=RejectionCode.COMMAND_ID_REUSED,
+        message=f"commandId {command.command_id} was used before with another payload",
+        rejected_at=now,
+        correlation_id=command.correlation_id,
+        trace_id=command.trace_id,
     )
 
 

@@ -26,8 +26,10 @@ Design notes
   "refund"``, the default) or ReleaseFunds{reason: TIMEOUT} (``"release"``); the other
   action is FEATURE_DISABLED, as is either one with ``feature_auto_refund`` off. Before the
   deadline: DEADLINE_NOT_REACHED. ``timeout_command_for`` builds the due command.
-* **Settlement** is two-phase: SettlementRequested puts ``settlement`` on the escrow (kind,
-  attempt, reason, amount, payoutAmount, feeAmount, milestoneId?); ConfirmSettlement's
+* **Settlement** is two-phase: SettlementRequested puts ``settlement`` on the escrow
+  (settlementId, kind, attempt, reason, amount, payoutAmount, feeAmount, milestoneId?); a
+  result (ConfirmSettlement, RecordSettlementFailure) must name that settlementId
+  (``escrow.settlement_id_for``), else SETTLEMENT_MISMATCH; ConfirmSettlement's
   ``amount`` must equal ``payoutAmount`` (what the provider moved: amount - fee for a
   release, the amount for a refund).
 * **Milestones** are settled one by one: ReleaseMilestone requests a RELEASE settlement for
@@ -60,6 +62,8 @@ from .commands import (
     ReleaseFunds,
     ReleaseMilestone,
     ResolveDispute,
+    ResumeSettlement,
+    command_fingerprint,
     parse_command,
 )
 from .decide import Decision, decide
@@ -84,6 +88,13 @@ from .events import (
 from .evolve import EvolveError, evolve
 from .ledger import check_invariants, ledger_balances
 from .money import Currency, Provider, Rail
+from .payouts import (
+    BuyerDestination,
+    PayoutDestination,
+    SettlementStatus,
+    StripeAccountDestination,
+    WalletDestination,
+)
 from .rejections import Rejection, RejectionCode
 from .schemas import json_schemas
 from .settings import DecisionContext, DomainSettings
@@ -96,6 +107,7 @@ __all__ = [
     "TRANSITIONS",
     "Actor",
     "ActorRole",
+    "BuyerDestination",
     "CancelEscrow",
     "CancelReason",
     "Command",
@@ -115,6 +127,7 @@ __all__ = [
     "EvolveError",
     "MarkDelivered",
     "MilestoneStatus",
+    "PayoutDestination",
     "Provider",
     "Rail",
     "RaiseDispute",
@@ -127,8 +140,13 @@ __all__ = [
     "ReleaseFunds",
     "ReleaseMilestone",
     "ResolveDispute",
+    "ResumeSettlement",
     "SettlementKind",
+    "SettlementStatus",
+    "StripeAccountDestination",
+    "WalletDestination",
     "check_invariants",
+    "command_fingerprint",
     "decide",
     "event_id_for",
     "evolve",

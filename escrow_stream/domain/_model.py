@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
 
 #: Validation context marking data that arrived as JSON (amounts must then be strings).
@@ -40,14 +40,37 @@ class TolerantModel(BaseModel):
     )
 
 
+#: Tab and newline: the only C0 control characters free text may hold (SPEC §10).
+FREE_TEXT_CONTROLS = frozenset("\t\n")
+
+
+def no_control_characters(value: str, allowed: frozenset[str] = frozenset()) -> str:
+    """Refuse NUL and the other C0 controls (and DEL): PostgreSQL cannot store NUL in text,
+    and none of them belongs in an id, a reason or a note."""
+    for index, char in enumerate(value):
+        if (char < " " or char == "\x7f") and char not in allowed:
+            raise ValueError(f"control character U+{ord(char):04X} at position {index}")
+    return value
+
+
+def _free_text(value: str) -> str:
+    return no_control_characters(value, FREE_TEXT_CONTROLS)
+
+
 #: An identifier: 1..200 printable ASCII characters without spaces.
 Id = Annotated[str, StringConstraints(min_length=1, max_length=ID_LENGTH_MAX, pattern=r"^[!-~]+$")]
 #: A short free text such as a reason or an error code.
 ShortText = Annotated[
-    str, StringConstraints(min_length=1, max_length=SHORT_TEXT_LENGTH_MAX, strip_whitespace=False)
+    str,
+    StringConstraints(min_length=1, max_length=SHORT_TEXT_LENGTH_MAX, strip_whitespace=False),
+    AfterValidator(_free_text),
 ]
 #: A longer free text such as a note or an error message.
-Text = Annotated[str, StringConstraints(max_length=TEXT_LENGTH_MAX)]
-EvidenceKey = Annotated[str, StringConstraints(min_length=1, max_length=EVIDENCE_KEY_LENGTH_MAX)]
+Text = Annotated[str, StringConstraints(max_length=TEXT_LENGTH_MAX), AfterValidator(_free_text)]
+EvidenceKey = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=EVIDENCE_KEY_LENGTH_MAX),
+    AfterValidator(no_control_characters),
+]
 EvidenceKeys = Annotated[tuple[EvidenceKey, ...], Field(max_length=EVIDENCE_KEYS_MAX)]
 Timestamp = AwareDatetime

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -64,7 +66,8 @@ class CreateEscrowPayload(DomainModel):
     rail: Rail
     amount: PositiveMinorUnits
     currency: Currency
-    seller_fee: MinorUnits = 0
+    #: Withheld from the seller's payout; None: the policy fee (``DomainSettings.fee_bps``).
+    seller_fee: MinorUnits | None = None
     seller_account_id: Id | None = None
     buyer_wallet_address: Id | None = None
     milestones: Annotated[tuple[MilestoneSpec, ...], Field(max_length=MILESTONES_MAX)] = ()
@@ -86,8 +89,8 @@ class CreateEscrowPayload(DomainModel):
 
     @model_validator(mode="after")
     def _check_fee(self) -> CreateEscrowPayload:
-        if self.seller_fee >= self.amount:
-            raise _cross_field("sellerFee", "sellerFee must be less than amount")
+        if self.seller_fee is not None and self.seller_fee > self.amount:
+            raise _cross_field("sellerFee", "sellerFee must be within [0, amount]")
         return self
 
     @model_validator(mode="after")
@@ -110,7 +113,6 @@ class RecordPaymentInstructionsPayload(DomainModel):
 
     provider: Provider
     provider_payment_id: Id
-    client_secret: Text | None = None
     deposit_address: Id | None = None
 
 
@@ -125,10 +127,11 @@ class ConfirmFundsPayload(DomainModel):
 
 
 class RecordPaymentFailurePayload(DomainModel):
-    """Payload of RecordPaymentFailure."""
+    """Payload of RecordPaymentFailure (no providerPaymentId when the provider refused to
+    create the payment at all)."""
 
     provider: Provider
-    provider_payment_id: Id
+    provider_payment_id: Id | None = None
     error_code: ShortText
     error_message: Text
 
@@ -173,16 +176,18 @@ class RefundEscrowPayload(DomainModel):
 
 
 class ConfirmSettlementPayload(DomainModel):
-    """Payload of ConfirmSettlement: what the provider actually moved."""
+    """Payload of ConfirmSettlement: which settlement, and what the provider actually moved."""
 
+    settlement_id: Id
     provider: Provider
     provider_reference: Id
     amount: MinorUnits
 
 
 class RecordSettlementFailurePayload(DomainModel):
-    """Payload of RecordSettlementFailure."""
+    """Payload of RecordSettlementFailure: which settlement failed, and why."""
 
+    settlement_id: Id
     error_code: ShortText
     error_message: Text
     retryable: bool
@@ -192,6 +197,12 @@ class MilestonePayload(DomainModel):
     """Payload of DeliverMilestone and ReleaseMilestone."""
 
     milestone_id: Id
+
+
+class ResumeSettlementPayload(DomainModel):
+    """Payload of ResumeSettlement: the awaiting settlement to resume."""
+
+    settlement_id: Id
 
 
 # --- envelopes ------------------------------------------------------------------------
@@ -310,6 +321,13 @@ class ReleaseMilestone(CommandBase):
     payload: MilestonePayload
 
 
+class ResumeSettlement(CommandBase):
+    """The seller's payout account became ACTIVE: pay the release that awaited it."""
+
+    type: Literal["ResumeSettlement"] = "ResumeSettlement"
+    payload: ResumeSettlementPayload
+
+
 Command = (
     CreateEscrow
     | RecordPaymentInstructions
@@ -325,6 +343,7 @@ Command = (
     | RecordSettlementFailure
     | DeliverMilestone
     | ReleaseMilestone
+    | ResumeSettlement
 )
 
 COMMAND_TYPES: dict[str, type[CommandBase]] = {
@@ -344,15 +363,29 @@ COMMAND_TYPES: dict[str, type[CommandBase]] = {
         RecordSettlementFailure,
         DeliverMilestone,
         ReleaseMilestone,
+        ResumeSettlement,
     )
 }
 
 COMMAND_ADAPTER: TypeAdapter[Command] = TypeAdapter(
-    Annotated[Command, Field(discriminator="type")]  # type: ignore[arg-type,maybe-unrecognized-str-typeform]
+    Annotated[Command, Field(discriminator="type")]  # type: ignore[arg-type,maybe-unrecognized-str-typeform,unused-ignore]
 )
 
 
 # --- parsing --------------------------------------------------------------------------
+
+
+def command_fingerprint(command: CommandBase) -> str:
+    """What a commandId stands for: the hex SHA-256 of the command's type and payload in
+    canonical JSON.  The envelope's issuedAt, trace and correlation ids may differ between
+    two sends of the same command (a client's retry); the type and payload may not."""
+    canonical = json.dumps(
+        {"type": command.type, "payload": command.payload.model_dump(mode="json", by_alias=True)},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class CommandInvalid(ValueError):

@@ -5,15 +5,20 @@ Checks run in this order; the first that fails decides the rejection code:
 1. no state: CreateEscrow is decided as a creation, anything else is NOT_FOUND;
    the command's escrowId must match the state's (VALIDATION_FAILED otherwise);
 2. duplicate commandId remembered by the escrow: its recorded events are re-emitted
-   (`Decision.duplicate`), nothing changes; CreateEscrow with a new commandId on an
-   existing escrow: ALREADY_EXISTS;
+   (`Decision.duplicate`), nothing changes — unless its type or payload differ from the
+   remembered command's (fingerprint): COMMAND_ID_REUSED; CreateEscrow with a new
+   commandId on an existing escrow: ALREADY_EXISTS;
 3. NOT_AUTHORIZED: the actor (and, for CancelEscrow/RefundEscrow/ReleaseFunds, the reason
    it gives) may not send this command to this escrow;
 4. ConfirmFunds for the provider payment that already funded the escrow: accepted no-op;
-5. SETTLEMENT_PENDING: a settlement is pending and this is not its result (a result
-   without a pending settlement is INVALID_TRANSITION);
+5. SETTLEMENT_PENDING: a settlement is pending and this is not its result; a result
+   (ConfirmSettlement, RecordSettlementFailure) that names another settlement than the
+   pending one, or comes when none is pending, is SETTLEMENT_MISMATCH; a settlement
+   awaiting the seller's payout account takes only ResumeSettlement (results:
+   INVALID_TRANSITION), or an admin's refund, which replaces it;
 6. INVALID_TRANSITION: the escrow's status does not allow the command;
-7. FEATURE_DISABLED, then DEADLINE_NOT_REACHED (timeouts), then KYC_REQUIRED;
+7. FEATURE_DISABLED, then DEADLINE_NOT_REACHED (timeouts), then KYC_REQUIRED (creation
+   and every release: ReleaseFunds, ReleaseMilestone, ResolveDispute RELEASE);
 8. payload against state: VALIDATION_FAILED (provider/rail, maximum amount, unknown
    milestone), AMOUNT_MISMATCH, then milestone-level INVALID_TRANSITION.
 
@@ -21,6 +26,14 @@ For CreateEscrow: NOT_AUTHORIZED, FEATURE_DISABLED (milestones), KYC_REQUIRED, t
 VALIDATION_FAILED (maximum amount).
 
 Every accepted command produces at most one event.
+
+Where a settlement pays is decided when it is requested (SPEC §10): a RELEASE pays the
+seller's ACTIVE payout account for the escrow's rail, given by the caller in
+``DecisionContext.seller_payout``; without one the settlement is recorded
+AWAITING_PAYOUT_ACCOUNT with no destination, and ResumeSettlement (sent once the account is
+ACTIVE, with the account again in the context) records the destination and requests the same
+settlement again, PENDING.  A REFUND pays the buyer: the PaymentIntent's card (Stripe), or
+``buyerWalletAddress``, else the deposit's sender (USDC).
 """
 
 from __future__ import annotations
@@ -47,6 +60,8 @@ from .commands import (
     ReleaseFunds,
     ReleaseMilestone,
     ResolveDispute,
+    ResumeSettlement,
+    command_fingerprint,
 )
 from .escrow import (
     SETTLED_MILESTONE_STATUSES,
@@ -93,13 +108,22 @@ from .guards import (
     check_provider_matches_rail,
     check_sender_authorized,
     check_settlement_amount,
+    check_settlement_matches,
     check_settlement_state,
+    check_settlement_status,
     check_status_allows,
     find_milestone_or_refusal,
     is_repeated_funds_confirmation,
     is_system_timeout,
 )
-from .money import release_fee
+from .money import Rail, policy_fee, release_fee
+from .payouts import (
+    BuyerDestination,
+    PayoutDestination,
+    SettlementStatus,
+    WalletDestination,
+    fits_rail,
+)
 from .rejections import Refusal, Rejection, RejectionCode
 from .settings import DecisionContext, DomainSettings
 
@@ -149,6 +173,15 @@ def decide(
         )
     record = state.find_command(command.command_id)
     if record is not None:
+        if record.fingerprint not in (None, command_fingerprint(command)):
+            return _reject(
+                command,
+                now,
+                Refusal(
+                    RejectionCode.COMMAND_ID_REUSED,
+                    f"commandId {command.command_id} was used before with another payload",
+                ),
+            )
         return _replay(state, record)
     if isinstance(command, CreateEscrow):
         return _reject(command, now, Refusal(RejectionCode.ALREADY_EXISTS, "escrow already exists"))
@@ -157,7 +190,12 @@ def decide(
         return _reject(command, now, refusal)
     if is_repeated_funds_confirmation(state, command):
         return Decision()
-    refusal = check_settlement_state(state, command) or check_status_allows(state, command)
+    refusal = (
+        check_settlement_state(state, command)
+        or check_settlement_matches(state, command)
+        or check_settlement_status(state, command)
+        or check_status_allows(state, command)
+    )
     if refusal is not None:
         return _reject(command, now, refusal)
     rule = _RULES[type(command)]
@@ -198,6 +236,7 @@ def _emit(state: Escrow | None, command: Command, now: datetime, data: EventData
         correlation_id=command.correlation_id or command.command_id,
         trace_id=command.trace_id,
         actor=command.actor,
+        command_fingerprint=command_fingerprint(command),
     )
     after = apply_event(state, meta, data)
     if state is not None and not is_allowed_transition(state.status, after.status):
@@ -218,6 +257,7 @@ def _event(meta: EventMeta, data: EventData, snapshot: Escrow) -> Event:
         correlation_id=meta.correlation_id,
         trace_id=meta.trace_id,
         actor=meta.actor,
+        command_fingerprint=meta.command_fingerprint,
         data=data,
         escrow=snapshot,
     )
@@ -239,6 +279,7 @@ def _replay(state: Escrow, record: CommandRecord) -> Decision:
             correlation_id=rec.correlation_id,
             trace_id=rec.trace_id,
             actor=rec.actor,
+            command_fingerprint=record.fingerprint,
         )
         events.append(_event(meta, data, state))
     return Decision(events=events, duplicate=True)
@@ -258,7 +299,7 @@ def _decide_create(
         check_creator_authorized(command)
         or check_milestones_enabled(settings, bool(p.milestones))
         or check_kyc_verified(settings, context, (p.buyer_id, p.seller_id))
-        or check_amount_within_max(settings, p.currency, p.amount)
+        or check_amount_within_max(settings, p.rail, p.currency, p.amount)
     )
     if refusal is not None:
         return _reject(command, now, refusal)
@@ -270,7 +311,9 @@ def _decide_create(
         rail=p.rail,
         currency=p.currency,
         amount=p.amount,
-        seller_fee=p.seller_fee,
+        seller_fee=p.seller_fee
+        if p.seller_fee is not None
+        else policy_fee(p.amount, settings.fee_bps),
         seller_account_id=p.seller_account_id,
         buyer_wallet_address=p.buyer_wallet_address,
         milestones=p.milestones,
@@ -297,7 +340,6 @@ def _record_instructions(
     return check_provider_matches_rail(state, p.provider) or PaymentInstructionsRecordedData(
         provider=p.provider,
         provider_payment_id=p.provider_payment_id,
-        client_secret=p.client_secret,
         deposit_address=p.deposit_address,
     )
 
@@ -375,18 +417,40 @@ def _delivered_timeout(
     )
 
 
+def _seller_payout(state: Escrow, context: DecisionContext | None) -> PayoutDestination | None:
+    """The seller's ACTIVE payout account for the escrow's rail, when the caller found one."""
+    destination = context.seller_payout if context is not None else None
+    return destination if fits_rail(destination, state.rail) else None
+
+
+def _refund_destination(state: Escrow) -> PayoutDestination | None:
+    """The buyer: the card (Stripe), else the given wallet or the deposit's sender (USDC)."""
+    if state.rail == Rail.STRIPE:
+        return BuyerDestination()
+    payment = state.payment
+    address = state.buyer_wallet_address or (payment.sender_address if payment else None)
+    return WalletDestination(address=address) if address else None
+
+
 def _settlement_request(
     state: Escrow,
     kind: SettlementKind,
     reason: str,
+    context: DecisionContext | None,
     milestone: Milestone | None = None,
     resolution: SettlementKind | None = None,
 ) -> SettlementRequestedData:
     """Ask to move a milestone's amount, or everything still held, to seller or buyer."""
     amount = milestone.amount if milestone is not None else state.holding_amount
     fee = 0
+    status = SettlementStatus.PENDING
     if kind == SettlementKind.RELEASE:
         fee = release_fee(state.seller_fee, state.amount, state.released_amount, amount)
+        destination = _seller_payout(state, context)
+        if destination is None:
+            status = SettlementStatus.AWAITING_PAYOUT_ACCOUNT
+    else:
+        destination = _refund_destination(state)
     return SettlementRequestedData(
         kind=kind,
         attempt=state.settlement_attempts + 1,
@@ -396,6 +460,8 @@ def _settlement_request(
         payout_amount=amount - fee,
         fee_amount=fee,
         resolution=resolution,
+        status=status,
+        destination=destination,
     )
 
 
@@ -414,7 +480,7 @@ def _release(
     if refusal is not None:
         return refusal
     reason = cmd.payload.reason or f"RELEASED_BY_{actor_relation(state, cmd.actor).upper()}"
-    return _settlement_request(state, SettlementKind.RELEASE, reason)
+    return _settlement_request(state, SettlementKind.RELEASE, reason, context)
 
 
 def _raise_dispute(
@@ -435,7 +501,11 @@ def _resolve_dispute(
     context: DecisionContext | None,
 ) -> Outcome:
     p = cmd.payload
-    return _settlement_request(state, p.resolution, p.reason, resolution=p.resolution)
+    if p.resolution == SettlementKind.RELEASE:
+        refusal = check_kyc_verified(settings, context, (state.buyer_id, state.seller_id))
+        if refusal is not None:
+            return refusal
+    return _settlement_request(state, p.resolution, p.reason, context, resolution=p.resolution)
 
 
 def _refund(
@@ -449,7 +519,7 @@ def _refund(
         refusal = _delivered_timeout(state, now, settings, "refund")
         if refusal is not None:
             return refusal
-    return _settlement_request(state, SettlementKind.REFUND, cmd.payload.reason)
+    return _settlement_request(state, SettlementKind.REFUND, cmd.payload.reason, context)
 
 
 def _confirm_settlement(
@@ -566,7 +636,34 @@ def _release_milestone(
             RejectionCode.INVALID_TRANSITION,
             "the last milestone can be released only from a DELIVERED escrow",
         )
-    return _settlement_request(state, SettlementKind.RELEASE, "MILESTONE_RELEASE", milestone=found)
+    return _settlement_request(
+        state, SettlementKind.RELEASE, "MILESTONE_RELEASE", context, milestone=found
+    )
+
+
+def _resume_settlement(
+    state: Escrow,
+    cmd: ResumeSettlement,
+    now: datetime,
+    settings: DomainSettings,
+    context: DecisionContext | None,
+) -> Outcome:
+    """The awaiting release, requested again (same settlement) to the now-ACTIVE account."""
+    settlement = state.settlement
+    assert settlement is not None  # guaranteed by check_settlement_state
+    destination = _seller_payout(state, context)
+    if destination is None:
+        return Refusal(
+            RejectionCode.INVALID_TRANSITION,
+            f"seller {state.seller_id} has no ACTIVE payout account for {state.rail.value}",
+        )
+    same = {
+        name: getattr(settlement, name)
+        for name in SettlementRequestedData.model_fields
+        if name in type(settlement).model_fields
+    }
+    same.update(status=SettlementStatus.PENDING, destination=destination)
+    return SettlementRequestedData(**same)
 
 
 _RULES: dict[type[Any], Rule] = {
@@ -583,4 +680,5 @@ _RULES: dict[type[Any], Rule] = {
     RecordSettlementFailure: _record_settlement_failure,
     DeliverMilestone: _deliver_milestone,
     ReleaseMilestone: _release_milestone,
+    ResumeSettlement: _resume_settlement,
 }

@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ._model import (
     MILESTONES_MAX,
@@ -17,6 +17,7 @@ from ._model import (
     Timestamp,
 )
 from .money import Currency, MinorUnits, PositiveMinorUnits, Provider, Rail, SignedMinorUnits
+from .payouts import PayoutDestination, SettlementStatus
 
 
 class EscrowStatus(StrEnum):
@@ -89,11 +90,11 @@ SETTLED_MILESTONE_STATUSES = frozenset({MilestoneStatus.RELEASED, MilestoneStatu
 
 
 class Payment(DomainModel):
-    """What the payment provider told us about the buyer's payment."""
+    """What the payment provider told us about the buyer's payment (never the Stripe client
+    secret: only the buyer gets that, from ``GET /api/escrow/{id}/payment``)."""
 
     provider: Provider
     provider_payment_id: Id | None = None
-    client_secret: Text | None = None
     deposit_address: Id | None = None
     funded_provider_payment_id: Id | None = None
     sender_address: Id | None = None
@@ -103,9 +104,18 @@ class Payment(DomainModel):
     last_error_message: Text | None = None
 
 
+def settlement_id_for(
+    escrow_id: str, kind: SettlementKind, milestone_id: str | None, attempt: int
+) -> str:
+    """The id of one settlement attempt (SPEC §10): ``escrow-{kind}:{escrowId}:{milestoneId
+    or "all"}:{attempt}``.  Results must name it; providers get it as the idempotency key."""
+    return f"escrow-{kind.value.lower()}:{escrow_id}:{milestone_id or 'all'}:{attempt}"
+
+
 class Settlement(DomainModel):
     """A pending two-phase settlement: requested, waiting for the provider's result."""
 
+    settlement_id: Id
     kind: SettlementKind
     requested_at: Timestamp
     attempt: int = Field(ge=1)
@@ -115,6 +125,10 @@ class Settlement(DomainModel):
     amount: PositiveMinorUnits
     payout_amount: MinorUnits
     fee_amount: MinorUnits
+    #: AWAITING_PAYOUT_ACCOUNT: a release whose seller has no ACTIVE account yet.
+    status: SettlementStatus = SettlementStatus.PENDING
+    #: Where the money goes, recorded when requested (None while awaiting the account).
+    destination: PayoutDestination | None = None
 
 
 class Dispute(DomainModel):
@@ -181,10 +195,28 @@ class EventRecord(DomainModel):
 
 
 class CommandRecord(DomainModel):
-    """The outcome of one accepted command: the events it produced, in order."""
+    """The outcome of one accepted command: the events it produced, in order, and the
+    fingerprint of the command (None in records kept before fingerprints existed)."""
 
     command_id: Id
     events: tuple[EventRecord, ...]
+    fingerprint: Id | None = None
+
+
+#: The Stripe client secret's keys in snapshots stored before SPEC §10.
+_SECRET_KEYS = frozenset({"clientSecret", "client_secret"})
+
+
+def _without_secret_in_events(record: Any) -> Any:
+    if not isinstance(record, dict) or not isinstance(record.get("events"), list | tuple):
+        return record
+    events = [
+        {**e, "data": {k: v for k, v in e["data"].items() if k not in _SECRET_KEYS}}
+        if isinstance(e, dict) and isinstance(e.get("data"), dict)
+        else e
+        for e in record["events"]
+    ]
+    return {**record, "events": events}
 
 
 class Escrow(DomainModel):
@@ -199,6 +231,8 @@ class Escrow(DomainModel):
     currency: Currency
     amount: PositiveMinorUnits
     seller_fee: MinorUnits = 0
+    #: Informational only (older escrows, service-set): a release pays the settlement's
+    #: recorded ``destination``, the seller's ACTIVE payout account, never this field.
     seller_account_id: Id | None = None
     buyer_wallet_address: Id | None = None
     status: EscrowStatus
@@ -210,6 +244,8 @@ class Escrow(DomainModel):
     payment: Payment | None = None
     settlement: Settlement | None = None
     settlement_attempts: int = 0
+    #: When a release of the whole escrow was first requested: no timer refunds it since.
+    release_approved_at: Timestamp | None = None
     dispute: Dispute | None = None
     milestones: tuple[Milestone, ...] = Field(default=(), max_length=MILESTONES_MAX)
     funded_amount: MinorUnits = 0
@@ -220,6 +256,49 @@ class Escrow(DomainModel):
     ledger: tuple[Posting, ...] = ()
     recent_commands: tuple[CommandRecord, ...] = ()
     recent_commands_max: int = Field(default=1000, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade_stored(cls, data: Any) -> Any:
+        """Snapshots stored before SPEC §10: give a pending settlement its id, and drop the
+        Stripe client secret (payment, remembered events), which no snapshot carries now."""
+        if not isinstance(data, dict):
+            return data
+        escrow_id = data.get("escrowId", data.get("escrow_id"))
+        settlement = data.get("settlement")
+        payment = data.get("payment")
+        legacy_settlement = (
+            isinstance(settlement, dict)
+            and "settlementId" not in settlement
+            and "settlement_id" not in settlement
+        )
+        legacy_payment = isinstance(payment, dict) and bool(_SECRET_KEYS & payment.keys())
+        records = data.get("recentCommands", data.get("recent_commands"))
+        legacy_records = isinstance(records, list | tuple) and any(
+            isinstance(e, dict)
+            and isinstance(e.get("data"), dict)
+            and _SECRET_KEYS & e["data"].keys()
+            for r in records
+            if isinstance(r, dict)
+            for e in r.get("events", ())
+        )
+        if not (legacy_settlement or legacy_payment or legacy_records):
+            return data
+        data = dict(data)
+        if legacy_records and isinstance(records, list | tuple):
+            data.pop("recent_commands", None)
+            data["recentCommands"] = [_without_secret_in_events(r) for r in records]
+        if legacy_settlement and isinstance(settlement, dict) and isinstance(escrow_id, str):
+            milestone = settlement.get("milestoneId", settlement.get("milestone_id"))
+            data["settlement"] = {
+                **settlement,
+                "settlementId": settlement_id_for(
+                    escrow_id, SettlementKind(settlement["kind"]), milestone, settlement["attempt"]
+                ),
+            }
+        if legacy_payment and isinstance(payment, dict):
+            data["payment"] = {k: v for k, v in payment.items() if k not in _SECRET_KEYS}
+        return data
 
     @property
     def holding_amount(self) -> int:

@@ -21,6 +21,7 @@ from ._model import (
 from .commands import CancelReason, MilestoneSpec, validation_errors
 from .escrow import Actor, Escrow, SettlementKind
 from .money import Currency, MinorUnits, PositiveMinorUnits, Provider, Rail
+from .payouts import PayoutDestination, SettlementStatus
 
 #: Fixed namespace of event ids: eventId = uuid5(EVENT_ID_NAMESPACE, f"{escrowId}:{version}").
 EVENT_ID_NAMESPACE = uuid.UUID("6f1c2a9e-4d3b-5e7f-8a90-1b2c3d4e5f60")
@@ -61,7 +62,6 @@ class PaymentInstructionsRecordedData(EventData):
 
     provider: Provider
     provider_payment_id: Id
-    client_secret: Text | None = None
     deposit_address: Id | None = None
 
 
@@ -76,10 +76,10 @@ class EscrowFundsHeldData(EventData):
 
 
 class PaymentFailedData(EventData):
-    """Data of PaymentFailed."""
+    """Data of PaymentFailed (no providerPaymentId when the provider refused to create one)."""
 
     provider: Provider
-    provider_payment_id: Id
+    provider_payment_id: Id | None = None
     error_code: ShortText
     error_message: Text
 
@@ -116,6 +116,8 @@ class SettlementRequestedData(EventData):
     payout_amount: MinorUnits
     fee_amount: MinorUnits
     resolution: SettlementKind | None = None
+    status: SettlementStatus = SettlementStatus.PENDING
+    destination: PayoutDestination | None = None
 
 
 class SettlementFailedData(EventData):
@@ -185,6 +187,8 @@ class EventBase(TolerantModel):
     correlation_id: Id
     trace_id: Id | None = None
     actor: Actor
+    #: ``command_fingerprint`` of the causing command (None on events from before it)
+    command_fingerprint: Id | None = None
     data: EventData
     escrow: Escrow
 
@@ -325,7 +329,7 @@ DATA_FOR_TYPE: dict[str, type[EventData]] = {
 }
 
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(
-    Annotated[Event, Field(discriminator="type")]  # type: ignore[arg-type,maybe-unrecognized-str-typeform]
+    Annotated[Event, Field(discriminator="type")]  # type: ignore[arg-type,maybe-unrecognized-str-typeform,unused-ignore]
 )
 
 

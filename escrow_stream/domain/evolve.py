@@ -18,6 +18,8 @@ from .escrow import (
     MilestoneStatus,
     Payment,
     Settlement,
+    SettlementKind,
+    settlement_id_for,
 )
 from .events import (
     EscrowCancelledData,
@@ -55,6 +57,8 @@ class EventMeta(NamedTuple):
     correlation_id: str
     trace_id: str | None
     actor: Actor
+    #: the causing command's fingerprint, remembered with its events
+    command_fingerprint: str | None = None
 
 
 def meta_of(event: Event) -> EventMeta:
@@ -69,6 +73,7 @@ def meta_of(event: Event) -> EventMeta:
         correlation_id=event.correlation_id,
         trace_id=event.trace_id,
         actor=event.actor,
+        command_fingerprint=event.command_fingerprint,
     )
 
 
@@ -118,10 +123,13 @@ def _remember(state: Escrow, meta: EventMeta, data: EventData) -> tuple[CommandR
     records = state.recent_commands
     if records and records[-1].command_id == meta.causation_id:
         last = records[-1]
-        merged = CommandRecord(command_id=last.command_id, events=(*last.events, record))
+        merged = last.model_copy(update={"events": (*last.events, record)})
         records = (*records[:-1], merged)
     else:
-        records = (*records, CommandRecord(command_id=meta.causation_id, events=(record,)))
+        first = CommandRecord(
+            command_id=meta.causation_id, events=(record,), fingerprint=meta.command_fingerprint
+        )
+        records = (*records, first)
     overflow = len(records) - state.recent_commands_max
     return records[overflow:] if overflow > 0 else records
 
@@ -167,7 +175,6 @@ def _instructions(state: Escrow, meta: EventMeta, data: PaymentInstructionsRecor
         state,
         provider=data.provider,
         provider_payment_id=data.provider_payment_id,
-        client_secret=data.client_secret,
         deposit_address=data.deposit_address,
     )
     return {"payment": payment}
@@ -222,18 +229,24 @@ def _disputed(state: Escrow, meta: EventMeta, data: EscrowDisputedData) -> Updat
 
 
 def _settlement_requested(state: Escrow, meta: EventMeta, data: SettlementRequestedData) -> Update:
+    resumed = state.settlement  # a settlement requested again once its payout account is ACTIVE
     settlement = Settlement(
+        settlement_id=settlement_id_for(meta.escrow_id, data.kind, data.milestone_id, data.attempt),
         kind=data.kind,
         requested_at=meta.occurred_at,
         attempt=data.attempt,
         reason=data.reason,
-        previous_status=state.status,
+        previous_status=resumed.previous_status if resumed is not None else state.status,
         milestone_id=data.milestone_id,
         amount=data.amount,
         payout_amount=data.payout_amount,
         fee_amount=data.fee_amount,
+        status=data.status,
+        destination=data.destination,
     )
     update: Update = {"settlement": settlement, "settlement_attempts": data.attempt}
+    if data.kind == SettlementKind.RELEASE and data.milestone_id is None:
+        update["release_approved_at"] = state.release_approved_at or meta.occurred_at
     if data.resolution is not None and state.dispute is not None:
         update["dispute"] = state.dispute.model_copy(
             update={

@@ -13,8 +13,11 @@ from .commands import (
     ConfirmFunds,
     ConfirmSettlement,
     CreateEscrow,
+    RecordSettlementFailure,
     RefundEscrow,
     ReleaseFunds,
+    ResolveDispute,
+    ResumeSettlement,
 )
 from .escrow import (
     Actor,
@@ -23,8 +26,10 @@ from .escrow import (
     EscrowStatus,
     Milestone,
     MilestoneStatus,
+    SettlementKind,
 )
-from .money import RAIL_PROVIDER, Currency, Provider
+from .money import RAIL_PROVIDER, STRIPE_CHARGE_MAX_MINOR, Currency, Provider, Rail
+from .payouts import SettlementStatus
 from .rejections import Refusal, RejectionCode
 from .settings import DecisionContext, DomainSettings
 
@@ -48,6 +53,7 @@ ALLOWED_SENDERS: dict[str, frozenset[str]] = {
     "RecordSettlementFailure": frozenset({SYSTEM}),
     "DeliverMilestone": frozenset({SELLER}),
     "ReleaseMilestone": frozenset({BUYER, ADMIN}),
+    "ResumeSettlement": frozenset({SYSTEM}),
 }
 
 #: Which CancelEscrow reason each sender may give.
@@ -75,7 +81,9 @@ ALLOWED_FROM: dict[str, frozenset[EscrowStatus]] = {
 #: A system timeout refund or release only acts on a DELIVERED escrow.
 TIMEOUT_ALLOWED_FROM = frozenset({_S.DELIVERED})
 
-SETTLEMENT_COMMANDS = frozenset({"ConfirmSettlement", "RecordSettlementFailure"})
+SETTLEMENT_COMMANDS = frozenset(
+    {"ConfirmSettlement", "RecordSettlementFailure", "ResumeSettlement"}
+)
 
 
 def actor_relation(escrow: Escrow, actor: Actor) -> str:
@@ -148,12 +156,73 @@ def check_settlement_state(escrow: Escrow, command: Command) -> Refusal | None:
     pending = escrow.settlement is not None
     if command.type in SETTLEMENT_COMMANDS:
         if not pending:
+            if isinstance(command, ConfirmSettlement | RecordSettlementFailure):
+                return Refusal(
+                    RejectionCode.SETTLEMENT_MISMATCH,
+                    f"settlement {command.payload.settlement_id} is not pending: none is",
+                )
             return Refusal(RejectionCode.INVALID_TRANSITION, "no settlement is pending")
         return None
-    if pending:
+    if pending and not replaces_waiting_release(escrow, command):
         return Refusal(
             RejectionCode.SETTLEMENT_PENDING,
             f"a settlement is pending; {command.type} must wait for its result",
+        )
+    return None
+
+
+def replaces_waiting_release(escrow: Escrow, command: Command) -> bool:
+    """An admin may refund an escrow whose release waits for a payout account that never
+    comes (RefundEscrow, or ResolveDispute REFUND): nothing was sent to a provider, so the
+    waiting release is simply replaced.  No timer and no party can do this."""
+    settlement = escrow.settlement
+    if settlement is None or settlement.status != SettlementStatus.AWAITING_PAYOUT_ACCOUNT:
+        return False
+    if command.actor.role != ActorRole.ADMIN:
+        return False
+    if isinstance(command, ResolveDispute):
+        return command.payload.resolution == SettlementKind.REFUND
+    return isinstance(command, RefundEscrow)
+
+
+def check_settlement_matches(escrow: Escrow, command: Command) -> Refusal | None:
+    """A settlement result names the pending settlement (SPEC §10): a late result of an older
+    attempt, of another kind or milestone, never settles the pending one."""
+    settlement = escrow.settlement
+    if settlement is None or not isinstance(command, ConfirmSettlement | RecordSettlementFailure):
+        return None
+    if command.payload.settlement_id != settlement.settlement_id:
+        return Refusal(
+            RejectionCode.SETTLEMENT_MISMATCH,
+            f"settlement {command.payload.settlement_id} is not the pending one "
+            f"({settlement.settlement_id})",
+        )
+    return None
+
+
+def check_settlement_status(escrow: Escrow, command: Command) -> Refusal | None:
+    """A settlement awaiting the seller's payout account can only be resumed; results
+    (ConfirmSettlement, RecordSettlementFailure) belong to a settlement that was performed."""
+    settlement = escrow.settlement
+    if settlement is None or command.type not in SETTLEMENT_COMMANDS:
+        return None
+    awaiting = settlement.status == SettlementStatus.AWAITING_PAYOUT_ACCOUNT
+    if isinstance(command, ResumeSettlement):
+        if not awaiting:
+            return Refusal(
+                RejectionCode.INVALID_TRANSITION, "the settlement is not awaiting a payout account"
+            )
+        if command.payload.settlement_id != settlement.settlement_id:
+            return Refusal(
+                RejectionCode.VALIDATION_FAILED,
+                f"settlement {command.payload.settlement_id} is not the awaiting one "
+                f"({settlement.settlement_id})",
+            )
+        return None
+    if awaiting:
+        return Refusal(
+            RejectionCode.INVALID_TRANSITION,
+            "the settlement awaits the seller's payout account; nothing was sent to a provider",
         )
     return None
 
@@ -217,16 +286,26 @@ def check_kyc_verified(
 
 
 def check_amount_within_max(
-    settings: DomainSettings, currency: Currency, amount: int
+    settings: DomainSettings, rail: Rail, currency: Currency, amount: int
 ) -> Refusal | None:
-    """The amount is at most the configured maximum for its currency."""
-    limit = settings.max_amount_for(currency)
+    """The amount is at most the configured maximum for its currency and, on the Stripe
+    rail, Stripe's largest single charge (a PaymentIntent above it would be refused)."""
+    limit = max_amount_for_rail(settings, rail, currency)
     if amount > limit:
         return Refusal(
             RejectionCode.VALIDATION_FAILED,
-            f"amount {amount} exceeds the maximum {limit} {currency.value} minor units",
+            f"amount {amount} exceeds the maximum {limit} {currency.value} minor units"
+            f" for rail {rail.value}",
         )
     return None
+
+
+def max_amount_for_rail(settings: DomainSettings, rail: Rail, currency: Currency) -> int:
+    """The largest amount an escrow on ``rail`` in ``currency`` may hold."""
+    limit = settings.max_amount_for(currency)
+    if rail == Rail.STRIPE:
+        return min(limit, STRIPE_CHARGE_MAX_MINOR)
+    return limit
 
 
 def check_provider_matches_rail(escrow: Escrow, provider: Provider) -> Refusal | None:

@@ -34,6 +34,10 @@ class Provider(StrEnum):
     CUSTODIAN = "custodian"
 
 
+#: Stripe's largest single charge: 99,999,999 minor units (USD 999,999.99).
+STRIPE_CHARGE_MAX_MINOR = 99_999_999
+BPS_PER_UNIT = 10_000
+
 RAIL_CURRENCY: dict[Rail, Currency] = {Rail.STRIPE: Currency.USD, Rail.USDC_BASE: Currency.USDC}
 RAIL_PROVIDER: dict[Rail, Provider] = {
     Rail.STRIPE: Provider.STRIPE,
@@ -89,3 +93,9 @@ def release_fee(seller_fee: int, total: int, released_before: int, amount: int) 
         return 0
     after = released_before + amount
     return (seller_fee * after) // total - (seller_fee * released_before) // total
+
+
+def policy_fee(amount: int, fee_bps: int) -> int:
+    """The platform fee set by policy: ``fee_bps`` basis points of ``amount``, rounded down
+    to the minor unit."""
+    return amount * fee_bps // BPS_PER_UNIT

@@ -21,6 +21,12 @@ class RejectionCode(StrEnum):
     KYC_REQUIRED = "KYC_REQUIRED"
     FEATURE_DISABLED = "FEATURE_DISABLED"
     DEADLINE_NOT_REACHED = "DEADLINE_NOT_REACHED"
+    #: A settlement result (ConfirmSettlement, RecordSettlementFailure) names a settlement
+    #: that is not the pending one: an older attempt, another kind, one already finished.
+    SETTLEMENT_MISMATCH = "SETTLEMENT_MISMATCH"
+    #: A commandId the escrow has seen before, now with another type or payload: refused,
+    #: never taken for a redelivery (which would replay the first command's outcome).
+    COMMAND_ID_REUSED = "COMMAND_ID_REUSED"
 
 
 class Refusal(NamedTuple):

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .money import Currency
+from .payouts import PayoutDestination
 
 #: Default maximum amount per currency: USD 100,000,000.00 and USDC 100,000,000.000000.
 DEFAULT_MAX_AMOUNT_MINOR: dict[Currency, int] = {
@@ -30,6 +31,9 @@ class DomainSettings(BaseModel):
     max_amount_minor: int | dict[Currency, int] = Field(
         default_factory=lambda: dict(DEFAULT_MAX_AMOUNT_MINOR)
     )
+    #: Platform fee withheld from the seller when a create names no sellerFee, in basis
+    #: points of the amount (rounded down to the minor unit).
+    fee_bps: int = Field(default=0, ge=0, le=10_000)
     #: How many commandIds an escrow remembers for duplicate detection (FIFO eviction).
     recent_commands_max: int = Field(default=1000, ge=1, le=100_000)
 
@@ -46,3 +50,6 @@ class DecisionContext(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     kyc_verified_user_ids: frozenset[str] = frozenset()
+    #: The seller's ACTIVE payout account for the escrow's rail, looked up for a release
+    #: (None: no such account, or not looked up: the release then awaits one).
+    seller_payout: PayoutDestination | None = None

@@ -37,7 +37,9 @@ def timeout_command_for(escrow: Escrow, now: datetime, settings: DomainSettings)
     1. AWAIT_FUNDS at or past expiresAt: CancelEscrow{TIMEOUT}.
     2. DELIVERED at or past autoRefundAt, with FEATURE_AUTO_REFUND on: RefundEscrow{TIMEOUT}
        or, with delivered_timeout_action "release", ReleaseFunds{reason TIMEOUT}.
-    Nothing is due while a settlement is pending.
+    Nothing is due while a settlement is pending or awaits the seller's payout account, and
+    no DELIVERED timeout acts on an escrow whose release was approved (SPEC §10: an approved
+    release is never turned into a refund by a timer, even after that release failed).
     """
     if escrow.settlement is not None:
         return None
@@ -54,6 +56,7 @@ def timeout_command_for(escrow: Escrow, now: datetime, settings: DomainSettings)
         and settings.feature_auto_refund
         and escrow.auto_refund_at is not None
         and now >= escrow.auto_refund_at
+        and escrow.release_approved_at is None
     ):
         if settings.delivered_timeout_action == "release":
             return ReleaseFunds(payload=ReleaseFundsPayload(reason=TIMEOUT_REASON), **common)

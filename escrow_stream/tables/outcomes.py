@@ -8,7 +8,9 @@ accepted on redelivery once the escrow is DELIVERED).  Recording them here, in t
 partition as the escrow, keeps SPEC §3 rule 1 for every outcome: a commandId seen before
 gets its recorded outcome back.
 
-Value: ``{"entries": [{"key": ..., "rejection": {...} | null}, ...]}``, oldest first, at
+Value: ``{"entries": [{"key": ..., "rejection": {...} | null, "fingerprint": ...}, ...]}``
+(the fingerprint of the command's type and payload, ``domain.command_fingerprint``: the same
+commandId with another payload is COMMAND_ID_REUSED, not this outcome), oldest first, at
 most ``ESCROW_RECENT_COMMANDS_MAX`` entries (FIFO eviction).  The key is the commandId with
 the sender's role and id (``handling.record_key``): a redelivery has the same sender, and a
 forger reusing someone else's commandId cannot pre-empt their command's outcome.
@@ -16,7 +18,7 @@ forger reusing someone else's commandId cannot pre-empt their command's outcome.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import faust
 from faust.types import TableT
@@ -33,20 +35,32 @@ def define(app: faust.App, partitions: int) -> TableT[str, Any]:
     return app.Table(TABLE_NAME, partitions=partitions, key_type=str, help=TABLE_HELP)
 
 
-def find(value: dict[str, Any] | None, key: str) -> tuple[bool, RecordedOutcome]:
-    """(found, outcome) of the command ``key`` in a stored value."""
+class Found(NamedTuple):
+    """A recorded command: its outcome, and its fingerprint (None in older entries)."""
+
+    outcome: RecordedOutcome
+    fingerprint: str | None
+
+
+def find(value: dict[str, Any] | None, key: str) -> Found | None:
+    """The recorded outcome of the command ``key`` in a stored value, if any."""
     for entry in (value or {}).get("entries", []):
         if entry["key"] == key:
             rejection = entry.get("rejection")
-            return True, None if rejection is None else Rejection.model_validate(rejection)
-    return False, None
+            outcome = None if rejection is None else Rejection.model_validate(rejection)
+            return Found(outcome, entry.get("fingerprint"))
+    return None
 
 
 def record(
-    value: dict[str, Any] | None, key: str, outcome: RecordedOutcome, entries_max: int
+    value: dict[str, Any] | None,
+    key: str,
+    outcome: RecordedOutcome,
+    entries_max: int,
+    fingerprint: str | None = None,
 ) -> dict[str, Any]:
     """The stored value with command ``key``'s outcome appended (oldest evicted first)."""
     entries = list((value or {}).get("entries", []))
     rejection = None if outcome is None else outcome.model_dump(mode="json", by_alias=True)
-    entries.append({"key": key, "rejection": rejection})
+    entries.append({"key": key, "rejection": rejection, "fingerprint": fingerprint})
     return {"entries": entries[-entries_max:]}

@@ -13,6 +13,7 @@ from escrow_stream.domain import (
     DomainSettings,
     Escrow,
     Event,
+    StripeAccountDestination,
     decide,
     evolve,
     parse_command,
@@ -24,6 +25,9 @@ BUYER_ID = "buyer-1"
 SELLER_ID = "seller-1"
 AMOUNT = 10_000
 SELLER_FEE = 500
+SELLER_ACCOUNT = "acct_seller_1"
+#: The context of a seller with an ACTIVE Stripe payout account.
+SELLER_PAYOUT = DecisionContext(seller_payout=StripeAccountDestination(account_id=SELLER_ACCOUNT))
 
 ROLES = ("buyer", "seller", "other user", "admin", "service", "system")
 ACTORS: dict[str, dict[str, str]] = {
@@ -102,8 +106,8 @@ def expected_gate(
 ) -> str | None:
     """The rejection code SPEC's status/actor rules give, or None when they allow it.
 
-    Precedence: NOT_FOUND/ALREADY_EXISTS, NOT_AUTHORIZED, SETTLEMENT_PENDING,
-    INVALID_TRANSITION, FEATURE_DISABLED (the DELIVERED timeout action).
+    Precedence: NOT_FOUND/ALREADY_EXISTS, NOT_AUTHORIZED, SETTLEMENT_PENDING (results:
+    SETTLEMENT_MISMATCH), INVALID_TRANSITION, FEATURE_DISABLED (the DELIVERED timeout action).
     """
     if status is None:
         if command_type != "CreateEscrow":
@@ -113,8 +117,8 @@ def expected_gate(
         return "ALREADY_EXISTS"
     if role not in SPEC_SENDERS[command_type]:
         return "NOT_AUTHORIZED"
-    if command_type in SETTLEMENT_RESULTS:
-        return None if pending else "INVALID_TRANSITION"
+    if command_type in SETTLEMENT_RESULTS:  # a result when none is pending names no pending one
+        return None if pending else "SETTLEMENT_MISMATCH"
     if pending:
         return "SETTLEMENT_PENDING"
     allowed = SPEC_FROM[command_type]
@@ -187,7 +191,6 @@ def payload_for(command_type: str, role: str, state: Escrow | None) -> dict[str,
         "RecordPaymentInstructions": {
             "provider": "stripe",
             "providerPaymentId": "pi_1",
-            "clientSecret": "pi_1_secret",
         },
         "ConfirmFunds": {
             "provider": "stripe",
@@ -215,11 +218,13 @@ def payload_for(command_type: str, role: str, state: Escrow | None) -> dict[str,
         "ResolveDispute": {"resolution": "RELEASE", "reason": "delivered as agreed"},
         "RefundEscrow": {"reason": "TIMEOUT" if timeout else "cannot deliver"},
         "ConfirmSettlement": {
+            "settlementId": settlement.settlement_id if settlement else "escrow-release:x:all:1",
             "provider": "stripe",
             "providerReference": "tr_1",
             "amount": str(settlement.payout_amount if settlement else 1),
         },
         "RecordSettlementFailure": {
+            "settlementId": settlement.settlement_id if settlement else "escrow-release:x:all:1",
             "errorCode": "insufficient_funds",
             "errorMessage": "platform balance too low",
             "retryable": True,
@@ -246,6 +251,8 @@ class Run:
 
     def __init__(self, settings: DomainSettings | None = None) -> None:
         self.settings = settings or DomainSettings()
+        #: What the processor would look up; by default the seller has an ACTIVE account.
+        self.context: DecisionContext | None = SELLER_PAYOUT
         self.state: Escrow | None = None
         self.events: list[Event] = []
         self.now = T0
@@ -267,7 +274,7 @@ class Run:
             command(command_type, cid, role, payload, self.now),
             self.now,
             self.settings,
-            context,
+            context if context is not None else self.context,
         )
         if decision.events and not decision.duplicate:
             self.events.extend(decision.events)

@@ -62,7 +62,9 @@ def _all_events() -> list[Event]:
         events += reach(status, pending).events
     disputed = reach("DISPUTED", pending=True)
     disputed.ok(
-        "RecordSettlementFailure", "system", payload_for("RecordSettlementFailure", "", None)
+        "RecordSettlementFailure",
+        "system",
+        payload_for("RecordSettlementFailure", "", disputed.state),
     )
     events += disputed.events
     failing = reach("AWAIT_FUNDS")

@@ -69,7 +69,7 @@ def test_unknown_or_missing_type(data: Any, field: str) -> None:
         (lambda d: d["payload"].update(currency="EUR"), "payload.currency"),
         (lambda d: d["payload"].update(rail="USDC_BASE"), "payload.currency"),
         (lambda d: d["payload"].update(sellerId="buyer-1"), "payload.sellerId"),
-        (lambda d: d["payload"].update(sellerFee="10000"), "payload.sellerFee"),
+        (lambda d: d["payload"].update(sellerFee="10001"), "payload.sellerFee"),  # > amount
         (lambda d: d["payload"].pop("offerId"), "payload.offerId"),
         (lambda d: d["payload"]["milestones"][1].update(amount="3999"), "payload.milestones"),
         (

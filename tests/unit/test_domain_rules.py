@@ -176,15 +176,26 @@ def test_settlement_is_two_phase_and_blocks_other_commands() -> None:
     )
     assert _code(run, "RaiseDispute", "buyer", {"reason": "x"}) == "SETTLEMENT_PENDING"
     assert _code(run, "RefundEscrow", "admin", {"reason": "x"}) == "SETTLEMENT_PENDING"
-    wrong = {"provider": "stripe", "providerReference": "tr_1", "amount": "10000"}
+    first = settlement.settlement_id
+    assert first == f"escrow-release:{ESCROW_ID}:all:1"
+    wrong = {
+        "settlementId": first,
+        "provider": "stripe",
+        "providerReference": "tr_1",
+        "amount": "10000",
+    }
     assert _code(run, "ConfirmSettlement", "system", wrong) == "AMOUNT_MISMATCH"
-    failure = payload_for("RecordSettlementFailure", "system", None)
+    failure = payload_for("RecordSettlementFailure", "system", run.state)
     decision = run.ok("RecordSettlementFailure", "system", failure)
     assert decision.events[0].type == "SettlementFailed"
     assert run.state.settlement is None and run.state.status == "DELIVERED"
     run.ok("ReleaseFunds", "buyer")
     assert run.state.settlement is not None and run.state.settlement.attempt == 2
-    run.ok("ConfirmSettlement", "system", {**wrong, "amount": "9500"})
+    assert run.state.settlement.settlement_id == f"escrow-release:{ESCROW_ID}:all:2"
+    stale = {**wrong, "amount": "9500"}  # attempt 1's transfer, reported late
+    assert _code(run, "ConfirmSettlement", "system", stale) == "SETTLEMENT_MISMATCH"
+    current = run.state.settlement.settlement_id
+    run.ok("ConfirmSettlement", "system", {**stale, "settlementId": current})
     assert run.state.status == "RELEASED"
     assert ledger_balances(run.state) == {
         "external:stripe": -10_000,

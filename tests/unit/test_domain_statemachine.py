@@ -29,6 +29,8 @@ from escrow_stream.domain import (
     DomainSettings,
     Escrow,
     Event,
+    StripeAccountDestination,
+    WalletDestination,
     check_invariants,
     decide,
     event_id_for,
@@ -157,7 +159,16 @@ class EscrowMachine(RuleBasedStateMachine):
             recent_commands_max=recent_max,
         )
         verified = {"buyer-1", "seller-1"} if kyc_both else {"buyer-1"}
-        self.context = DecisionContext(kyc_verified_user_ids=frozenset(verified))
+        # the seller has an ACTIVE payout account: releases are performed (SPEC §2's flow;
+        # releases awaiting an account have tests of their own in test_domain_payouts.py)
+        payout = (
+            WalletDestination(address="0x" + "5e" * 20)
+            if usdc
+            else StripeAccountDestination(account_id="acct_seller_1")
+        )
+        self.context = DecisionContext(
+            kyc_verified_user_ids=frozenset(verified), seller_payout=payout
+        )
         milestones = []
         if parts:
             share = amount // parts
@@ -236,15 +247,27 @@ class EscrowMachine(RuleBasedStateMachine):
         if command_type == "RefundEscrow":
             timeout = (role == "system") != (variant == 3)
             return {"reason": "TIMEOUT" if timeout else "refund please"}
+        # variant 3: a result for a settlement that is not the pending one
+        settlement_id = (
+            settlement.settlement_id
+            if settlement is not None and variant != 3
+            else f"escrow-refund:{ESCROW_ID}:all:99"
+        )
         if command_type == "ConfirmSettlement":
             expected = settlement.payout_amount if settlement is not None else 0
             return {
+                "settlementId": settlement_id,
                 "provider": provider,
                 "providerReference": f"ref-{self.count}",
                 "amount": str(expected + 1 if variant == 2 else expected),
             }
         if command_type == "RecordSettlementFailure":
-            return {"errorCode": "failed", "errorMessage": "try later", "retryable": True}
+            return {
+                "settlementId": settlement_id,
+                "errorCode": "failed",
+                "errorMessage": "try later",
+                "retryable": True,
+            }
         assert command_type in ("DeliverMilestone", "ReleaseMilestone")
         if variant == 2 or not milestone_ids:
             return {"milestoneId": "nope"}

@@ -11,7 +11,7 @@ from domain_support import T0, days, reach
 from escrow_stream.agents.handling import handle, record_key
 from escrow_stream.agents.timeouts import due_timeouts
 from escrow_stream.cli import main
-from escrow_stream.domain import DomainSettings, RejectionCode, parse_command
+from escrow_stream.domain import DomainSettings, RejectionCode, command_fingerprint, parse_command
 from escrow_stream.signing import signature_headers
 from escrow_stream.tables import escrows as escrow_table
 from escrow_stream.tables import outcomes
@@ -71,12 +71,12 @@ def test_recorded_outcomes_are_bounded_and_keyed_by_sender() -> None:
     command = parse_command(raw)
     forged = parse_command({**raw, "actor": {"id": "someone-else", "role": "user"}})
     value = outcomes.record(None, record_key(command), None, entries_max=2)
-    assert outcomes.find(value, record_key(command)) == (True, None)
-    assert outcomes.find(value, record_key(forged)) == (False, None)
+    assert outcomes.find(value, record_key(command)) == (None, None)
+    assert outcomes.find(value, record_key(forged)) is None
     for n in range(3):
         value = outcomes.record(value, f"other-{n}", None, entries_max=2)
     assert len(value["entries"]) == 2
-    assert outcomes.find(value, record_key(command)) == (False, None)  # evicted, oldest first
+    assert outcomes.find(value, record_key(command)) is None  # evicted, oldest first
 
 
 def test_schema_export_writes_one_schema_per_message_kind(tmp_path: Path) -> None:
@@ -91,3 +91,62 @@ def test_schema_export_writes_one_schema_per_message_kind(tmp_path: Path) -> Non
     ]
     command_schema = json.loads((tmp_path / "schemas" / "command.schema.json").read_text())
     assert "CreateEscrow" in json.dumps(command_schema)
+
+
+def _raw(command_id: str, note: str, escrow_id: str, actor_id: str) -> bytes:
+    return json.dumps(
+        {
+            "commandId": command_id,
+            "type": "MarkDelivered",
+            "escrowId": escrow_id,
+            "actor": {"id": actor_id, "role": "user"},
+            "payload": {"note": note},
+            "issuedAt": T0.isoformat(),
+        }
+    ).encode()
+
+
+def test_a_command_id_reused_with_another_payload_is_refused_and_not_recorded() -> None:
+    run = reach("FUNDS_HELD", milestones=False)
+    state = run.state
+    assert state is not None
+    e, seller, now = state.escrow_id, state.seller_id, T0 + days(1)
+    accepted = handle(
+        e.encode(), _raw("c-9", "shipped", e, seller), [], state, None, now, RULES, SECRET
+    )
+    assert [ev.type for ev in accepted.events] == ["EscrowDelivered"]
+    after = accepted.state
+    # 1. the escrow remembers the accepted command: the same one is a replay, another is not
+    again = handle(
+        e.encode(), _raw("c-9", "shipped", e, seller), [], after, None, now, RULES, SECRET
+    )
+    assert again.duplicate and [ev.event_id for ev in again.events] == [
+        ev.event_id for ev in accepted.events
+    ]
+    other = handle(
+        e.encode(), _raw("c-9", "changed", e, seller), [], after, None, now, RULES, SECRET
+    )
+    assert other.rejection is not None and other.rejection.code is RejectionCode.COMMAND_ID_REUSED
+    assert not other.record and not other.events
+    # 2. a rejected command is remembered in the outcomes table with its fingerprint
+    refused = handle(
+        e.encode(), _raw("c-10", "again", e, seller), [], after, None, now, RULES, SECRET
+    )
+    assert refused.rejection is not None and refused.record  # DELIVERED already
+    assert refused.command is not None
+    value = outcomes.record(
+        None,
+        record_key(refused.command),
+        refused.rejection,
+        10,
+        command_fingerprint(refused.command),
+    )
+    same = handle(
+        e.encode(), _raw("c-10", "again", e, seller), [], after, value, now, RULES, SECRET
+    )
+    assert same.duplicate and same.rejection == refused.rejection
+    changed = handle(
+        e.encode(), _raw("c-10", "other", e, seller), [], after, value, now, RULES, SECRET
+    )
+    assert changed.rejection is not None
+    assert changed.rejection.code is RejectionCode.COMMAND_ID_REUSED and not changed.record
