@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 COMMAND_OUTCOMES = Counter(
     "escrow_commands_total",
@@ -15,8 +15,25 @@ COMMAND_SECONDS = Histogram(
     "Time to decide one command (state read to outcome, excluding sends).",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
+SETTLEMENT_MISMATCHES = Counter(
+    "escrow_settlement_mismatches_total",
+    "Settlement results refused SETTLEMENT_MISMATCH (they named another settlement than the "
+    "pending one), by command type.",
+    ["type"],
+)
+PAYMENT_EFFECTS = Counter(
+    "escrow_payment_effects_total",
+    "Provider calls of the payments agent, by effect (instructions, settlement) and result "
+    "(succeeded, failed: refused for good, retry: outcome unknown, retried later).",
+    ["effect", "result"],
+)
 DEAD_LETTERS = Counter(
     "escrow_dead_letters_total", "Messages sent to the commands DLQ, by reason.", ["reason"]
+)
+SETTLEMENTS_AWAITING_PAYOUT = Gauge(
+    "escrow_settlements_awaiting_payout_account",
+    "Releases waiting for the seller's ACTIVE payout account, counted on the PostgreSQL "
+    "mirror by the payout sweep (every worker reports the same total: aggregate with max).",
 )
 TIMEOUT_COMMANDS = Counter(
     "escrow_timeout_commands_total", "Timeout commands sent by the timeout processor.", ["type"]

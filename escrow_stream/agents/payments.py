@@ -1,62 +1,101 @@
 """The payments-effects agent: events in, provider calls out, results back as commands.
 
-Per event on ``escrow.events.v1`` (SPEC §5), in order:
+Per event on ``escrow.events.v1`` (SPEC §5, §10), in the stream, in order:
 
-1. Pick the escrow's rail: Stripe (USD) or the custodian (USDC on Base).
-   ``EscrowCreated`` with no payment instructions yet: a PaymentIntent, or a deposit
-   address (idempotency key from the escrow id) → ``RecordPaymentInstructions``.
-   ``SettlementRequested`` while that settlement is still pending: a Transfer / Refund, or a
-   custodian transfer (idempotency key from escrow, milestone and attempt) →
-   ``ConfirmSettlement`` when the provider answers with the result (Stripe), nothing when the
-   result comes later by webhook (the custodian's ``transfer.completed``), or
-   ``RecordSettlementFailure`` when the provider refuses for good.
-2. Send the command signed, with a commandId derived from the same ids
-   (``payments:settled:{settlement key}``, which Stripe's ``transfer.created`` webhook for
-   the same transfer uses too), so a redelivered event or a second confirmation is the same
-   command, applied once.
-3. An error whose outcome is unknown (5xx, timeout, connection lost) is retried with the
-   same idempotency key, with exponential backoff from ``ESCROW_RETRY_DELAY_MS`` capped at
-   60 s, for as long as it takes; each round the client already retried
-   ``ESCROW_MAX_RETRIES`` times.  It is never turned into a settlement failure: the money may
-   have moved, and a failure would let a later attempt (a new key) move it again.  The
-   event's offset is not committed meanwhile, so nothing is skipped.
+1. Pick the effect the event asks for: ``EscrowCreated`` with no payment instructions yet →
+   the escrow's PaymentIntent or deposit address (effect ``instructions:{escrowId}``); an
+   event whose snapshot carries a settlement with status PENDING (``SettlementRequested``,
+   or the same settlement requested again once its payout account is ACTIVE) → that
+   settlement's transfer / refund (effect = the settlement id).  Nothing else.
+2. Skip it when it is no longer current: the PostgreSQL mirror already holds a newer version
+   of the escrow on which that settlement is not pending (or that already has its payment
+   instructions) — an old event read again by an offset reset or a new consumer group.
+3. Record the effect in ``payment_effects`` as STARTED, due now — once: an effect recorded
+   before, in any state, is left as it is, so a redelivered or replayed event never reaches
+   a provider again, whatever the provider's idempotency window.  The event is then
+   acknowledged: no provider call happens in the stream, so no escrow waits for another
+   (only PostgreSQL being down holds the stream, retried with backoff: it is every escrow's).
+
+The effect runner, a task in every worker (woken by step 3, else every ``POLL_S``):
+
+4. Lease due STARTED effects of this deployment (its commands topic; ``FOR UPDATE SKIP
+   LOCKED``; ``next_attempt_at`` pushed past one call round), up to ``IN_FLIGHT_MAX`` at
+   once, each performed in its own task.
+5. Call the provider with the effect's own idempotency key (the settlement id; for
+   instructions a key from the escrow id); its client retries ``ESCROW_MAX_RETRIES`` times.
+   A release of 0 (the fee is the whole amount) calls nobody: it is answered here.
+6. An answer → in one PostgreSQL transaction, the effect SUCCEEDED (provider object id; the
+   Stripe client secret kept there for the buyer alone, never in a command) and its result
+   command in the outbox: RecordPaymentInstructions, or ConfirmSettlement naming the
+   settlement (a custodian transfer is confirmed by its ``transfer.completed`` webhook).
+   A permanent refusal (``PermanentSettlementError``: Stripe ``invalid_request_error`` and
+   the like, custodian 4xx) → likewise FAILED with the provider's code, and
+   RecordSettlementFailure (``retryable: false``) or RecordPaymentFailure (the escrow stays
+   AWAIT_FUNDS with the failure visible and times out; README "PaymentIntent refused").
+   An unknown outcome (5xx, timeout, lost connection) → still STARTED, due again after
+   exponential backoff from ``ESCROW_RETRY_DELAY_MS`` capped at 60 s, with the same key;
+   never a failure: the money may have moved, and a failure would let the next attempt (a
+   new key) move it again.
+7. The commands are signed system commands whose ids derive from the effect
+   (``payments:instructions:{escrowId}``, ``payments:instructions-failed:{escrowId}``,
+   ``payments:settled:{settlementId}`` — which Stripe's ``transfer.created`` webhook uses
+   too — and ``payments:failed:{settlementId}``), so a duplicate is applied once; the outbox
+   relay sends them.  A crash between steps 5 and 6 leaves the effect STARTED: its lease
+   runs out and it is called again with the same key.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from datetime import timedelta
+from typing import Any, Protocol
 
 import faust
 
 from escrow_stream.agents.processor import encode_command, make_command
 from escrow_stream.clock import Clock
 from escrow_stream.config import Settings
+from escrow_stream.db import effects, outbox
+from escrow_stream.db.deposits import backoff
+from escrow_stream.db.effects import Effect, EffectKind, EffectState, Outcome
+from escrow_stream.db.outbox import OutboxPublisher
+from escrow_stream.db.pool import Database
+from escrow_stream.domain import Rail as RailName
+from escrow_stream.domain.money import RAIL_PROVIDER
+from escrow_stream.metrics import PAYMENT_EFFECTS
 from escrow_stream.payments.common import (
     PermanentSettlementError,
     failed_command_id,
     settled_command_id,
-    settlement_key,
 )
 from escrow_stream.signing import signature_headers
 
 log = logging.getLogger(__name__)
 
 ACTOR = {"id": "payments-agent", "role": "system"}
-RETRY_MIN_S = 0.05
-RETRY_MAX_S = 60.0
-
-T = TypeVar("T")
+RETRY_CAP_S = 60.0
+POLL_S = 1.0
+DATABASE_RETRY_FIRST_S = 0.5
+IN_FLIGHT_MAX = 32
+#: A leased effect is taken over by another worker only this long after one call round.
+LEASE_MARGIN_S = 30.0
+PENDING = "PENDING"
+#: The providerReference of a settlement that moved no money (its payout was 0).
+NO_TRANSFER = "no-transfer"
+#: Snapshot fields no rail reads, left out of the effect's stored event (bounded size).
+UNUSED_FIELDS = frozenset({"recentCommands", "ledger"})
 
 
 class Rail(Protocol):
     """One payment provider, as the agent drives it (escrows as their JSON snapshots)."""
 
     async def payment_instructions(self, escrow: dict[str, Any]) -> dict[str, Any]:
-        """The RecordPaymentInstructions payload; the same escrow gives the same object."""
+        """The RecordPaymentInstructions payload (plus the Stripe ``clientSecret``, which the
+        agent keeps out of it); the same escrow gives the same object.  Raises
+        PermanentSettlementError."""
         ...
 
     async def settle(self, escrow: dict[str, Any]) -> dict[str, Any] | None:
@@ -65,106 +104,276 @@ class Rail(Protocol):
         ...
 
 
-def register(
-    app: faust.App,
-    settings: Settings,
-    clock: Clock,
-    events_topic: faust.TopicT,
-    commands_topic: faust.TopicT,
-    rails: dict[str, Rail],
-) -> None:
-    secret = settings.internal_command_secret.get_secret_value()
-    first_delay_s = max(RETRY_MIN_S, settings.escrow_retry_delay_ms / 1000)
+class PaymentEffects:
+    """Steps 1-3 (``on_event``) and 4-7 (``run_due``) of the module docstring."""
 
-    async def retrying(what: str, call: Callable[[], Awaitable[T]]) -> T:
-        """Step 3: retry what may pass later; PermanentSettlementError goes to the caller."""
-        delay_s = first_delay_s
-        rounds = 0
-        while True:
-            try:
-                return await call()
-            except PermanentSettlementError:
-                raise
-            except Exception as exc:
-                if app.should_stop:
-                    raise
-                rounds += 1
-                log.warning("%s failed (round %d), retry in %.2f s: %s", what, rounds, delay_s, exc)
-                await asyncio.sleep(delay_s)
-                delay_s = min(RETRY_MAX_S, delay_s * 2)
-
-    async def send(
-        event: dict[str, Any], type_: str, command_id: str, payload: dict[str, Any]
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Clock,
+        database: Database,
+        rails: dict[str, Rail],
+        publisher: OutboxPublisher,
     ) -> None:
-        """Step 2: a signed system command whose id derives from the event's subject."""
-        command = make_command(
-            ACTOR,
-            type_,
-            event["escrowId"],
-            payload,
-            command_id,
-            clock(),
-            causation_id=event.get("eventId"),
-            correlation_id=event.get("correlationId"),
+        self._settings = settings
+        self._clock = clock
+        self._database = database
+        self._rails = rails
+        self._publisher = publisher
+        self._secret = settings.internal_command_secret.get_secret_value()
+        self._first_delay_s = settings.escrow_retry_delay_ms / 1000
+        rounds = settings.escrow_max_retries + 1
+        self._lease = timedelta(
+            seconds=rounds * settings.provider_timeout_ms / 1000 + LEASE_MARGIN_S
         )
-        body = encode_command(command)
-        await commands_topic.send(
-            key=command.escrow_id.encode(), value=body, headers=signature_headers(secret, body)
-        )
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self.wake = asyncio.Event()
 
-    async def on_created(rail: Rail, event: dict[str, Any], escrow: dict[str, Any]) -> None:
-        payload = await retrying(
-            f"payment instructions of {escrow['escrowId']}",
-            lambda: rail.payment_instructions(escrow),
-        )
-        await send(
-            event,
-            "RecordPaymentInstructions",
-            f"payments:instructions:{escrow['escrowId']}",
-            payload,
-        )
+    # -- steps 1-3: the stream -----------------------------------------------------------
 
-    async def on_settlement(rail: Rail, event: dict[str, Any], escrow: dict[str, Any]) -> None:
-        settlement = escrow["settlement"]
-        key = settlement_key(escrow["escrowId"], settlement)
-        try:
-            payload = await retrying(key, lambda: rail.settle(escrow))
-        except PermanentSettlementError as exc:
-            await send(
-                event,
-                "RecordSettlementFailure",
-                failed_command_id(key),
-                {
-                    "errorCode": exc.code[:200],
-                    "errorMessage": str(exc)[:2000],
-                    "retryable": False,
-                },
+    async def on_event(self, event: dict[str, Any]) -> bool:
+        """Record the effect ``event`` asks for; True when a new one is now due."""
+        escrow: dict[str, Any] = event.get("escrow") or {}
+        rail = escrow.get("rail", "")
+        if rail not in self._rails:
+            return False
+        wanted = wanted_effect(event)
+        if wanted is None:
+            return False
+        key, kind = wanted
+        pool = await self._database.pool()
+        mirrored = await effects.mirrored_escrow(pool, escrow["escrowId"])
+        if not is_current(event, key, kind, mirrored):
+            log.info(
+                "effect %s skipped: the escrow has moved on since event %s",
+                key,
+                event.get("eventId"),
             )
+            return False
+        provider = RAIL_PROVIDER[RailName(rail)].value
+        kept = {**event, "escrow": {k: v for k, v in escrow.items() if k not in UNUSED_FIELDS}}
+        topic = self._settings.kafka_commands_topic
+        new = await effects.start(pool, key, kind, rail, provider, kept, topic, self._clock())
+        if new:
+            self.wake.set()
+        return new
+
+    # -- steps 4-7: the runner -----------------------------------------------------------
+
+    async def run_due(self) -> int:
+        """Lease the due effects there is room for and start each in its own task."""
+        now = self._clock()
+        pool = await self._database.pool()
+        room = IN_FLIGHT_MAX - len(self._in_flight)
+        topic = self._settings.kafka_commands_topic
+        claimed = await effects.claim_due(pool, topic, now, now + self._lease, room)
+        for effect in claimed:
+            task = asyncio.create_task(self._perform_logged(effect))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+        return len(claimed)
+
+    async def drain(self) -> None:
+        """Wait for the effects in flight (tests, shutdown)."""
+        while self._in_flight:
+            await asyncio.gather(*list(self._in_flight), return_exceptions=True)
+
+    async def _perform_logged(self, effect: Effect) -> None:
+        try:
+            await self.perform(effect)
+        except Exception:  # the database is down, say: the lease runs out, it is due again
+            log.exception("payment effect %s not recorded; due again after its lease", effect.key)
+
+    async def perform(self, effect: Effect) -> None:
+        """Steps 5-6 for one leased effect."""
+        escrow: dict[str, Any] = effect.event["escrow"]
+        rail = self._rails[effect.rail]
+        label = effect.kind.value.lower()
+        try:
+            if effect.kind is EffectKind.INSTRUCTIONS:
+                answer: dict[str, Any] | None = await rail.payment_instructions(escrow)
+            else:
+                answer = nothing_to_move(effect) or await rail.settle(escrow)
+        except PermanentSettlementError as exc:
+            PAYMENT_EFFECTS.labels(label, "failed").inc()
+            log.warning("payment effect %s refused for good: %s %s", effect.key, exc.code, exc)
+            await self._finish(effect, refused(effect, exc.code, str(exc)))
             return
-        if payload is not None:
-            await send(event, "ConfirmSettlement", settled_command_id(key), payload)
+        except Exception as exc:  # the outcome is unknown: same key, later
+            PAYMENT_EFFECTS.labels(label, "retry").inc()
+            now = self._clock()
+            at = now + backoff(effect.attempts - 1, self._first_delay_s, RETRY_CAP_S)
+            log.warning(
+                "payment effect %s (attempt %d) outcome unknown, again at %s: %s",
+                effect.key,
+                effect.attempts,
+                at.isoformat(),
+                exc,
+            )
+            pool = await self._database.pool()
+            await effects.retry_later(pool, effect.key, f"{type(exc).__name__}: {exc}", at, now)
+            return
+        PAYMENT_EFFECTS.labels(label, "succeeded").inc()
+        await self._finish(effect, succeeded(effect, answer))
+
+    async def _finish(self, effect: Effect, outcome: Outcome) -> None:
+        """Step 6: the outcome and its command commit together (step 7: signed, outbox)."""
+        now = self._clock()
+        pool = await self._database.pool()
+        async with pool.acquire() as conn, conn.transaction():
+            if not await effects.finish(conn, effect.key, outcome, now):
+                return  # finished meanwhile by a worker that took over an expired lease
+            if outcome.result_type is None or outcome.result_payload is None:
+                return
+            command = make_command(
+                ACTOR,
+                outcome.result_type,
+                effect.escrow_id,
+                outcome.result_payload,
+                result_command_id(effect, outcome.state),
+                now,
+                causation_id=effect.event.get("eventId"),
+                correlation_id=effect.event.get("correlationId"),
+            )
+            body = encode_command(command)
+            await outbox.enqueue(
+                conn,
+                effect.commands_topic,
+                effect.escrow_id,
+                body,
+                signature_headers(self._secret, body),
+                effect.escrow_id,
+            )
+        self._publisher.notify()
+
+
+def nothing_to_move(effect: Effect) -> dict[str, Any] | None:
+    """A release whose fee is the whole amount moves no money (providers refuse a transfer of
+    0): its ConfirmSettlement payload, with no provider call; else None."""
+    settlement: dict[str, Any] = effect.event["escrow"]["settlement"]
+    if int(settlement["payoutAmount"]) != 0:
+        return None
+    return {"provider": effect.provider, "providerReference": NO_TRANSFER, "amount": "0"}
+
+
+def wanted_effect(event: dict[str, Any]) -> tuple[str, EffectKind] | None:
+    """Step 1: the effect key and kind ``event`` asks for, or None."""
+    escrow: dict[str, Any] = event.get("escrow") or {}
+    if event.get("type") == "EscrowCreated" and not escrow.get("payment"):
+        return effects.instructions_key(escrow["escrowId"]), EffectKind.INSTRUCTIONS
+    settlement: dict[str, Any] = escrow.get("settlement") or {}
+    if settlement and settlement.get("status", PENDING) == PENDING:
+        return str(settlement["settlementId"]), EffectKind.SETTLEMENT
+    return None
+
+
+def is_current(
+    event: dict[str, Any],
+    key: str,
+    kind: EffectKind,
+    mirrored: tuple[int, dict[str, Any]] | None,
+) -> bool:
+    """Step 2: unless the mirror holds a newer version of the escrow, the event's snapshot is
+    the newest known and asks for the effect; on a newer one, the effect must still be due
+    (the same settlement pending, or still no payment instructions)."""
+    if mirrored is None or mirrored[0] <= int(event.get("version", 0)):
+        return True
+    snapshot = mirrored[1]
+    if kind is EffectKind.INSTRUCTIONS:
+        return snapshot.get("status") == "AWAIT_FUNDS" and not snapshot.get("payment")
+    settlement: dict[str, Any] = snapshot.get("settlement") or {}
+    return settlement.get("settlementId") == key and settlement.get("status", PENDING) == PENDING
+
+
+def succeeded(effect: Effect, answer: dict[str, Any] | None) -> Outcome:
+    """The outcome of an answered call, and its result command (step 6)."""
+    if effect.kind is EffectKind.INSTRUCTIONS:
+        assert answer is not None
+        payload = {k: v for k, v in answer.items() if k != "clientSecret"}
+        return Outcome(
+            state=EffectState.SUCCEEDED,
+            provider_object_id=str(payload.get("providerPaymentId")),
+            result_type="RecordPaymentInstructions",
+            result_payload=payload,
+            client_secret=answer.get("clientSecret"),
+        )
+    if answer is None:  # the custodian confirms by webhook
+        return Outcome(state=EffectState.SUCCEEDED)
+    return Outcome(
+        state=EffectState.SUCCEEDED,
+        provider_object_id=str(answer.get("providerReference")),
+        result_type="ConfirmSettlement",
+        result_payload={**answer, "settlementId": effect.key},
+    )
+
+
+def refused(effect: Effect, code: str, message: str) -> Outcome:
+    """The outcome of a permanent refusal, and the command that records it (step 6)."""
+    code, message = code[:200] or "refused", message[:2000]
+    if effect.kind is EffectKind.INSTRUCTIONS:
+        payload: dict[str, Any] = {
+            "provider": effect.provider,
+            "errorCode": code,
+            "errorMessage": message,
+        }
+        result_type = "RecordPaymentFailure"
+    else:
+        payload = {
+            "settlementId": effect.key,
+            "errorCode": code,
+            "errorMessage": message,
+            "retryable": False,
+        }
+        result_type = "RecordSettlementFailure"
+    return Outcome(
+        state=EffectState.FAILED,
+        result_type=result_type,
+        result_payload=payload,
+        error_code=code,
+        error_message=message,
+    )
+
+
+def result_command_id(effect: Effect, state: EffectState) -> str:
+    """Step 7: the id of the command reporting ``effect``'s outcome."""
+    if effect.kind is EffectKind.INSTRUCTIONS:
+        suffix = "instructions" if state is EffectState.SUCCEEDED else "instructions-failed"
+        return f"payments:{suffix}:{effect.escrow_id}"
+    if state is EffectState.SUCCEEDED:
+        return settled_command_id(effect.key)
+    return failed_command_id(effect.key)
+
+
+def register(app: faust.App, payments: PaymentEffects, events_topic: faust.TopicT) -> None:
+    """The agent (steps 1-3) and the runner task (steps 4-7) on ``app``."""
 
     @app.agent(events_topic, name="payments-effects")
     async def payments_effects(stream: faust.StreamT[bytes]) -> None:
         async for value in stream:
-            event = json.loads(value)
-            escrow = event.get("escrow") or {}
-            rail = rails.get(escrow.get("rail", ""))
-            if rail is None:
+            try:
+                event = json.loads(value)
+            except ValueError:
+                log.error("payments agent: an event that is not JSON was skipped")
                 continue
-            if event.get("type") == "EscrowCreated" and not escrow.get("payment"):
-                await on_created(rail, event, escrow)
-            elif event.get("type") == "SettlementRequested" and is_current(event, escrow):
-                await on_settlement(rail, event, escrow)
+            delay_s = DATABASE_RETRY_FIRST_S
+            while True:  # the database, shared by every escrow, is down: wait for it
+                try:
+                    await payments.on_event(event)
+                    break
+                except Exception:
+                    if app.should_stop:
+                        raise
+                    log.exception("payments agent: effect not recorded; again in %.1f s", delay_s)
+                    await asyncio.sleep(delay_s)
+                    delay_s = min(RETRY_CAP_S, delay_s * 2)
 
-
-def is_current(event: dict[str, Any], escrow: dict[str, Any]) -> bool:
-    """A re-emitted SettlementRequested carries today's snapshot: act only while that very
-    settlement is still pending."""
-    settlement: dict[str, Any] = escrow.get("settlement") or {}
-    data: dict[str, Any] = event.get("data") or {}
-    return (
-        bool(settlement)
-        and settlement.get("attempt") == data.get("attempt")
-        and settlement.get("milestoneId") == data.get("milestoneId")
-    )
+    @app.task  # type: ignore[untyped-decorator]
+    async def payment_effects_runner() -> None:
+        while not app.should_stop:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(payments.wake.wait(), POLL_S)
+            payments.wake.clear()
+            try:
+                await payments.run_due()
+            except Exception:  # the database is down, say: the next round tries again
+                log.exception("payment effects runner failed; retrying")

@@ -16,18 +16,24 @@ _TERMINAL = sorted(s.value for s in TERMINAL_STATUSES)
 async def stuck_escrows(
     pool: asyncpg.Pool, now: datetime, escrow_ids: Sequence[str] | None = None
 ) -> list[dict[str, Any]]:
-    """The seed's "State Machine Recovery" query: escrows a timeout should have moved.
+    """The seed's "State Machine Recovery" query: escrows a timeout should have moved, and
+    releases waiting for the seller's payout account (SPEC §10).
 
-    Not terminal, and AWAIT_FUNDS past ``expires_at`` or DELIVERED past ``auto_refund_at``
-    (optionally only among ``escrow_ids``), oldest update first.
+    Not terminal, and AWAIT_FUNDS past ``expires_at``, DELIVERED past ``auto_refund_at``
+    (``waiting_for`` = ``timeout``), or a settlement AWAITING_PAYOUT_ACCOUNT
+    (``waiting_for`` = ``payout_account``), optionally only among ``escrow_ids``, oldest
+    update first.
     """
     rows = await pool.fetch(
         """
-        SELECT id, status, version, updated_at, expires_at, auto_refund_at
+        SELECT id, status, version, updated_at, expires_at, auto_refund_at,
+               CASE WHEN settlement ->> 'status' = 'AWAITING_PAYOUT_ACCOUNT'
+                    THEN 'payout_account' ELSE 'timeout' END AS waiting_for
           FROM escrows
          WHERE status <> ALL($2::text[])
            AND ((status = 'AWAIT_FUNDS' AND expires_at < $1)
-                OR (status = 'DELIVERED' AND auto_refund_at < $1))
+                OR (status = 'DELIVERED' AND auto_refund_at < $1)
+                OR settlement ->> 'status' = 'AWAITING_PAYOUT_ACCOUNT')
            AND ($3::text[] IS NULL OR id = ANY($3::text[]))
          ORDER BY updated_at, id
         """,

@@ -148,8 +148,12 @@ class CustodianRail:
         self._client = client
 
     async def payment_instructions(self, escrow: dict[str, Any]) -> dict[str, Any]:
-        """A deposit address for the escrow: where the buyer sends the USDC."""
-        address = await self._client.create_deposit_address(escrow["escrowId"])
+        """A deposit address for the escrow: where the buyer sends the USDC.  Raises
+        :class:`PermanentSettlementError` when the custodian refuses (4xx)."""
+        try:
+            address = await self._client.create_deposit_address(escrow["escrowId"])
+        except CustodianRefused as exc:
+            raise PermanentSettlementError(exc.code, str(exc)) from exc
         return {
             "provider": "custodian",
             "providerPaymentId": address["id"],
@@ -160,17 +164,22 @@ class CustodianRail:
         """Send the pending settlement's transfer.  Completion arrives by webhook
         (``transfer.completed`` → ConfirmSettlement), so there is nothing to confirm here.
 
-        RELEASE goes to the seller's wallet (``sellerAccountId``); REFUND to
-        ``buyerWalletAddress`` when the buyer gave one, else back to the deposit's sender.
+        Both go to the wallet the settlement recorded as its ``destination`` when it was
+        requested: RELEASE the seller's ACTIVE payout wallet (never a value from the escrow's
+        create body); REFUND ``buyerWalletAddress`` when the buyer gave one, else the
+        deposit's sender (settlements requested before destinations were recorded: the same
+        rule, read from the escrow).
         """
         settlement = escrow["settlement"]
         escrow_id = escrow["escrowId"]
         payment = escrow.get("payment") or {}
+        destination = settlement.get("destination") or {}
+        wallet = destination.get("address") if destination.get("type") == "wallet" else None
         if settlement["kind"] == "RELEASE":
-            to_address = escrow.get("sellerAccountId")
-            missing = "no_seller_wallet", "the escrow has no seller wallet address"
+            to_address = wallet
+            missing = "no_payout_destination", "the release records no seller wallet"
         else:
-            to_address = escrow.get("buyerWalletAddress") or payment.get("senderAddress")
+            to_address = wallet or escrow.get("buyerWalletAddress") or payment.get("senderAddress")
             missing = "no_refund_address", "neither a buyer wallet nor the deposit's sender"
         if not is_address(to_address):
             raise PermanentSettlementError(*missing)
@@ -180,7 +189,7 @@ class CustodianRail:
                 key,
                 int(settlement["payoutAmount"]),
                 str(to_address),
-                {"escrow_id": escrow_id, "settlement_key": key},
+                {"escrow_id": escrow_id, "settlement_id": key},
             )
         except CustodianRefused as exc:
             raise PermanentSettlementError(exc.code, str(exc)) from exc

@@ -19,29 +19,42 @@ def payment_intent_key(escrow_id: str) -> str:
     return f"escrow-payment-intent:{escrow_id}"
 
 
+def stripe_client(settings: Settings) -> stripe.StripeClient:
+    """The SDK client every Stripe call goes through (``STRIPE_API_BASE``, timeouts, retries)."""
+    base = {"api": settings.stripe_api_base} if settings.stripe_api_base else None
+    return stripe.StripeClient(
+        settings.stripe_secret_key.get_secret_value(),
+        base_addresses=base,  # type: ignore[arg-type]
+        http_client=stripe.HTTPXClient(timeout=settings.provider_timeout_ms / 1000),
+        max_network_retries=settings.escrow_max_retries,
+    )
+
+
 class StripeRail:
     def __init__(self, settings: Settings) -> None:
-        base = {"api": settings.stripe_api_base} if settings.stripe_api_base else None
-        self._client = stripe.StripeClient(
-            settings.stripe_secret_key.get_secret_value(),
-            base_addresses=base,  # type: ignore[arg-type]
-            http_client=stripe.HTTPXClient(timeout=settings.provider_timeout_ms / 1000),
-            max_network_retries=settings.escrow_max_retries,
-        )
+        self._client = stripe_client(settings)
 
     async def payment_instructions(self, escrow: dict[str, Any]) -> dict[str, Any]:
-        """Create (or get again) the escrow's PaymentIntent: the RecordPaymentInstructions
-        payload the buyer's front end needs (id and client secret)."""
+        """Create (or get again) the escrow's PaymentIntent: its id, and the client secret the
+        buyer's front end needs (the agent keeps that out of the command: only the buyer may
+        read it).  Raises :class:`PermanentSettlementError` when Stripe refuses for good."""
         escrow_id = escrow["escrowId"]
-        intent = await self._client.v1.payment_intents.create_async(
-            params={
-                "amount": int(escrow["amount"]),
-                "currency": str(escrow["currency"]).lower(),
-                "metadata": {"escrow_id": escrow_id},
-                "transfer_group": escrow_id,
-            },
-            options={"idempotency_key": payment_intent_key(escrow_id)},
-        )
+        try:
+            intent = await self._client.v1.payment_intents.create_async(
+                params={
+                    "amount": int(escrow["amount"]),
+                    "currency": str(escrow["currency"]).lower(),
+                    "metadata": {"escrow_id": escrow_id},
+                    "transfer_group": escrow_id,
+                },
+                options={"idempotency_key": payment_intent_key(escrow_id)},
+            )
+        except stripe.StripeError as exc:
+            if _permanent(exc):
+                raise PermanentSettlementError(
+                    exc.code or type(exc).__name__, exc.user_message or str(exc)
+                ) from exc
+            raise
         return {
             "provider": "stripe",
             "providerPaymentId": intent.id,
@@ -51,8 +64,10 @@ class StripeRail:
     async def settle(self, escrow: dict[str, Any]) -> dict[str, Any]:
         """Perform the escrow's pending settlement; the ConfirmSettlement payload.
 
-        RELEASE: a Transfer of the payout to the seller's Connect account, funded by the
-        charge (``source_transaction``) and grouped by the escrow.  REFUND: a Refund of the
+        RELEASE: a Transfer of the payout to the Connect account the settlement recorded as
+        its ``destination`` (the seller's ACTIVE payout account when it was requested; never
+        a value from the escrow's create body), funded by the charge
+        (``source_transaction``) and grouped by the escrow.  REFUND: a Refund of the
         PaymentIntent.  Raises :class:`PermanentSettlementError` when Stripe refuses for
         good; other Stripe errors are for the caller to retry.
         """
@@ -62,22 +77,25 @@ class StripeRail:
         amount = int(settlement["payoutAmount"])
         key = settlement_key(escrow_id, settlement)
         options: dict[str, Any] = {"idempotency_key": key}
-        # settlement_key lets the transfer.created webhook confirm this very settlement
+        # the settlement id lets the transfer.created webhook confirm this very settlement
+        # (``settlement_key``: the same value, the name transfers made before SPEC §10 carry)
         metadata = {
             "escrow_id": escrow_id,
             "attempt": str(settlement["attempt"]),
+            "settlement_id": key,
             "settlement_key": key,
         }
         try:
             if settlement["kind"] == "RELEASE":
-                if not escrow.get("sellerAccountId"):
+                destination = settlement.get("destination") or {}
+                if destination.get("type") != "stripe_account" or not destination.get("accountId"):
                     raise PermanentSettlementError(
-                        "no_seller_account", "the escrow has no seller Connect account"
+                        "no_payout_destination", "the release records no Connect account"
                     )
                 params: dict[str, Any] = {
                     "amount": amount,
                     "currency": str(escrow["currency"]).lower(),
-                    "destination": escrow["sellerAccountId"],
+                    "destination": destination["accountId"],
                     "transfer_group": escrow_id,
                     "metadata": metadata,
                 }

@@ -19,6 +19,7 @@ from escrow_stream.web.schemas import (
     Health,
     KycBody,
     KycStatus,
+    PaymentInstructions,
     ProblemBody,
     Readiness,
 )
@@ -85,6 +86,86 @@ def _read(summary: str, model: type[BaseModel], *problems: str) -> dict[str, Any
     }
 
 
+def _payout_models() -> list[type[BaseModel]]:
+    from escrow_stream.web.payouts import (
+        PayoutAccountBody,
+        PayoutAccountList,
+        PayoutAccountOut,
+        WalletBody,
+    )
+
+    return [PayoutAccountBody, PayoutAccountList, PayoutAccountOut, WalletBody]
+
+
+def _payout_paths() -> dict[str, Any]:
+    """``/api/payout-accounts/…`` (SPEC §10)."""
+    from escrow_stream.web.payouts import (
+        PayoutAccountBody,
+        PayoutAccountList,
+        PayoutAccountOut,
+        WalletBody,
+    )
+
+    user_param = {"name": "user_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+    def body(model: type[BaseModel]) -> dict[str, Any]:
+        return {"required": True, "content": {"application/json": {"schema": _ref(model)}}}
+
+    return {
+        "/api/payout-accounts/stripe": {
+            "post": {
+                "summary": "the seller's Stripe Connect Express account and a fresh "
+                "onboarding link (a user, for themselves); ACTIVE once Stripe's "
+                "account.updated says payouts_enabled",
+                "security": [{"bearer": []}],
+                "responses": {
+                    "201": _json(PayoutAccountOut, "the account, with onboardingUrl"),
+                    **_problems("401", "403", "429", "503"),
+                },
+            }
+        },
+        "/api/payout-accounts/usdc": {
+            "put": {
+                "summary": "the seller's USDC wallet on Base (a user, for themselves), "
+                "screened with TRM Labs and Chainalysis",
+                "security": [{"bearer": []}],
+                "requestBody": body(WalletBody),
+                "responses": {
+                    "200": _json(PayoutAccountOut, "screened: ACTIVE, or REJECTED if flagged"),
+                    "202": _json(PayoutAccountOut, "PENDING: screened again later"),
+                    **_problems("400", "401", "403", "415", "422", "429"),
+                },
+            }
+        },
+        "/api/payout-accounts/me": {
+            "get": _read("the caller's payout accounts (a user)", PayoutAccountList, "401", "403")
+        },
+        "/api/payout-accounts/{user_id}": {
+            "get": {
+                **_read(
+                    "a user's payout accounts (service, admin, the user)",
+                    PayoutAccountList,
+                    "401",
+                    "403",
+                ),
+                "parameters": [user_param],
+            },
+            "put": {
+                "summary": "set a user's payout account (service, admin): a Connect account "
+                "is ACTIVE only if Stripe pays out to it, a wallet only once screened clean",
+                "security": [{"bearer": []}],
+                "parameters": [user_param],
+                "requestBody": body(PayoutAccountBody),
+                "responses": {
+                    "200": _json(PayoutAccountOut, "the account"),
+                    "202": _json(PayoutAccountOut, "a wallet PENDING: screened again later"),
+                    **_problems("400", "401", "403", "415", "422", "429", "503"),
+                },
+            },
+        },
+    }
+
+
 def openapi_document() -> dict[str, Any]:
     from escrow_stream.storage import EVIDENCE_SIZE_MAX_BYTES
     from escrow_stream.web.evidence import ContractUploadBody, EvidenceUploadBody, UploadTicket
@@ -95,7 +176,7 @@ def openapi_document() -> dict[str, Any]:
         "/health": {"get": {"summary": "liveness", "responses": {"200": _json(Health, "ok")}}},
         "/ready": {
             "get": {
-                "summary": "readiness: Kafka, PostgreSQL, Redis",
+                "summary": "readiness: processor (joined, recovered), Kafka, PostgreSQL, Redis",
                 "responses": {
                     "200": _json(Readiness, "ready"),
                     "503": _json(Readiness, "a dependency is down"),
@@ -139,6 +220,18 @@ def openapi_document() -> dict[str, Any]:
                 "parameters": [id_param],
             }
         },
+        "/api/escrow/{escrow_id}/payment": {
+            "get": {
+                **_read(
+                    "how to pay, with the Stripe client secret (the buyer alone)",
+                    PaymentInstructions,
+                    "401",
+                    "403",
+                    "404",
+                ),
+                "parameters": [id_param],
+            }
+        },
         "/api/escrow/{escrow_id}/events": {
             "get": {
                 **_read("history from the mirror", EscrowHistory, "401", "403", "404"),
@@ -147,7 +240,7 @@ def openapi_document() -> dict[str, Any]:
         },
         "/api/escrow/{escrow_id}/commands/{command_id}": {
             "get": {
-                **_read("the outcome of one command", CommandStatus, "401", "403"),
+                **_read("the outcome of one command", CommandStatus, "401", "403", "404"),
                 "parameters": [
                     id_param,
                     {
@@ -210,6 +303,7 @@ def openapi_document() -> dict[str, Any]:
             },
         },
     }
+    paths.update(_payout_paths())
     uploads = (
         ("evidence", EvidenceUploadBody, "presigned S3 PUT for evidence (parties, admin)"),
         ("contract", ContractUploadBody, "presigned S3 PUT for the contract PDF (service, admin)"),
@@ -268,9 +362,11 @@ def openapi_document() -> dict[str, Any]:
         Escrow,
         KycBody,
         KycStatus,
+        PaymentInstructions,
     ]
     models += [body for _, body in ACTIONS.values() if body not in models]
     models += [EvidenceUploadBody, ContractUploadBody, UploadTicket]
+    models += _payout_models()
     _, schemas = models_json_schema(
         [(m, "validation" if m.__name__.endswith("Body") else "serialization") for m in models],
         ref_template=REF,

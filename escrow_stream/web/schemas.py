@@ -19,9 +19,28 @@ from escrow_stream.domain.commands import (
 
 
 class CreateEscrowBody(CreateEscrowPayload):
-    """``POST /api/escrow``: a user becomes the buyer; a service names the buyer."""
+    """``POST /api/escrow``: a user becomes the buyer; a service names the buyer.
+
+    Payout fields (``PAYOUT_FIELDS``) are refused with 422 (SPEC §10): a user sends none, a
+    service only ``sellerFee`` (within ``[0, amount]``); the payout destination is the
+    seller's payout account, the fee otherwise ``ESCROW_FEE_BPS``."""
 
     buyer_id: str | None = None  # type: ignore[assignment]
+
+    def refused_payout_fields(self, is_service: bool) -> list[str]:
+        """The payout fields this body carries that its sender may not set (JSON names)."""
+        allowed = SERVICE_PAYOUT_FIELDS if is_service else frozenset()
+        return [
+            alias
+            for name, alias in PAYOUT_FIELDS.items()
+            if name in self.model_fields_set and name not in allowed
+        ]
+
+
+#: Create fields that decide who is paid or how much (field name → JSON name).
+PAYOUT_FIELDS = {"seller_account_id": "sellerAccountId", "seller_fee": "sellerFee"}
+#: The payout fields a service may set: the fee, within ``[0, amount]``.
+SERVICE_PAYOUT_FIELDS = frozenset({"seller_fee"})
 
 
 class DeliverBody(MarkDeliveredPayload):
@@ -80,6 +99,19 @@ class CommandStatus(_Out):
 class KycStatus(_Out):
     user_id: str
     status: Literal["PENDING", "VERIFIED", "REJECTED", "UNKNOWN"]
+
+
+class PaymentInstructions(_Out):
+    """``GET /api/escrow/{id}/payment`` (the buyer): how to pay.  STARTED: being created;
+    FAILED: the provider refused (``errorCode``)."""
+
+    escrow_id: str
+    status: Literal["STARTED", "SUCCEEDED", "FAILED"]
+    provider: str
+    provider_payment_id: str | None = None
+    client_secret: str | None = None
+    deposit_address: str | None = None
+    error_code: str | None = None
 
 
 class EscrowPage(_Out):

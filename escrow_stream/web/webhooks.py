@@ -7,8 +7,11 @@
    future: checked here against the injected clock) → 400 with nothing changed.
 2. Map the event to a system command: ``payment_intent.succeeded`` → ConfirmFunds,
    ``payment_intent.payment_failed`` → RecordPaymentFailure, ``transfer.created`` →
-   ConfirmSettlement.  Other types, or events without an escrow id, are acknowledged and
-   ignored (Stripe would otherwise retry them for days).
+   ConfirmSettlement.  ``account.updated`` is no command: it sets the seller's payout
+   account ACTIVE (``payouts_enabled``) or back to PENDING, resuming the releases that
+   waited for it (``web/payouts.py``; applying it again changes nothing, so it needs no
+   dedupe).  Other types, or events without an escrow id, are acknowledged and ignored
+   (Stripe would otherwise retry them for days).
 3. The Stripe event id is the idempotency key (and fixes the commandId, but for a transfer
    the payments agent made, whose confirmation is named by its settlement): a redelivered
    event replays the first answer and enqueues nothing; the command, signed with
@@ -28,9 +31,10 @@
    again with more); else the deposit is recorded once per deposit id for risk screening
    (``agents.screening``), which alone may confirm the funds.
 3. ``transfer.completed`` → ConfirmSettlement and ``transfer.failed`` →
-   RecordSettlementFailure, for the escrow in ``data.metadata.escrow_id`` and the transfer
-   the agent made for a settlement (``data.reference`` = settlement key), once per event id
-   as for Stripe.  Other types are acknowledged and ignored.
+   RecordSettlementFailure, for the escrow in ``data.metadata.escrow_id`` and the settlement
+   the agent made the transfer for (``data.reference`` = the settlement id, which the
+   command names: SETTLEMENT_MISMATCH unless it is the pending one), once per event id as
+   for Stripe.  Other types are acknowledged and ignored.
 """
 
 from __future__ import annotations
@@ -70,9 +74,12 @@ def stripe_timestamp(header: str) -> int | None:
 def stripe_command(event: dict[str, Any]) -> tuple[str, str, dict[str, Any], str] | None:
     """(command type, escrowId, payload, commandId) for the event types we act on, else None.
 
-    The commandId is ``stripe:{event id}``, except for ``transfer.created`` of a transfer
-    the payments agent made: that names the settlement (``metadata.settlement_key``), so the
-    agent's confirmation and the webhook's are one command, applied once."""
+    The commandId is ``stripe:{event id}``, except for ``transfer.created``: that confirms
+    the settlement named in the transfer's metadata (``settlement_id``, or ``settlement_key``
+    on transfers made before SPEC §10), with the commandId the agent uses too, so both
+    confirmations are one command, applied once; the escrow refuses it SETTLEMENT_MISMATCH
+    unless that settlement is the pending one (a late transfer of attempt 1 never confirms
+    attempt 2).  A transfer naming no settlement is ignored."""
     by_event = f"stripe:{event.get('id')}"
     kind = event.get("type")
     obj = (event.get("data") or {}).get("object") or {}
@@ -106,17 +113,20 @@ def stripe_command(event: dict[str, Any]) -> tuple[str, str, dict[str, Any], str
         )
     if kind == "transfer.created":
         escrow_id = escrow_id or obj.get("transfer_group")
-        if escrow_id:
-            key = metadata.get("settlement_key")
+        # the settlement id the agent put in the metadata (``settlement_key`` before §10);
+        # a transfer that names none is not one of our settlements
+        settlement_id = metadata.get("settlement_id") or metadata.get("settlement_key")
+        if escrow_id and settlement_id:
             return (
                 "ConfirmSettlement",
                 escrow_id,
                 {
+                    "settlementId": settlement_id,
                     "provider": "stripe",
                     "providerReference": obj["id"],
                     "amount": str(obj.get("amount")),
                 },
-                settled_command_id(key) if key else by_event,
+                settled_command_id(settlement_id),
             )
     return None
 
@@ -140,6 +150,8 @@ def register(app: faust.App, gateway: Gateway) -> None:
             if stamp is None or stamp > gateway.clock().timestamp() + STRIPE_TOLERANCE_S:
                 raise Problem(400, "INVALID_SIGNATURE", "the signature is dated in the future")
             event = json.loads(payload)
+            if event.get("type") == "account.updated" and gateway.on_account_updated:
+                return json_response(self, await gateway.on_account_updated(event))
             mapped = stripe_command(event)
             if mapped is None:
                 return json_response(self, {"received": True, "ignored": event.get("type")})
@@ -228,6 +240,7 @@ def custodian_command(event: dict[str, Any]) -> tuple[str, str, dict[str, Any], 
     payload: dict[str, Any]
     if kind == "transfer.completed":
         payload = {
+            "settlementId": key,
             "provider": "custodian",
             "providerReference": str(data.get("id")),
             "amount": str(data.get("amount")),
@@ -235,6 +248,7 @@ def custodian_command(event: dict[str, Any]) -> tuple[str, str, dict[str, Any], 
         return "ConfirmSettlement", escrow_id, payload, f"custodian:{event.get('id')}"
     error = data.get("error") or {}
     payload = {
+        "settlementId": key,
         "errorCode": str(error.get("code") or "transfer_failed")[:200],
         "errorMessage": str(error.get("message") or "")[:2000],
         "retryable": False,

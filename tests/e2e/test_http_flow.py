@@ -15,7 +15,14 @@ import pytest
 from escrow_stream.config import Settings
 from escrow_stream.web.auth import Role
 from tests.e2e.test_http_reads import call, escrow_when, token
-from tests.harness import Stack, WorkerProcess, eventually, wire_command
+from tests.harness import (
+    TEST_PAYOUTS,
+    Stack,
+    WorkerProcess,
+    activate_payouts,
+    eventually,
+    wire_command,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +57,8 @@ def confirm_funds(escrow_id: str, payment_id: str, amount: int = 10_000) -> dict
     return wire_command("ConfirmFunds", escrow_id, SYSTEM, payload)
 
 
-def create_body(seller: str, amount: int = 10_000, fee: int = 500) -> dict[str, Any]:
+def create_body(seller: str, amount: int = 10_000) -> dict[str, Any]:
+    """A buyer's create body: no payout field (the fee is ESCROW_FEE_BPS, 5% in the tests)."""
     return {
         "offerId": "offer-1",
         "contractId": "contract-1",
@@ -58,8 +66,6 @@ def create_body(seller: str, amount: int = 10_000, fee: int = 500) -> dict[str, 
         "amount": str(amount),
         "currency": "USD",
         "sellerId": seller,
-        "sellerFee": str(fee),
-        "sellerAccountId": "acct_1",
     }
 
 
@@ -94,17 +100,28 @@ def test_full_flow_over_http(stack: Stack, worker: WorkerProcess) -> None:
         wait,
     )
     assert (status, body["status"]) == (200, "DELIVERED"), body
+    asyncio.run(activate_payouts(stack.settings, seller))  # where the release pays
     status, _, body = call(
         worker, "POST", f"/api/escrow/{escrow_id}/release", token(stack, buyer), None, wait
     )
     assert status == 200, body
     assert body["settlement"]["kind"] == "RELEASE"
+    assert body["settlement"]["status"] == "PENDING"
+    assert body["settlement"]["destination"] == {
+        "type": "stripe_account",
+        "accountId": TEST_PAYOUTS["STRIPE"],
+    }
 
     settled = wire_command(
         "ConfirmSettlement",
         escrow_id,
         SYSTEM,
-        {"provider": "stripe", "providerReference": f"tr_{run}", "amount": "9500"},
+        {
+            "settlementId": body["settlement"]["settlementId"],
+            "provider": "stripe",
+            "providerReference": f"tr_{run}",
+            "amount": "9500",
+        },
     )
     asyncio.run(stack.send([settled]))
 

@@ -44,6 +44,24 @@ MATRIX: list[tuple[str, str, str | None, dict[str, Any] | None, tuple[int, ...]]
     ("POST", "/api/escrow/{id}/refund", SELLER, {"reason": "x"}, (401, 401, 403, 202, 202)),
     ("POST", "/api/escrow/{id}/milestones/m1/deliver", SELLER, None, (401, 401, 403, 202, 403)),
     ("POST", "/api/escrow/{id}/milestones/m1/release", BUYER, None, (401, 401, 403, 202, 202)),
+    # payout accounts (SPEC §10): users for themselves; services and admins for anyone
+    ("POST", "/api/payout-accounts/stripe", SELLER, None, (401, 401, 201, 201, 403)),
+    (
+        "PUT",
+        "/api/payout-accounts/usdc",
+        SELLER,
+        {"walletAddress": "0x1"},
+        (401, 401, 422, 422, 403),
+    ),
+    ("GET", "/api/payout-accounts/me", SELLER, None, (401, 401, 200, 200, 403)),
+    (
+        "PUT",
+        f"/api/payout-accounts/{SELLER}",
+        SELLER,
+        {"rail": "STRIPE", "accountId": "acct_matrix"},
+        (401, 401, 403, 403, 200),
+    ),
+    ("GET", f"/api/payout-accounts/{SELLER}", SELLER, None, (401, 401, 403, 200, 200)),
 ]
 
 

@@ -1,5 +1,5 @@
-"""On EscrowCreated the payments agent creates a PaymentIntent on stripe-mock, and the buyer
-reads its id and client secret on the escrow."""
+"""On EscrowCreated the payments agent creates a PaymentIntent on stripe-mock; the buyer reads
+its id on the escrow and its client secret from ``GET /api/escrow/{id}/payment``."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from escrow_stream.web.auth import Role
 from tests.e2e.test_http_flow import create_body
 from tests.e2e.test_http_reads import call, escrow_when, token
 from tests.e2e.test_webhooks_stripe import deliver, sign
-from tests.harness import Stack, WorkerProcess, deployment
+from tests.harness import Stack, WorkerProcess, activate_payouts, deployment
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +55,12 @@ def test_payment_instructions_reach_the_buyer(worker: tuple[Stack, WorkerProcess
     payment = body["payment"]
     assert payment["provider"] == "stripe"
     assert payment["providerPaymentId"].startswith("pi_")
-    assert payment["clientSecret"].startswith("pi_") and "_secret_" in payment["clientSecret"]
+    assert "clientSecret" not in payment  # the snapshot never carries it (SPEC §10)
+    path = f"/api/escrow/{escrow_id}/payment"
+    status, _, mine = call(process, "GET", path, token(stack, buyer))
+    assert status == 200, mine
+    assert mine["providerPaymentId"] == payment["providerPaymentId"]
+    assert mine["clientSecret"].startswith("pi_") and "_secret_" in mine["clientSecret"]
 
     events = asyncio.run(stack.events(lambda es: False, timeout_s=3))
     mine = [e for e in events if e["escrowId"] == escrow_id]
@@ -64,7 +69,9 @@ def test_payment_instructions_reach_the_buyer(worker: tuple[Stack, WorkerProcess
 
 
 def funded_escrow(stack: Stack, process: WorkerProcess, buyer: str, seller: str) -> str:
-    """Create over HTTP, wait for the PaymentIntent, pay it through the signed webhook."""
+    """Create over HTTP, wait for the PaymentIntent, pay it through the signed webhook; the
+    seller has an ACTIVE payout account (``TEST_PAYOUTS``), so a release pays it."""
+    asyncio.run(activate_payouts(stack.settings, seller))
     status, _, escrow = call(
         process,
         "POST",

@@ -29,7 +29,8 @@ from tests.standins.risk import ChainalysisStandin, TrmStandin
 
 pytestmark = pytest.mark.integration
 
-AMOUNT, FEE = 25_000_000, 1_000_000  # 25 USDC, 1 USDC fee (6 decimals)
+AMOUNT = 25_000_000  # 25 USDC (6 decimals)
+FEE = AMOUNT * 500 // 10_000  # ESCROW_FEE_BPS of the test deployments: 1.25 USDC
 WAIT = {"Prefer": "wait=30"}
 
 
@@ -79,16 +80,23 @@ def parties() -> tuple[str, str, str]:
 
 
 def usdc_escrow(u: Usdc, buyer: str, seller: str, wallet: str, **extra: str) -> dict[str, Any]:
-    """Create over HTTP and wait for the custodian's deposit address on the escrow."""
+    """The seller registers ``wallet`` as their payout account (screened, ACTIVE); the buyer
+    creates over HTTP; wait for the custodian's deposit address on the escrow."""
+    status, _, account = call(
+        u.worker,
+        "PUT",
+        "/api/payout-accounts/usdc",
+        token(u.stack, seller),
+        {"walletAddress": wallet},
+    )
+    assert (status, account["status"]) == (200, "ACTIVE"), account
     body = {
         "offerId": "offer-usdc",
         "contractId": "contract-usdc",
         "rail": "USDC_BASE",
         "amount": str(AMOUNT),
         "currency": "USDC",
-        "sellerId": seller,
-        "sellerFee": str(FEE),
-        "sellerAccountId": wallet,
+        "sellerId": seller,  # no payout field from a buyer: 422 (SPEC §10)
         **extra,
     }
     status, _, escrow = call(u.worker, "POST", "/api/escrow", token(u.stack, buyer), body, WAIT)

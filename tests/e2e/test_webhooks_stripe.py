@@ -109,7 +109,13 @@ def test_webhooks_drive_the_escrow_once_and_refuse_bad_signatures(
     # an event out of order first: a transfer before any release changes nothing
     early = event(
         "transfer.created",
-        {"id": f"tr_{run}", "object": "transfer", "amount": 9500, "transfer_group": escrow_id},
+        {
+            "id": f"tr_{run}",
+            "object": "transfer",
+            "amount": 9500,
+            "transfer_group": escrow_id,
+            "metadata": {"settlement_id": f"escrow-release:{escrow_id}:all:1"},
+        },
     )
     assert deliver(process, early, sign(secret, early, now))[0] == 200
 
@@ -125,7 +131,7 @@ def test_webhooks_drive_the_escrow_once_and_refuse_bad_signatures(
     assert sorted(mine.values()) == ["EscrowCreated", "EscrowFundsHeld"]
     rejections = asyncio.run(stack.rejections(lambda rs: False, timeout_s=2))
     assert [r["code"] for r in rejections if r["escrowId"] == escrow_id] == [
-        "INVALID_TRANSITION"  # the early transfer
+        "SETTLEMENT_MISMATCH"  # the early transfer: its settlement is not pending
     ]
 
     ignored = event("customer.created", {"id": "cus_1", "object": "customer"})

@@ -72,11 +72,14 @@ async def _indexes(url: str) -> list[asyncpg.Record]:
         await conn.close()
 
 
+PAYOUT_TABLES = {"payout_accounts", "payout_resumes"}
+
+
 async def test_up_down_up(stack_settings: Settings, scratch_db: str) -> None:
     await asyncio.to_thread(migrate.upgrade, stack_settings, database_url=scratch_db)
-    assert await _tables(scratch_db) >= SEED_TABLES | {"custodian_deposits"}
+    assert await _tables(scratch_db) >= SEED_TABLES | {"custodian_deposits"} | PAYOUT_TABLES
     status = await asyncio.to_thread(migrate.status, stack_settings, database_url=scratch_db)
-    assert "current: 0002 (head)" in status
+    assert "current: 0004 (head)" in status
 
     indexes = await _indexes(scratch_db)
     single_column = {
@@ -90,6 +93,14 @@ async def test_up_down_up(stack_settings: Settings, scratch_db: str) -> None:
     ]
     assert len(partial) == 1 and "published_at IS NULL" in partial[0]
 
+    assert "payment_effects" in await _tables(scratch_db)
+    await asyncio.to_thread(migrate.downgrade_to, stack_settings, "0003", database_url=scratch_db)
+    assert "payment_effects" not in await _tables(scratch_db)  # 0004 down: only its table
+    assert await _tables(scratch_db) >= PAYOUT_TABLES
+    await asyncio.to_thread(migrate.downgrade_to, stack_settings, "0002", database_url=scratch_db)
+    assert (await _tables(scratch_db)) & PAYOUT_TABLES == set()
+    assert "escrows_awaiting_payout_idx" not in {r["indexname"] for r in await _indexes(scratch_db)}
+    assert "custodian_deposits" in await _tables(scratch_db)
     await asyncio.to_thread(migrate.downgrade, stack_settings, 1, database_url=scratch_db)
     assert "custodian_deposits" not in await _tables(scratch_db)
     assert await _tables(scratch_db) >= SEED_TABLES  # one step down leaves 0001 whole
@@ -98,4 +109,4 @@ async def test_up_down_up(stack_settings: Settings, scratch_db: str) -> None:
     assert (await _tables(scratch_db)) & SEED_TABLES == set()
 
     await asyncio.to_thread(migrate.upgrade, stack_settings, database_url=scratch_db)
-    assert await _tables(scratch_db) >= SEED_TABLES | {"custodian_deposits"}
+    assert await _tables(scratch_db) >= SEED_TABLES | {"custodian_deposits"} | PAYOUT_TABLES

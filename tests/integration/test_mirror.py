@@ -12,6 +12,7 @@ import random
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -23,12 +24,27 @@ from escrow_stream.db import migrate
 from escrow_stream.db.mirror import Mirror, MirrorRecord, MirrorResult
 from escrow_stream.db.pool import Database, create_pool
 from escrow_stream.db.queries import reconcile, stuck_escrows
-from escrow_stream.domain import DomainSettings, Escrow, Event, decide, parse_command
+from escrow_stream.domain import (
+    DecisionContext,
+    DomainSettings,
+    Escrow,
+    Event,
+    PayoutDestination,
+    StripeAccountDestination,
+    WalletDestination,
+    decide,
+    parse_command,
+)
 from tests.support import free_port, stack_environ, unique
 
 pytestmark = pytest.mark.integration
 
 RULES = DomainSettings()
+#: The seller's ACTIVE payout account per rail, as the processor would look it up.
+PAYOUTS: dict[str, PayoutDestination] = {
+    "STRIPE": StripeAccountDestination(account_id="acct_mirror_seller"),
+    "USDC_BASE": WalletDestination(address="0x" + "5e" * 20),
+}
 BUYER = {"id": "buyer-1", "role": "user"}
 SELLER = {"id": "seller-1", "role": "user"}
 ADMIN = {"id": "admin-7", "role": "admin"}
@@ -90,6 +106,7 @@ class Run:
         self.now = now or datetime.now(UTC).replace(microsecond=0)
         self.state: Escrow | None = None
         self.events: list[Event] = []
+        self.payouts = PAYOUTS
 
     def send(self, type_: str, actor: dict[str, str], payload: dict[str, Any] | None = None) -> Run:
         command = parse_command(
@@ -105,7 +122,9 @@ class Run:
                 "correlationId": f"corr-{self.escrow_id}",
             }
         )
-        decision = decide(self.state, command, self.now, RULES)
+        payout = self.payouts.get(self.state.rail) if self.state else None
+        context = DecisionContext(seller_payout=payout)
+        decision = decide(self.state, command, self.now, RULES, context)
         assert decision.rejection is None, decision.rejection
         assert decision.events and not decision.duplicate
         self.events.extend(decision.events)
@@ -156,9 +175,7 @@ def funded(run: Run) -> Run:
         "amount": str(AMOUNT),
         "currency": "USD" if stripe else "USDC",
     }
-    if stripe:
-        instructions["clientSecret"] = f"pay-{run.escrow_id}_secret"
-    else:
+    if not stripe:
         instructions["depositAddress"] = f"0xdeposit{run.escrow_id}"
         funds["senderAddress"] = f"0xsender{run.escrow_id}"
     run.send("RecordPaymentInstructions", SYSTEM, instructions)
@@ -168,7 +185,13 @@ def funded(run: Run) -> Run:
 def settle(run: Run, reference: str) -> Run:
     assert run.state is not None
     provider = "stripe" if run.state.rail.value == "STRIPE" else "custodian"
-    payload = {"provider": provider, "providerReference": reference, "amount": run.payout()}
+    assert run.state.settlement is not None
+    payload = {
+        "settlementId": run.state.settlement.settlement_id,
+        "provider": provider,
+        "providerReference": reference,
+        "amount": run.payout(),
+    }
     return run.send("ConfirmSettlement", SYSTEM, payload)
 
 
@@ -177,10 +200,16 @@ def stripe_released() -> Run:
     run = funded(created("STRIPE"))
     run.send("MarkDelivered", SELLER, {"note": "shipped", "evidenceKeys": ["ev/1.png"]})
     run.send("ReleaseFunds", BUYER)
+    assert run.state is not None and run.state.settlement is not None
     run.send(
         "RecordSettlementFailure",
         SYSTEM,
-        {"errorCode": "balance_insufficient", "errorMessage": "try later", "retryable": True},
+        {
+            "settlementId": run.state.settlement.settlement_id,
+            "errorCode": "balance_insufficient",
+            "errorMessage": "try later",
+            "retryable": True,
+        },
     )
     run.send("ReleaseFunds", BUYER)
     return settle(run, f"tr-{run.escrow_id}")
@@ -493,13 +522,13 @@ async def test_invalid_records_are_skipped_and_counted(
     run = stripe_released()
     good = [encode_event(ev) for ev in run.events]
     nul = wire(run.events[1])
-    nul["data"]["clientSecret"] = "bad\x00secret"
+    nul["data"]["providerPaymentId"] = "bad\x00id"
     not_uuid = wire(run.events[1]) | {"eventId": "not-a-uuid"}
     other_escrow = wire(run.events[1]) | {"escrowId": "someone-else"}
     too_big = wire(run.events[0])
     too_big["escrow"]["amount"] = str(2**64)
     surrogate = wire(run.events[1])
-    surrogate["data"]["clientSecret"] = "bad\ud800secret"
+    surrogate["data"]["providerPaymentId"] = "bad\ud800id"
     huge_version = wire(run.events[1]) | {"version": 2**31}
     bad = [
         b"{not json",
@@ -665,15 +694,19 @@ async def test_stuck_escrows(pool: asyncpg.Pool, mirror: Mirror, names: tuple[st
     disputed = funded(created("STRIPE", now=long_ago)).send(
         "RaiseDispute", BUYER, {"reason": "late"}
     )
-    runs = [expired, overdue, cancelled, fresh, disputed]
+    waiting = funded(created("STRIPE")).send("MarkDelivered", SELLER, {})
+    waiting.payouts = {}  # the seller has no payout account: the release waits
+    waiting.send("ReleaseFunds", BUYER)
+    runs = [expired, overdue, cancelled, fresh, disputed, waiting]
     batch = [ev for run in runs for ev in run.events]
     assert (await mirror.apply(records(batch, names[0]))).applied == len(batch)
 
     ids = [r.escrow_id for r in runs]
     stuck = await stuck_escrows(pool, datetime.now(UTC), ids)
-    assert {s["id"]: s["status"] for s in stuck} == {
-        expired.escrow_id: "AWAIT_FUNDS",
-        overdue.escrow_id: "DELIVERED",
+    assert {s["id"]: (s["status"], s["waiting_for"]) for s in stuck} == {
+        expired.escrow_id: ("AWAIT_FUNDS", "timeout"),
+        overdue.escrow_id: ("DELIVERED", "timeout"),
+        waiting.escrow_id: ("DELIVERED", "payout_account"),
     }
     assert set(stuck[0]) == {
         "id",
@@ -682,9 +715,11 @@ async def test_stuck_escrows(pool: asyncpg.Pool, mirror: Mirror, names: tuple[st
         "updated_at",
         "expires_at",
         "auto_refund_at",
+        "waiting_for",
     }
-    # Before the deadlines nothing is stuck.
-    assert await stuck_escrows(pool, long_ago + timedelta(days=1), ids) == []
+    # Before the deadlines only the release waiting for a payout account is stuck.
+    early = await stuck_escrows(pool, long_ago + timedelta(days=1), ids)
+    assert [s["id"] for s in early] == [waiting.escrow_id]
     # Without a filter the query runs over every escrow and still finds these two.
     everything = {s["id"] for s in await stuck_escrows(pool, datetime.now(UTC))}
     assert {expired.escrow_id, overdue.escrow_id} <= everything
@@ -702,10 +737,9 @@ async def test_agent_retry_waits_for_the_database_and_gives_up_only_when_stoppin
     batch = records(run.events, names[0])
     # A database that refuses connections (nothing listens on the port): retried while the
     # worker is consuming, abandoned (None: nothing applied, nothing acked) once it stops.
-    dsn = stack_settings.database_url.get_secret_value()
-    unreachable = load_settings(
-        stack_environ(DATABASE_URL=dsn.replace(":5432/", f":{free_port()}/"))
-    )
+    dsn = urlsplit(stack_settings.database_url.get_secret_value())
+    nowhere = dsn._replace(netloc=f"{dsn.username}:{dsn.password}@127.0.0.1:{free_port()}")
+    unreachable = load_settings(stack_environ(DATABASE_URL=urlunsplit(nowhere)))
     database = Database(unreachable)
     down = Mirror(database, consumer=names[1])
     checks: list[float] = []

@@ -11,11 +11,13 @@ Stripe's API, which Stripe does not store either.
 
 It serves real HTTP on 127.0.0.1 from a thread with its own event loop, so a worker process
 can call it through ``STRIPE_API_BASE``.  Faults are programmed per path prefix (and method,
-POST unless told) and used up one per matching request, in the order programmed:
+POST unless told; and, when given, only for idempotency keys containing ``key_contains``)
+and used up one per matching request, in the order programmed:
 
 * :meth:`StripeProxy.lose_response` — forward (the object IS created and stored), then drop
   the connection unanswered;
-* :meth:`StripeProxy.fail` — answer a Stripe-shaped error (500 ``api_error``) unforwarded;
+* :meth:`StripeProxy.fail` — answer a Stripe-shaped error (500 ``api_error`` unless told,
+  e.g. 400 ``invalid_request_error`` with a ``code``: a refusal) unforwarded;
 * :meth:`StripeProxy.delay` — forward, store, then answer only after ``seconds`` (longer than
   the client's timeout, so the client gives up first).
 """
@@ -57,6 +59,9 @@ class Fault:
     kind: FaultKind
     status: int = 500
     seconds: float = 0.0
+    key_contains: str | None = None  # only requests whose Idempotency-Key contains it
+    error_type: str = "api_error"
+    code: str | None = None
 
 
 @dataclass(frozen=True)
@@ -95,8 +100,18 @@ class StripeProxy(ThreadedServer):
     def lose_response(self, prefix: str, n: int, method: str = "POST") -> None:
         self._program(prefix, method, [Fault("lose")] * n)
 
-    def fail(self, prefix: str, n: int, status: int = 500, method: str = "POST") -> None:
-        self._program(prefix, method, [Fault("fail", status=status)] * n)
+    def fail(
+        self,
+        prefix: str,
+        n: int,
+        status: int = 500,
+        method: str = "POST",
+        key_contains: str | None = None,
+        error_type: str = "api_error",
+        code: str | None = None,
+    ) -> None:
+        fault = Fault("fail", status, 0.0, key_contains, error_type, code)
+        self._program(prefix, method, [fault] * n)
 
     def delay(self, prefix: str, n: int, seconds: float, method: str = "POST") -> None:
         self._program(prefix, method, [Fault("delay", seconds=seconds)] * n)
@@ -137,11 +152,15 @@ class StripeProxy(ThreadedServer):
         with self.lock:
             self._faults.setdefault((method.upper(), prefix), deque()).extend(faults)
 
-    def _next_fault(self, method: str, path: str) -> Fault | None:
+    def _next_fault(self, method: str, path: str, key: str | None) -> Fault | None:
         with self.lock:
             for (m, prefix), queue in self._faults.items():
-                if m == method and path.startswith(prefix) and queue:
-                    return queue.popleft()
+                if m != method or not path.startswith(prefix):
+                    continue
+                for fault in queue:
+                    if fault.key_contains is None or fault.key_contains in (key or ""):
+                        queue.remove(fault)
+                        return fault
         return None
 
     def _record(self, entry: Entry) -> None:
@@ -189,10 +208,11 @@ class StripeProxy(ThreadedServer):
         """
         method, path = request.method, request.path
         body = await request.read()
-        fault = self._next_fault(method, path)
+        fault = self._next_fault(method, path, key)
         if fault is not None and fault.kind == "fail":
             self._record(Entry(method, path, key, "failed", "fail", fault.status))
-            return _error(fault.status, "api_error", "injected by the test proxy"), None
+            error = _error(fault.status, fault.error_type, "injected by the test proxy", fault.code)
+            return error, None
 
         with self.lock:
             stored = self._stored.get(key) if key is not None else None
@@ -231,5 +251,6 @@ class StripeProxy(ThreadedServer):
             return upstream.status, back, answer
 
 
-def _error(status: int, kind: str, message: str) -> web.Response:
-    return web.json_response({"error": {"type": kind, "message": message}}, status=status)
+def _error(status: int, kind: str, message: str, code: str | None = None) -> web.Response:
+    error = {"type": kind, "message": message, **({"code": code} if code else {})}
+    return web.json_response({"error": error}, status=status)

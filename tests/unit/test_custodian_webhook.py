@@ -102,7 +102,12 @@ def test_transfer_events_become_commands_named_by_the_event() -> None:
     assert custodian_command(completed) == (
         "ConfirmSettlement",
         "esc-1",
-        {"provider": "custodian", "providerReference": "tx_1", "amount": "24000000"},
+        {
+            "settlementId": key,
+            "provider": "custodian",
+            "providerReference": "tx_1",
+            "amount": "24000000",
+        },
         "custodian:evt_1",
     )
     failed = custodian_command(
@@ -114,6 +119,6 @@ def test_transfer_events_become_commands_named_by_the_event() -> None:
     )
     assert failed is not None
     assert failed[0] == "RecordSettlementFailure" and failed[3] == "custodian:evt_2"
-    assert failed[2]["errorCode"] == "insufficient_funds"
+    assert failed[2]["errorCode"] == "insufficient_funds" and failed[2]["settlementId"] == key
     assert custodian_command({"type": "transfer.created", "data": data}) is None
     assert custodian_command({"type": "transfer.completed", "data": {"id": "tx_2"}}) is None
