@@ -24,6 +24,9 @@ it is the *same* command and the processor applies it once (SPEC §3, rule 1), a
 retry gets the same 202 body.  The cost: a request still running after the lease could
 meet a twin that was given NEW — again the same command, applied once.
 
+With ``IDEMPOTENCY_STORAGE=redis`` the store is :class:`FallbackIdempotencyStore`: Redis,
+and the database while Redis is unreachable (the seed's "fallback to database").
+
 Expired records count as absent.  ``purge_expired`` is the daily cleanup of the database
 store; Redis expires its keys itself (the key TTL follows the record's expiry).
 """
@@ -32,6 +35,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -39,6 +44,8 @@ from typing import Any, Protocol
 
 import asyncpg
 import redis.asyncio
+import redis.exceptions
+from prometheus_client import Counter
 
 from escrow_stream.config import Settings
 from escrow_stream.db.pool import Database
@@ -49,6 +56,15 @@ log = logging.getLogger(__name__)
 IN_FLIGHT_LEASE_S = 60.0
 #: The daily purge deletes at most this many rows per statement (short locks).
 PURGE_BATCH_MAX = 10_000
+#: Once Redis failed, the fallback store asks it again only after this long.
+PRIMARY_RETRY_AFTER_S = 5.0
+#: What "Redis cannot be reached" looks like to the fallback store.
+UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+IDEMPOTENCY_FALLBACKS = Counter(
+    "escrow_idempotency_fallbacks_total",
+    "Idempotency-Key requests kept in the database store because Redis was unavailable.",
+)
 
 
 class BeginKind(StrEnum):
@@ -71,6 +87,13 @@ class IdempotencyStore(Protocol):
     async def begin(self, user_id: str, key: str, request_hash: str, now: datetime) -> Begin: ...
 
     async def complete(self, user_id: str, key: str, status: int, body: Any) -> None: ...
+
+    async def complete_in(
+        self, conn: asyncpg.Connection, user_id: str, key: str, status: int, body: Any
+    ) -> bool:
+        """Step 3 inside the caller's outbox transaction when this store can (True);
+        False: the caller calls ``complete`` once that transaction has committed."""
+        ...
 
     async def abandon(self, user_id: str, key: str) -> None: ...
 
@@ -145,7 +168,7 @@ class DatabaseIdempotencyStore:
 
     async def complete_in(
         self, conn: asyncpg.Connection, user_id: str, key: str, status: int, body: Any
-    ) -> None:
+    ) -> bool:
         """Step 3 inside the caller's transaction (the one that writes the outbox row).
 
         ``conn`` must come from a pool made by ``db.pool.create_pool`` (its jsonb codec).
@@ -165,6 +188,7 @@ class DatabaseIdempotencyStore:
         )
         if updated.endswith(" 0"):
             log.warning("idempotency: no reservation left to complete for user %s", user_id)
+        return True
 
     async def abandon(self, user_id: str, key: str) -> None:
         pool = await self._database.pool()
@@ -277,6 +301,11 @@ class RedisIdempotencyStore:
         if not done:
             log.warning("idempotency: no reservation left to complete for user %s", user_id)
 
+    async def complete_in(
+        self, conn: asyncpg.Connection, user_id: str, key: str, status: int, body: Any
+    ) -> bool:
+        return False  # Redis is outside the outbox transaction: complete() after it
+
     async def abandon(self, user_id: str, key: str) -> None:
         await self._abandon(keys=[self.key(user_id, key)])
 
@@ -323,6 +352,11 @@ class MemoryIdempotencyStore:
             record.state, record.status, record.body = "completed", status, body
             record.expires_at = record.created_at + self._ttl
 
+    async def complete_in(
+        self, conn: asyncpg.Connection, user_id: str, key: str, status: int, body: Any
+    ) -> bool:
+        return False
+
     async def abandon(self, user_id: str, key: str) -> None:
         record = self._records.get((user_id, key))
         if record is not None and record.state == "in_flight":
@@ -335,6 +369,76 @@ class MemoryIdempotencyStore:
         return len(expired)
 
 
+class FallbackIdempotencyStore:
+    """``IDEMPOTENCY_STORAGE=redis`` as the seed asks: Redis, and the database store for
+    every request that begins while Redis cannot be reached.
+
+    A request stays with the store its ``begin`` used (complete / abandon go there too).
+    While Redis is down, a key begun in Redis earlier is unknown to the database: a retry
+    then gets NEW, and because the gateway derives the commandId from user + key it
+    enqueues the *same* command, which the processor applies once (SPEC §3, rule 1) — the
+    same argument as for a lapsed lease.  The answer is the same 202 body.
+    """
+
+    def __init__(
+        self,
+        primary: IdempotencyStore,
+        fallback: IdempotencyStore,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._primary = primary
+        self._fallback = fallback
+        self._monotonic = monotonic
+        #: Redis is not asked again before this (monotonic seconds) once it failed
+        self._primary_down_until = 0.0
+        #: (user, key) of requests begun (NEW) in the fallback and not yet finished
+        self._in_fallback: set[tuple[str, str]] = set()
+
+    async def begin(self, user_id: str, key: str, request_hash: str, now: datetime) -> Begin:
+        if self._monotonic() >= self._primary_down_until:
+            try:
+                return await self._primary.begin(user_id, key, request_hash, now)
+            except UNREACHABLE as exc:
+                self._primary_down_until = self._monotonic() + PRIMARY_RETRY_AFTER_S
+                log.warning("idempotency: Redis unavailable (%r); using the database", exc)
+        IDEMPOTENCY_FALLBACKS.inc()
+        begun = await self._fallback.begin(user_id, key, request_hash, now)
+        if begun.kind is BeginKind.NEW:
+            self._in_fallback.add((user_id, key))
+        return begun
+
+    async def complete(self, user_id: str, key: str, status: int, body: Any) -> None:
+        if (user_id, key) in self._in_fallback:
+            self._in_fallback.discard((user_id, key))
+            await self._fallback.complete(user_id, key, status, body)
+            return
+        try:
+            await self._primary.complete(user_id, key, status, body)
+        except UNREACHABLE as exc:  # the command is enqueued; its reservation just lapses
+            log.warning("idempotency: could not complete in Redis (%r)", exc)
+
+    async def complete_in(
+        self, conn: asyncpg.Connection, user_id: str, key: str, status: int, body: Any
+    ) -> bool:
+        if (user_id, key) not in self._in_fallback:
+            return False
+        self._in_fallback.discard((user_id, key))
+        return await self._fallback.complete_in(conn, user_id, key, status, body)
+
+    async def abandon(self, user_id: str, key: str) -> None:
+        if (user_id, key) in self._in_fallback:
+            self._in_fallback.discard((user_id, key))
+            await self._fallback.abandon(user_id, key)
+            return
+        try:
+            await self._primary.abandon(user_id, key)
+        except UNREACHABLE as exc:
+            log.warning("idempotency: could not abandon in Redis (%r)", exc)
+
+    async def purge_expired(self, now: datetime) -> int:
+        return await self._fallback.purge_expired(now)  # Redis expires its keys itself
+
+
 def build_idempotency_store(
     settings: Settings, database: Database, redis_client: redis.asyncio.Redis | None = None
 ) -> IdempotencyStore:
@@ -343,5 +447,7 @@ def build_idempotency_store(
     if settings.idempotency_storage == "redis":
         if redis_client is None:
             raise ValueError("IDEMPOTENCY_STORAGE=redis needs the app's Redis client")
-        return RedisIdempotencyStore(redis_client, ttl)
+        return FallbackIdempotencyStore(
+            RedisIdempotencyStore(redis_client, ttl), DatabaseIdempotencyStore(database, ttl)
+        )
     return DatabaseIdempotencyStore(database, ttl)

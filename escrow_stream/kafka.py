@@ -41,3 +41,30 @@ async def topic_partitions(settings: Settings, topic: str) -> list[int]:
     if not described or described[0]["error_code"] != 0:
         return []
     return sorted(p["partition"] for p in described[0]["partitions"])
+
+
+class SharedAdmin:
+    """One admin client for the process, started on first use and started again after an
+    error (a broker restart), so a probe polled every second opens no connection per call."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._admin: Any = None
+
+    async def describe_cluster(self) -> Any:
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        if self._admin is None:
+            admin = AIOKafkaAdminClient(**client_kwargs(self.settings))
+            await admin.start()
+            self._admin = admin
+        try:
+            return await self._admin.describe_cluster()
+        except Exception:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        admin, self._admin = self._admin, None
+        if admin is not None:
+            await admin.close()

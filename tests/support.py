@@ -25,6 +25,16 @@ def stack_environ(**overrides: str) -> dict[str, str]:
     return env
 
 
+def production_env(**overrides: str) -> dict[str, str]:
+    """A complete production environment whose secrets are unique, long enough and fake."""
+    from escrow_stream.config import REQUIRED_IN_PRODUCTION
+
+    env = {name: f"value-{name.lower()}-{'x' * 16}" for name in REQUIRED_IN_PRODUCTION}
+    env.update(NODE_ENV="production", PORT="3000", JWT_SECRET="s" * 64)
+    env.update(overrides)
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -57,8 +57,16 @@ def authenticate(authorization: str | None, secret: str, now: datetime) -> Princ
             f"invalid token: {exc}",
             headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
         ) from None
+    exp = claims["exp"]
+    if not isinstance(exp, int | float) or isinstance(exp, bool):
+        raise Problem(
+            401,
+            "INVALID_TOKEN",
+            "the token's exp must be a number (seconds since the epoch)",
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        )
     # exp is checked against the injected clock, not the wall clock PyJWT would read
-    if not isinstance(claims["exp"], int | float) or claims["exp"] + LEEWAY_S < now.timestamp():
+    if exp + LEEWAY_S < now.timestamp():
         raise Problem(
             401,
             "TOKEN_EXPIRED",
@@ -66,7 +74,7 @@ def authenticate(authorization: str | None, secret: str, now: datetime) -> Princ
             headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
         )
     sub, role = claims["sub"], claims["role"]
-    if not isinstance(sub, str) or not sub or role not in set(Role):
+    if not isinstance(sub, str) or not sub or not isinstance(role, str) or role not in set(Role):
         raise Problem(
             401,
             "INVALID_TOKEN",

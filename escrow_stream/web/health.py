@@ -1,4 +1,4 @@
-"""``GET /health``: liveness, in the deployment document's shape."""
+"""``GET /health``: liveness, in the deployment document's shape; 503 while stalled."""
 
 from __future__ import annotations
 
@@ -8,11 +8,19 @@ import faust
 from faust.web import Request, Response, View
 
 from escrow_stream.clock import Clock, iso_millis
+from escrow_stream.liveness import ProgressMonitor
 
 
-def register(app: faust.App, clock: Clock) -> None:
+def register(app: faust.App, clock: Clock, progress: ProgressMonitor) -> None:
     @app.page("/health")
     class Health(View):
         async def get(self, request: Request) -> Response:
-            body: dict[str, Any] = {"status": "ok", "timestamp": iso_millis(clock())}
-            return self.json(body)
+            timestamp = iso_millis(clock())
+            if progress.stalled:
+                body: dict[str, Any] = {
+                    "status": "stalled",
+                    "timestamp": timestamp,
+                    "stalledPartitions": sorted(progress.stalled_partitions),
+                }
+                return self.json(body, status=503)
+            return self.json({"status": "ok", "timestamp": timestamp})

@@ -7,11 +7,19 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
+import asyncpg
 from aiohttp import web
 from prometheus_client import Counter, Histogram
 
 from escrow_stream.clock import Clock
+from escrow_stream.config import Settings, parse_networks
 from escrow_stream.logs import request_id_var, trace_id_var
+from escrow_stream.web.internal import (
+    INTERNAL_HEADER,
+    INTERNAL_REQUEST_KEY,
+    client_ip,
+    is_internal,
+)
 from escrow_stream.web.problems import Problem
 from escrow_stream.web.ratelimit import RateLimiter
 
@@ -28,6 +36,19 @@ HTTP_SECONDS = Histogram(
     ["method", "route"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
+
+#: Errors that mean PostgreSQL (or another dependency) cannot be reached right now, not a
+#: bug: the request is answered 503 with Retry-After, never 500.  The outbox write is the
+#: acceptance, so a request that met one of these accepted nothing.
+DEPENDENCY_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.InterfaceError,
+)
+RETRY_AFTER_UNAVAILABLE_S = 5
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
@@ -50,17 +71,29 @@ def _route(request: web.Request) -> str:
 UNLIMITED_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
 
-def make_middleware(limiter: RateLimiter, clock: Clock) -> Middleware:
-    """Problem details, request ids, per-IP rate limit and access metrics, in that order."""
+def make_middleware(limiter: RateLimiter, clock: Clock, settings: Settings) -> Middleware:
+    """Problem details, request ids, per-IP rate limit and access metrics, in that order.
+
+    Not limited: probes, webhooks (authenticated by their signatures, sent in bursts) and
+    signed worker-to-worker requests (``web/internal.py``; marked for the per-user limit
+    too).  The client's IP is read through ``TRUSTED_PROXIES``."""
+    secret = settings.internal_command_secret.get_secret_value()
+    trusted = parse_networks(settings.trusted_proxies)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         async def limited(request: web.Request) -> web.StreamResponse:
-            # probes, and webhooks (authenticated by their signatures, sent in bursts)
-            if request.path not in UNLIMITED_PATHS and not request.path.startswith(
+            now = clock()
+            signed = request.headers.get(INTERNAL_HEADER)
+            if signed and is_internal(
+                secret, signed, request.method, request.raw_path, now.timestamp()
+            ):
+                request[INTERNAL_REQUEST_KEY] = True
+            elif request.path not in UNLIMITED_PATHS and not request.path.startswith(
                 "/api/webhooks/"
             ):
-                await limiter.check_ip(request.remote or "unknown", clock())
+                ip = client_ip(request.remote, request.headers.get("X-Forwarded-For"), trusted)
+                await limiter.check_ip(ip, now)
             return await handler(request)
 
         return await problems_and_request_ids(request, limited)
@@ -86,6 +119,20 @@ async def problems_and_request_ids(request: web.Request, handler: Handler) -> we
             exc.status, "HTTP_ERROR"
         )
         response = Problem(exc.status, code, exc.reason).response(request.path)
+    except DEPENDENCY_UNAVAILABLE as exc:
+        log.warning(
+            "%s %s: a dependency is unavailable (request %s): %r",
+            request.method,
+            request.path,
+            request_id,
+            exc,
+        )
+        response = Problem(
+            503,
+            "DEPENDENCY_UNAVAILABLE",
+            "a service this request needs is unavailable; nothing was accepted, retry",
+            headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)},
+        ).response(request.path)
     except Exception:
         log.exception(
             "unhandled error on %s %s (request %s)", request.method, request.path, request_id

@@ -1,8 +1,10 @@
-"""``GET /ready`` (Kafka, PostgreSQL, Redis), ``GET /metrics`` and ``GET /openapi.json``."""
+"""``GET /ready`` (processor, Kafka, PostgreSQL, Redis), ``GET /metrics``, ``GET /openapi.json``."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -13,22 +15,46 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_s
 from escrow_stream.web.openapi import openapi_document
 
 READY_CHECK_TIMEOUT_S = 3.0
+#: One round of checks serves every /ready call within this window (probes poll each second).
+READY_CACHE_S = 1.0
 
 Check = Callable[[], Awaitable[None]]
 
+log = logging.getLogger(__name__)
 
-async def run_checks(checks: dict[str, Check]) -> dict[str, str]:
-    """``ok`` or the error of each check, each bounded by READY_CHECK_TIMEOUT_S."""
 
-    async def one(check: Check) -> str:
-        try:
-            await asyncio.wait_for(check(), READY_CHECK_TIMEOUT_S)
-        except Exception as exc:
-            return f"{type(exc).__name__}: {exc}"[:300] or "failed"
-        return "ok"
+class Readiness:
+    """Runs the checks at most once per ``READY_CACHE_S``; answers ``ok`` / ``unavailable``
+    per component and logs the error itself, which can name hosts, never in the body."""
 
-    results = await asyncio.gather(*(one(c) for c in checks.values()))
-    return dict(zip(checks, results, strict=True))
+    def __init__(self, checks: dict[str, Check], monotonic: Callable[[], float] = time.monotonic):
+        self.checks = checks
+        self.monotonic = monotonic
+        self._last: tuple[float, dict[str, str]] | None = None
+        self._running: asyncio.Task[dict[str, str]] | None = None
+
+    async def results(self) -> dict[str, str]:
+        now = self.monotonic()
+        if self._last is not None and now - self._last[0] < READY_CACHE_S:
+            return self._last[1]
+        if self._running is None or self._running.done():
+            self._running = asyncio.ensure_future(self._run())
+        results = await asyncio.shield(self._running)
+        self._last = (self.monotonic(), results)
+        return results
+
+    async def _run(self) -> dict[str, str]:
+        async def one(name: str, check: Check) -> str:
+            try:
+                await asyncio.wait_for(check(), READY_CHECK_TIMEOUT_S)
+            except Exception as exc:
+                log.warning("readiness: %s unavailable: %r", name, exc)
+                return "unavailable"
+            return "ok"
+
+        names = list(self.checks)
+        outcomes = await asyncio.gather(*(one(n, self.checks[n]) for n in names))
+        return dict(zip(names, outcomes, strict=True))
 
 
 def serve_metrics_alone(app: faust.App, port: int) -> None:
@@ -39,11 +65,11 @@ def serve_metrics_alone(app: faust.App, port: int) -> None:
         start_http_server(port)
 
 
-def register(app: faust.App, checks: dict[str, Check]) -> None:
+def register(app: faust.App, readiness: Readiness) -> None:
     @app.page("/ready")
     class Ready(View):
         async def get(self, request: Request) -> Response:
-            results = await run_checks(checks)
+            results = await readiness.results()
             ok = all(v == "ok" for v in results.values())
             body = {"status": "ready" if ok else "unavailable", "checks": results}
             return self.json(body, status=200 if ok else 503)

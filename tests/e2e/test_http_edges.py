@@ -32,7 +32,7 @@ def worker(
 
 def raw_post(worker: WorkerProcess, bearer: str, data: bytes, content_type: str) -> tuple[int, str]:
     request = urllib.request.Request(
-        f"http://127.0.0.1:{worker.port}/api/escrow",
+        f"{worker.base_url}/api/escrow",
         data=data,
         method="POST",
         headers={"Authorization": f"Bearer {bearer}", "Content-Type": content_type},
@@ -58,6 +58,19 @@ def test_bad_requests_get_problem_details(worker: tuple[Stack, WorkerProcess]) -
     assert status == 413 and '"PAYLOAD_TOO_LARGE"' in body
     status, body = raw_post(process, bearer, b"[1, 2]", "application/json")
     assert status == 400 and '"INVALID_JSON"' in body
+    # deep nesting is bad JSON, not a crash
+    status, body = raw_post(process, bearer, b"[" * 2000 + b"]" * 2000, "application/json")
+    assert status == 400 and '"INVALID_JSON"' in body, body
+    # NUL (or any C0 control but tab / newline) in free text: refused before acceptance
+    status, _, problem = call(
+        process,
+        "POST",
+        "/api/escrow/e-nul/dispute",
+        bearer,
+        {"reason": "broken\u0000again"},
+    )
+    assert status == 422 and problem["code"] == "VALIDATION_FAILED", problem
+    assert "U+0000" in str(problem["errors"])
 
 
 def test_ready_names_the_failing_dependency(worker: tuple[Stack, WorkerProcess]) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import jwt
 import pytest
 
 from escrow_stream.config import Settings
@@ -61,9 +62,7 @@ def call(
     headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, str], Any]:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{worker.port}{path}", data=data, method=method
-    )
+    request = urllib.request.Request(f"{worker.base_url}{path}", data=data, method=method)
     if bearer is not None:
         request.add_header("Authorization", f"Bearer {bearer}")
     if data is not None:
@@ -129,9 +128,14 @@ def escrow_id(stack: Stack, worker: WorkerProcess) -> str:
 def test_health_ready_metrics_openapi(stack: Stack, worker: WorkerProcess) -> None:
     status, _, body = call(worker, "GET", "/health")
     assert status == 200 and body["status"] == "ok"
+    # ready once the worker has joined its group and recovered its tables (bounded wait)
+    ready = asyncio.run(eventually(lambda: call(worker, "GET", "/ready")[0] == 200))
     status, _, body = call(worker, "GET", "/ready")
-    assert status == 200, body
-    assert body == {"status": "ready", "checks": {"kafka": "ok", "postgres": "ok", "redis": "ok"}}
+    assert ready and status == 200, body
+    assert body == {
+        "status": "ready",
+        "checks": {"processor": "ok", "kafka": "ok", "postgres": "ok", "redis": "ok"},
+    }
     status, headers, text = call(worker, "GET", "/metrics")
     assert status == 200
     assert headers["Content-Type"].startswith("text/plain")
@@ -162,9 +166,18 @@ def test_get_escrow_authorization(stack: Stack, worker: WorkerProcess, escrow_id
     expired = issue_token(
         secret, BUYER["id"], Role.USER, datetime.now(UTC) - timedelta(hours=2), timedelta(hours=1)
     )
+    exp = int((datetime.now(UTC) + timedelta(hours=1)).timestamp())
+
+    def odd(**claims: Any) -> str:  # well signed, claims of the wrong types
+        return jwt.encode({"sub": BUYER["id"], "role": "user", "exp": exp, **claims}, secret)
+
     cases = {
         "no token": (None, 401, "UNAUTHENTICATED"),
         "forged": (forged, 401, "INVALID_TOKEN"),
+        "role is a list": (odd(role=["user", "admin"]), 401, "INVALID_TOKEN"),
+        "role is an object": (odd(role={"admin": True}), 401, "INVALID_TOKEN"),
+        "sub is a number": (odd(sub=42), 401, "INVALID_TOKEN"),
+        "exp is a string": (odd(exp="tomorrow"), 401, "INVALID_TOKEN"),
         "expired": (expired, 401, "TOKEN_EXPIRED"),
         "other user": (token(stack, "someone-else"), 403, "NOT_AUTHORIZED"),
         "service": (token(stack, "marketplace", Role.SERVICE), 403, "NOT_AUTHORIZED"),
@@ -239,3 +252,23 @@ def test_json_logs_carry_request_and_trace_ids(stack: Stack, worker: WorkerProce
     assert line is not None
     assert (line["requestId"], line["traceId"]) == (request_id, trace_id)
     assert line["msg"] == "GET /api/escrow -> 200"
+
+
+def test_a_command_without_an_escrow_is_seen_by_its_sender_and_admins_only(
+    stack: Stack, worker: WorkerProcess
+) -> None:
+    missing = f"never-created-{uuid.uuid4().hex[:8]}"
+    release = wire_command("ReleaseFunds", missing, BUYER)  # refused NOT_FOUND, recorded
+    asyncio.run(stack.send([release]))
+    asyncio.run(stack.rejections(lambda rs: any(r["escrowId"] == missing for r in rs)))
+    path = f"/api/escrow/{missing}/commands/{release['commandId']}"
+    for bearer in (token(stack, BUYER["id"]), token(stack, "admin-1", Role.ADMIN)):
+        status, _, body = call(worker, "GET", path, bearer)
+        assert status == 200, body
+        assert (body["status"], body["code"]) == ("REJECTED", "NOT_FOUND")
+    for bearer in (token(stack, SELLER["id"]), token(stack, "someone-else")):
+        status, _, body = call(worker, "GET", path, bearer)
+        assert (status, body["code"]) == (404, "NOT_FOUND"), body
+    unknown = f"/api/escrow/{missing}/commands/cmd-unknown"
+    status, _, body = call(worker, "GET", unknown, token(stack, BUYER["id"]))
+    assert (status, body["code"]) == (404, "NOT_FOUND")

@@ -9,17 +9,21 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis.asyncio
+from pydantic import SecretStr
 
 from escrow_stream.config import Settings
 from escrow_stream.db.pool import Database
 from escrow_stream.idempotency import (
     BeginKind,
     DatabaseIdempotencyStore,
+    FallbackIdempotencyStore,
     IdempotencyStore,
     MemoryIdempotencyStore,
     RedisIdempotencyStore,
     build_idempotency_store,
 )
+from escrow_stream.redisconn import redis_client
+from tests.support import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -197,6 +201,67 @@ class TestRedisStore(IdempotencyContract):
         assert LEASE.total_seconds() * 1000 < ttl_ms <= TTL.total_seconds() * 1000
 
 
+class TestFallbackStoreWithRedisDown(IdempotencyContract):
+    """``IDEMPOTENCY_STORAGE=redis`` while Redis cannot be reached: the same contract, kept
+    by the database store (a Redis client on a port where nothing listens)."""
+
+    @pytest.fixture
+    async def store(
+        self, stack_settings: Settings, user: str
+    ) -> AsyncIterator[FallbackIdempotencyStore]:
+        database = Database(stack_settings)
+        nowhere = stack_settings.model_copy(
+            update={"redis_url": SecretStr(f"redis://127.0.0.1:{free_port()}/0")}
+        )
+        dead = redis_client(nowhere)
+        assert dead is not None
+        yield FallbackIdempotencyStore(
+            RedisIdempotencyStore(dead, TTL, in_flight_lease=LEASE),
+            DatabaseIdempotencyStore(database, TTL, in_flight_lease=LEASE),
+        )
+        pool = await database.pool()
+        await pool.execute("DELETE FROM command_idempotency WHERE user_id LIKE $1", f"{user}%")
+        await dead.aclose()
+        await database.close()
+
+    async def test_redis_down_keeps_records_in_the_database(
+        self, store: FallbackIdempotencyStore, stack_settings: Settings, user: str
+    ) -> None:
+        assert (await store.begin(user, "k", "h", NOW)).kind is BeginKind.NEW
+        database = Database(stack_settings)
+        try:
+            pool = await database.pool()
+            async with pool.acquire() as conn, conn.transaction():
+                assert await store.complete_in(conn, user, "k", 202, BODY)
+            state = await pool.fetchval(
+                "SELECT state FROM command_idempotency WHERE user_id = $1", user
+            )
+        finally:
+            await database.close()
+        assert state == "completed"
+        assert (await store.begin(user, "k", "h", NOW)).kind is BeginKind.REPLAY
+
+
+class TestFallbackStoreWithRedisUp(IdempotencyContract):
+    """With Redis reachable the fallback store is Redis: nothing reaches the database."""
+
+    purge_deletes = False
+
+    @pytest.fixture
+    async def store(self, stack_settings: Settings) -> AsyncIterator[IdempotencyStore]:
+        assert stack_settings.redis_url is not None
+        client = redis.asyncio.Redis.from_url(stack_settings.redis_url.get_secret_value())
+        prefix = f"test-idempotency-{uuid.uuid4().hex[:10]}"
+        yield FallbackIdempotencyStore(
+            RedisIdempotencyStore(client, TTL, prefix=prefix, in_flight_lease=LEASE),
+            MemoryIdempotencyStore(TTL, in_flight_lease=LEASE),  # must stay unused
+        )
+        keys = [k async for k in client.scan_iter(f"{prefix}:*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
 class TestMemoryStore(IdempotencyContract):
     """The fake unit tests use must keep the same contract."""
 
@@ -216,7 +281,7 @@ async def test_the_factory_follows_idempotency_storage(stack_settings: Settings)
             build_idempotency_store(as_db, database, client), DatabaseIdempotencyStore
         )
         assert isinstance(
-            build_idempotency_store(as_redis, database, client), RedisIdempotencyStore
+            build_idempotency_store(as_redis, database, client), FallbackIdempotencyStore
         )
         with pytest.raises(ValueError, match="Redis client"):
             build_idempotency_store(as_redis, database, None)

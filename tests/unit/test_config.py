@@ -9,21 +9,13 @@ from click.testing import CliRunner
 
 from escrow_stream.cli import main
 from escrow_stream.config import (
+    DEV_INTERNAL_COMMAND_SECRET,
     DEV_JWT_SECRET,
-    REQUIRED_IN_PRODUCTION,
     ConfigError,
     MissingVariables,
     load_settings,
 )
-
-REAL_LOOKING_SECRET = "s" * 64
-
-
-def production_env(**overrides: str) -> dict[str, str]:
-    env = {name: f"value-{name.lower()}" for name in REQUIRED_IN_PRODUCTION}
-    env.update(NODE_ENV="production", PORT="3000", JWT_SECRET=REAL_LOOKING_SECRET)
-    env.update(overrides)
-    return env
+from tests.support import production_env
 
 
 def test_defaults_with_no_environment_are_the_seeds() -> None:
@@ -127,7 +119,7 @@ def test_cli_fails_before_anything_else_in_production_without_variables() -> Non
 
 def test_dev_secret_is_long_enough_and_never_accepted_in_production() -> None:
     assert len(DEV_JWT_SECRET) >= 64
-    with pytest.raises(ConfigError, match="development secret"):
+    with pytest.raises(ConfigError, match="JWT_SECRET is the development default"):
         load_settings(production_env(JWT_SECRET=DEV_JWT_SECRET))
 
 
@@ -135,3 +127,32 @@ def test_development_talks_to_stripe_mock_and_production_to_stripe() -> None:
     assert load_settings({}).stripe_api_base == "http://127.0.0.1:12111"
     assert load_settings(production_env()).stripe_api_base is None
     assert load_settings({"STRIPE_API_BASE": "http://mock:1"}).stripe_api_base == "http://mock:1"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("INTERNAL_COMMAND_SECRET", DEV_INTERNAL_COMMAND_SECRET, "development default"),
+        ("INTERNAL_COMMAND_SECRET", "short-internal", "at least 32 characters"),
+        ("STRIPE_WEBHOOK_SECRET", "whsec_dev_not_a_secret", "development default"),
+        ("STRIPE_WEBHOOK_SECRET", "whsec_123", "at least 20 characters"),
+        ("CUSTODIAN_WEBHOOK_SECRET", "whsec_custodian_dev_not_a_secret", "development default"),
+        ("STRIPE_SECRET_KEY", "sk_test_DevOnlyNotARealKey", "development default"),
+        ("TRM_API_KEY", "trm_dev_not_a_key", "development default"),
+    ],
+)
+def test_production_refuses_development_or_short_secrets(name: str, value: str, says: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(production_env(**{name: value}))
+    message = str(err.value)
+    assert f"{name} " in message and says in message
+    assert value not in message.replace(f"{name} ", "")  # the value itself is never printed
+
+
+def test_production_names_every_unsafe_secret_at_once() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(
+            production_env(INTERNAL_COMMAND_SECRET="short", CUSTODIAN_WEBHOOK_SECRET="short")
+        )
+    assert "INTERNAL_COMMAND_SECRET" in str(err.value)
+    assert "CUSTODIAN_WEBHOOK_SECRET" in str(err.value)

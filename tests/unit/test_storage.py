@@ -9,7 +9,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from escrow_stream.config import LOCAL_S3, REQUIRED_IN_PRODUCTION, load_settings
+from escrow_stream.config import LOCAL_S3, load_settings
 from escrow_stream.domain import parse_command
 from escrow_stream.storage import (
     EVIDENCE_EXTENSIONS,
@@ -23,6 +23,7 @@ from escrow_stream.storage import (
 )
 from escrow_stream.web.evidence import check_evidence
 from escrow_stream.web.problems import Problem
+from tests.support import production_env
 
 
 def ids(*values: str) -> Any:
@@ -111,9 +112,7 @@ def test_development_defaults_to_the_stacks_s3_and_production_to_aws() -> None:
     assert load_settings({"AWS_ENDPOINT_URL": "http://minio:9000"}).aws_endpoint_url == (
         "http://minio:9000"
     )
-    env = {name: f"value-{name.lower()}" for name in REQUIRED_IN_PRODUCTION}
-    env.update(NODE_ENV="production", PORT="3000", JWT_SECRET="s" * 64)
-    assert load_settings(env).aws_endpoint_url is None
+    assert load_settings(production_env()).aws_endpoint_url is None
 
 
 async def test_foreign_evidence_keys_are_refused_before_s3_is_asked() -> None:
