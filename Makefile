@@ -9,11 +9,12 @@ INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .PHONY: help venv stack-up stack-down stack-status topics migrate run worker test test-unit \
-        test-integration lint bench-domain clean
+        test-integration test-chaos lint bench-domain clean
 
 help:
 	@echo "make run          venv + local stack + topics + migrations, then the worker on PORT (3000)"
-	@echo "make test         venv + local stack + topics, then the whole test suite"
+	@echo "make test         venv + local stack + topics, then the test suite (all but chaos)"
+	@echo "make test-chaos   the long fault tests (SIGKILL x10, broker, PostgreSQL, Redis stopped)"
 	@echo "make test-unit    unit tests only (no servers)"
 	@echo "make lint         ruff and mypy"
 	@echo "make stack-up | stack-down | stack-status    Kafka, PostgreSQL, Redis, stripe-mock, S3 (moto)"
@@ -55,7 +56,11 @@ define run_pytest
 endef
 
 test: venv stack-up topics migrate
-	$(call run_pytest,$(PYTEST_ARGS))
+	$(call run_pytest,-m "not chaos" $(PYTEST_ARGS))
+
+# Stops and starts the stack's own servers: run it alone, never beside another test run.
+test-chaos: venv stack-up topics migrate
+	$(call run_pytest,-m chaos -s $(PYTEST_ARGS))
 
 test-unit: venv
 	$(call run_pytest,tests/unit $(PYTEST_ARGS))

@@ -14,14 +14,29 @@ from datetime import UTC, datetime
 from typing import Any
 
 from escrow_stream.agents.handling import record_key
-from escrow_stream.domain import DomainSettings, Escrow, decide, parse_command
-from tests.harness import wire_command
+from escrow_stream.domain import (
+    DecisionContext,
+    DomainSettings,
+    Escrow,
+    PayoutDestination,
+    StripeAccountDestination,
+    WalletDestination,
+    decide,
+    parse_command,
+)
+from tests.harness import TEST_PAYOUTS, wire_command
 
 BUYER = {"id": "buyer-c", "role": "user"}
 SELLER = {"id": "seller-c", "role": "user"}
 ADMIN = {"id": "admin-c", "role": "admin"}
 SYSTEM = {"id": "payments-agent", "role": "system"}
 AMOUNT, FEE = 25_000, 1_000
+#: The seller's ACTIVE payout accounts: the fault tests set them up with ``activate_payouts``
+#: and the processor looks them up for every release.
+SELLER_PAYOUTS: dict[str, PayoutDestination] = {
+    "STRIPE": StripeAccountDestination(account_id=TEST_PAYOUTS["STRIPE"]),
+    "USDC_BASE": WalletDestination(address=TEST_PAYOUTS["USDC_BASE"]),
+}
 
 
 def _create(e: str, rail: str) -> dict[str, Any]:
@@ -56,8 +71,9 @@ def _funds(e: str, rail: str) -> dict[str, Any]:
     return wire_command("ConfirmFunds", e, SYSTEM, payload)
 
 
-def _settled(e: str, rail: str, amount: int, n: int) -> dict[str, Any]:
+def _settled(e: str, rail: str, amount: int, n: int, kind: str = "release") -> dict[str, Any]:
     payload = {
+        "settlementId": f"escrow-{kind}:{e}:all:{n}",
         "provider": _provider(rail),
         "providerReference": f"ref-{e}-{n}",
         "amount": str(amount),
@@ -65,8 +81,13 @@ def _settled(e: str, rail: str, amount: int, n: int) -> dict[str, Any]:
     return wire_command("ConfirmSettlement", e, SYSTEM, payload)
 
 
-def _failed(e: str) -> dict[str, Any]:
-    payload = {"errorCode": "timeout", "errorMessage": "provider timed out", "retryable": True}
+def _failed(e: str, n: int = 1) -> dict[str, Any]:
+    payload = {
+        "settlementId": f"escrow-release:{e}:all:{n}",
+        "errorCode": "timeout",
+        "errorMessage": "provider timed out",
+        "retryable": True,
+    }
     return wire_command("RecordSettlementFailure", e, SYSTEM, payload)
 
 
@@ -102,7 +123,7 @@ def escrow_script(e: str, rng: random.Random) -> list[dict[str, Any]]:
     elif ending == "refund":
         script += [
             wire_command("RefundEscrow", e, SELLER, {"reason": "cannot deliver"}),
-            _settled(e, rail, AMOUNT, 1),
+            _settled(e, rail, AMOUNT, 1, kind="refund"),
         ]
     else:
         script += [
@@ -144,7 +165,8 @@ def expected_outcomes(commands: list[dict[str, Any]], rules: DomainSettings) -> 
         if key in recorded:  # a rejected / no-op command seen again keeps its outcome
             continue
         state = states.get(command.escrow_id)
-        decision = decide(state, command, now, rules)
+        payout = SELLER_PAYOUTS[state.rail] if state is not None else None
+        decision = decide(state, command, now, rules, DecisionContext(seller_payout=payout))
         if decision.rejection is not None:
             recorded[key] = decision.rejection.code.value
             expected.rejections[command.command_id] = decision.rejection.code.value

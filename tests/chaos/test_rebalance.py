@@ -18,8 +18,8 @@ from aiokafka.errors import KafkaError
 
 from escrow_stream.config import Settings
 from escrow_stream.kafka import client_kwargs
-from tests.chaos.scenario import escrow_script
-from tests.harness import Stack
+from tests.chaos.scenario import SELLER, escrow_script
+from tests.harness import Stack, activate_payouts
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -86,6 +86,7 @@ def test_two_workers_split_and_take_over(tmp_path: Path, stack_settings: Setting
         KAFKA_PROCESSING_GUARANTEE=os.environ.get("CHAOS_PROCESSING_GUARANTEE", "at_least_once"),
     )
     asyncio.run(stack.create_topics())
+    asyncio.run(activate_payouts(stack.settings, SELLER["id"]))
     rng = random.Random(7)
     run = uuid.uuid4().hex[:6]
     scripts = [escrow_script(f"rb-{run}-{i:02d}", rng) for i in range(ESCROWS)]
