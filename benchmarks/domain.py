@@ -51,7 +51,12 @@ def escrow_mix(escrow_id: str) -> list[dict[str, Any]]:
         "amount": "125000",
         "currency": "USD",
     }
-    settle = {"provider": "stripe", "providerReference": "tr_1", "amount": "122500"}
+    settle = {
+        "settlementId": f"escrow-release:{escrow_id}:all:1",
+        "provider": "stripe",
+        "providerReference": "tr_1",
+        "amount": "122500",
+    }
     fund = _envelope(escrow_id, 3, "ConfirmFunds", system, funds)
     return [
         _envelope(escrow_id, 1, "CreateEscrow", buyer, create),
@@ -60,7 +65,7 @@ def escrow_mix(escrow_id: str) -> list[dict[str, Any]]:
             2,
             "RecordPaymentInstructions",
             system,
-            {"provider": "stripe", "providerPaymentId": "pi_1", "clientSecret": "s"},
+            {"provider": "stripe", "providerPaymentId": "pi_1"},
         ),
         fund,
         {**fund},  # duplicate (redelivery)

@@ -70,7 +70,12 @@ def lifecycle(escrow_id: str) -> list[dict[str, Any]]:
             "ConfirmSettlement",
             escrow_id,
             SYSTEM,
-            {"provider": "stripe", "providerReference": f"tr_{escrow_id}", "amount": str(AMOUNT)},
+            {
+                "settlementId": f"escrow-release:{escrow_id}:all:1",
+                "provider": "stripe",
+                "providerReference": f"tr_{escrow_id}",
+                "amount": str(AMOUNT),
+            },
         ),
     ]
 

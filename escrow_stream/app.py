@@ -18,23 +18,29 @@ import aiohttp_cors
 import faust
 import redis.asyncio
 
-from escrow_stream import transport
-from escrow_stream.agents import mirror, payments, processor, screening, timeouts
+from escrow_stream import liveness, transport
+from escrow_stream.agents import mirror, payments, payouts, processor, screening, timeouts
 from escrow_stream.agents import outbox as outbox_agent
 from escrow_stream.clock import Clock, utc_now
 from escrow_stream.config import ConfigError, Settings, load_settings
 from escrow_stream.db.kyc import KycDirectory
 from escrow_stream.db.outbox import OutboxPublisher
+from escrow_stream.db.payouts import PayoutDirectory
 from escrow_stream.db.pool import Database
 from escrow_stream.idempotency import build_idempotency_store
-from escrow_stream.kafka import topic_partitions
+from escrow_stream.kafka import SharedAdmin
+from escrow_stream.liveness import ProgressMonitor
 from escrow_stream.payments.custodian import CustodianClient, CustodianRail
 from escrow_stream.payments.screening import RiskScreener
+from escrow_stream.payments.stripe_connect import StripeConnect
 from escrow_stream.payments.stripe_rail import StripeRail
+from escrow_stream.redisconn import redis_client
 from escrow_stream.storage import EvidenceStore
 from escrow_stream.tables import escrows as escrow_table
 from escrow_stream.tables import outcomes as outcome_table
 from escrow_stream.web import evidence, gateway, health, operations, webhooks
+from escrow_stream.web import payment as payment_view
+from escrow_stream.web import payouts as payout_views
 from escrow_stream.web.middleware import make_middleware
 from escrow_stream.web.ratelimit import MemoryCounter, RateLimiter, RedisCounter
 
@@ -76,8 +82,10 @@ def create_app(
         processing_guarantee=settings.kafka_processing_guarantee,
         topic_partitions=TABLE_PARTITIONS,
         topic_replication_factor=settings.kafka_replication_factor,
+        web_bind=settings.web_host,  # the address to listen on ...
         web_host=settings.web_host,
         web_port=settings.port,
+        canonical_url=settings.canonical_url,  # ... and how other workers reach this one
         # Faust's /table/ views would expose raw escrow state to anyone: off (SPEC §4).
         web_tables_enabled=False,
         web_stats_enabled=False,
@@ -90,7 +98,7 @@ def create_app(
         origin="escrow_stream.app",
         web_cors_options=cors_options(settings),
         web_application_options={
-            "middlewares": [make_middleware(limiter, clock)],
+            "middlewares": [make_middleware(limiter, clock, settings)],
             "client_max_size": settings.http_body_max_bytes,
         },
     )
@@ -99,31 +107,59 @@ def create_app(
     escrows = escrow_table.define(app, TABLE_PARTITIONS)
     recorded_outcomes = outcome_table.define(app, TABLE_PARTITIONS)
     kyc = KycDirectory(database)
-    processor.register(app, settings, clock, topics, escrows, recorded_outcomes, kyc.verified)
+    progress = ProgressMonitor(
+        settings.kafka_commands_topic,
+        settings.stall_timeout_s,
+        transactional=settings.kafka_processing_guarantee == "exactly_once",
+    )
+    processor.register(
+        app,
+        settings,
+        clock,
+        topics,
+        escrows,
+        recorded_outcomes,
+        kyc.verified,
+        progress,
+        payout_lookup=PayoutDirectory(database).active,
+    )
+    liveness.register(app, progress)
     timeouts.register(
         app, settings, clock, topics.commands, escrows, processor.domain_settings(settings)
     )
     mirror.register(app, topics.events, database)
     publisher = OutboxPublisher(settings, database, clock)
-    closers: list[Callable[[], Awaitable[None]]] = [database.close]
+    screener = RiskScreener(settings)
+    closers: list[Callable[[], Awaitable[None]]] = [database.close, screener.aclose]
+    payout_service = payouts.PayoutService(
+        settings, clock, database, screener, StripeConnect(settings), publisher
+    )
+    payouts.register(app, payout_service, escrows)
     if settings.payments_effects_enabled:
         custodian = CustodianClient(settings)
         rails: dict[str, payments.Rail] = {
             "STRIPE": StripeRail(settings),
             "USDC_BASE": CustodianRail(custodian),
         }
-        payments.register(app, settings, clock, topics.events, topics.commands, rails)
-        screener = RiskScreener(settings)
-        closers += [custodian.aclose, screener.aclose]
+        effects = payments.PaymentEffects(settings, clock, database, rails, publisher)
+        payments.register(app, effects, topics.events)
+        closers += [custodian.aclose]
         screening.register(
             app, screening.DepositScreening(settings, clock, database, screener, publisher)
         )
-    health.register(app, clock)
-    operations.register(app, readiness_checks(app, settings, database))
+    health.register(app, clock, progress)
+    operations.register(app, readiness_checks(app, settings, database, shared_redis, closers))
     if settings.metrics_enabled:
         operations.serve_metrics_alone(app, settings.metrics_port)
 
-    reader = gateway.EscrowReader(app, topics, escrows, recorded_outcomes)
+    reader = gateway.EscrowReader(
+        app,
+        topics,
+        escrows,
+        recorded_outcomes,
+        settings.internal_command_secret.get_secret_value(),
+        clock,
+    )
     idempotency = build_idempotency_store(settings, database, shared_redis)
     api = gateway.Gateway(
         app, settings, clock, new_id, reader, database, idempotency, publisher, limiter, kyc
@@ -132,6 +168,8 @@ def create_app(
     webhooks.register(app, api)
     webhooks.register_custodian(app, api)
     evidence.register(app, api, EvidenceStore.from_settings(settings, new_id))
+    payment_view.register(app, api)
+    payout_views.register(app, api, payout_service)
     outbox_agent.register(app, publisher, idempotency, clock)
 
     async def _close_database(sender: object, *args: object, **kwargs: object) -> None:
@@ -143,13 +181,6 @@ def create_app(
     app.on_before_shutdown.connect(cast(Any, _close_database))
 
     return app
-
-
-def redis_client(settings: Settings) -> redis.asyncio.Redis | None:
-    """The process's one Redis client (connects on first use), when REDIS_URL is set."""
-    if settings.redis_url is None:
-        return None
-    return redis.asyncio.Redis.from_url(settings.redis_url.get_secret_value())
 
 
 def rate_limiter(settings: Settings, client: redis.asyncio.Redis | None) -> RateLimiter:
@@ -188,30 +219,40 @@ def cors_options(settings: Settings) -> dict[str, aiohttp_cors.ResourceOptions]:
 
 
 def readiness_checks(
-    app: faust.App, settings: Settings, database: Database
-) -> dict[str, operations.Check]:
-    """What ``/ready`` asks: the broker, the database, and Redis when configured."""
+    app: faust.App,
+    settings: Settings,
+    database: Database,
+    shared_redis: redis.asyncio.Redis | None,
+    closers: list[Callable[[], Awaitable[None]]],
+) -> operations.Readiness:
+    """What ``/ready`` asks, reusing the process's clients: the processor has joined its
+    group and recovered its tables, the broker answers, the database, Redis when configured."""
+    admin = SharedAdmin(settings)
+    closers.append(admin.close)
+
+    async def processor() -> None:
+        if not liveness.processing_ready(app):
+            raise RuntimeError("not assigned yet, rebalancing or recovering tables")
 
     async def kafka() -> None:
-        await topic_partitions(settings, settings.kafka_commands_topic)
+        await admin.describe_cluster()
 
     async def postgres() -> None:
         pool = await database.pool()
         await pool.fetchval("SELECT 1")
 
-    checks: dict[str, operations.Check] = {"kafka": kafka, "postgres": postgres}
-    if settings.redis_url is not None:
-        redis_url = settings.redis_url.get_secret_value()
+    checks: dict[str, operations.Check] = {
+        "processor": processor,
+        "kafka": kafka,
+        "postgres": postgres,
+    }
+    if shared_redis is not None:
 
         async def redis_check() -> None:
-            client = redis.asyncio.Redis.from_url(redis_url)
-            try:
-                await client.ping()
-            finally:
-                await client.aclose()
+            await shared_redis.ping()
 
         checks["redis"] = redis_check
-    return checks
+    return operations.Readiness(checks)
 
 
 def _load() -> Settings:

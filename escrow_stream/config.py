@@ -17,8 +17,10 @@ Startup order (numbered because it matters):
 
 from __future__ import annotations
 
+import ipaddress
 import json
-from collections.abc import Mapping
+import socket
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -26,6 +28,21 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 JWT_SECRET_LENGTH_MIN = 64
+
+#: Secrets checked in production: none may be its development default or shorter than this
+#: (our own shared secrets are generated, so they can be long; providers' keys have their own
+#: formats, and the minimum only rules out placeholders).
+PRODUCTION_SECRET_LENGTH_MIN: dict[str, int] = {
+    "jwt_secret": JWT_SECRET_LENGTH_MIN,
+    "internal_command_secret": 32,
+    "stripe_secret_key": 20,
+    "stripe_webhook_secret": 20,
+    "custodian_api_key": 16,
+    "custodian_webhook_secret": 32,
+    "trm_api_key": 16,
+    "chainalysis_api_key": 16,
+    "aws_secret_access_key": 16,
+}
 
 #: Obviously not a secret; only ever used outside production, and announced when it is.
 DEV_JWT_SECRET = "dev-only-insecure-jwt-secret-" + "x" * (JWT_SECRET_LENGTH_MIN - 29)
@@ -63,6 +80,9 @@ OURS: tuple[str, ...] = (
     "INTERNAL_COMMAND_SECRET",
     "ESCROW_DELIVERED_TIMEOUT_ACTION",
     "ESCROW_MAX_AMOUNT_MINOR",
+    "ESCROW_MAX_AMOUNT_USD_MINOR",
+    "ESCROW_MAX_AMOUNT_USDC_MINOR",
+    "ESCROW_FEE_BPS",
     "ESCROW_RECENT_COMMANDS_MAX",
     "KAFKA_REJECTIONS_TOPIC",
     "KAFKA_DLQ_TOPIC",
@@ -82,7 +102,13 @@ OURS: tuple[str, ...] = (
     "LOG_FORMAT",
     "RATE_LIMIT_PER_IP_PER_MINUTE",
     "RATE_LIMIT_PER_USER_PER_MINUTE",
+    "STALL_TIMEOUT_S",
+    "WEB_CANONICAL_URL",
+    "TRUSTED_PROXIES",
 )
+
+#: Bind addresses that are no address another worker could call.
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
 
 
 class NodeEnv(StrEnum):
@@ -129,6 +155,11 @@ class Settings(BaseModel):
     )
     log_format: Literal["json", "text"] = _env("LOG_FORMAT", "json")
     web_host: str = _env("WEB_HOST", "0.0.0.0")
+    #: How other workers reach this one (Faust's canonical_url); unset: http://WEB_HOST:PORT,
+    #: or http://{hostname}:PORT when WEB_HOST is a wildcard such as 0.0.0.0.
+    web_canonical_url: str | None = _env("WEB_CANONICAL_URL", None)
+    #: Proxies (CIDRs) whose X-Forwarded-For names the client, e.g. the ingress's network.
+    trusted_proxies: tuple[str, ...] = _env("TRUSTED_PROXIES", ())
 
     # Database
     database_url: SecretStr = _env("DATABASE_URL", SecretStr(_LOCAL_DATABASE_URL))
@@ -182,7 +213,17 @@ class Settings(BaseModel):
     escrow_delivered_timeout_action: Literal["refund", "release"] = _env(
         "ESCROW_DELIVERED_TIMEOUT_ACTION", "refund"
     )
+    #: The USD maximum (cents) of installs that predate the per-currency limits.
     escrow_max_amount_minor: int = _env("ESCROW_MAX_AMOUNT_MINOR", 10_000_000_00, ge=1)
+    #: Largest escrow in USD cents (unset: ESCROW_MAX_AMOUNT_MINOR); STRIPE escrows are
+    #: further capped at Stripe's 99,999,999-cent maximum charge.
+    escrow_max_amount_usd_minor: int | None = _env("ESCROW_MAX_AMOUNT_USD_MINOR", None, ge=1)
+    #: Largest escrow in USDC base units (6 decimals): 10,000,000 USDC by default.
+    escrow_max_amount_usdc_minor: int = _env(
+        "ESCROW_MAX_AMOUNT_USDC_MINOR", 10_000_000_000_000, ge=1
+    )
+    #: Platform fee withheld from the seller, in basis points, when a create names none.
+    escrow_fee_bps: int = _env("ESCROW_FEE_BPS", 0, ge=0, le=10_000)
     escrow_recent_commands_max: int = _env("ESCROW_RECENT_COMMANDS_MAX", 1000, ge=1)
     internal_command_secret: SecretStr = _env(
         "INTERNAL_COMMAND_SECRET", SecretStr(DEV_INTERNAL_COMMAND_SECRET)
@@ -232,13 +273,28 @@ class Settings(BaseModel):
     sentry_environment: str | None = _env("SENTRY_ENVIRONMENT", None)
     metrics_enabled: bool = _env("METRICS_ENABLED", False)
     metrics_port: int = _env("METRICS_PORT", 9090, ge=1, le=65535)
+    #: Liveness fails when an assigned command partition has lag and no progress this long.
+    stall_timeout_s: int = _env("STALL_TIMEOUT_S", 60, ge=5, le=3600)
 
     # Feature flags
     feature_milestone_escrows: bool = _env("FEATURE_MILESTONE_ESCROWS", True)
     feature_auto_refund: bool = _env("FEATURE_AUTO_REFUND", True)
     feature_kyc_gating: bool = _env("FEATURE_KYC_GATING", True)
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        parse_networks(value)
+        return value
+
+    @field_validator("web_canonical_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError(f"{value!r} must be an http(s) URL, e.g. http://worker-0.escrow:3000")
+        return value.rstrip("/") if value is not None else None
+
+    @field_validator("cors_origins", "trusted_proxies", mode="before")
     @classmethod
     def _split_origins(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -272,6 +328,18 @@ class Settings(BaseModel):
         return self.jwt_secret.get_secret_value() == DEV_JWT_SECRET
 
     @property
+    def canonical_url(self) -> str:
+        """This worker's URL for the other workers (WEB_CANONICAL_URL or derived)."""
+        if self.web_canonical_url is not None:
+            return self.web_canonical_url
+        host = self.web_host.strip("[]")
+        if host in WILDCARD_HOSTS:
+            host = socket.gethostname()
+        elif ":" in host:
+            host = f"[{host}]"  # an IPv6 literal
+        return f"http://{host}:{self.port}"
+
+    @property
     def broker_urls(self) -> list[str]:
         return [f"kafka://{b.strip()}" for b in self.kafka_brokers.split(",") if b.strip()]
 
@@ -300,6 +368,20 @@ class Settings(BaseModel):
                 value = ",".join(value)
             out[key] = value
         return out
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(values: Sequence[str]) -> tuple[Network, ...]:
+    """CIDRs (or single addresses) of TRUSTED_PROXIES; raises ValueError naming a bad one."""
+    networks = []
+    for value in values:
+        try:
+            networks.append(ipaddress.ip_network(value.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP network (e.g. 10.0.0.0/8)") from None
+    return tuple(networks)
 
 
 def _mask(raw: str) -> str:
@@ -345,9 +427,34 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     if not settings.is_production and settings.aws_endpoint_url is None:
         # development stores evidence in the stack's local S3, never in a real bucket
         settings = settings.model_copy(update={"aws_endpoint_url": LOCAL_S3})
-    if settings.is_production and settings.uses_dev_jwt_secret:
-        raise ConfigError("Error: JWT_SECRET is the development secret; set a real one")
+    if settings.is_production:
+        problems = weak_production_secrets(settings)
+        if problems:
+            raise ConfigError(
+                "Error: Unsafe secrets for NODE_ENV=production:\n"
+                + "\n".join(f"  {p}" for p in problems)
+                + "\nGenerate our own with "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(48))'`; "
+                "provider keys and webhook secrets come from the provider's dashboard."
+            )
     return settings
+
+
+def weak_production_secrets(settings: Settings) -> list[str]:
+    """Each secret the service uses that is shorter than its minimum or still a development
+    default, named with the rule it breaks (values are never printed)."""
+    defaults = {name: field.default for name, field in Settings.model_fields.items()}
+    problems: list[str] = []
+    for name, length_min in PRODUCTION_SECRET_LENGTH_MIN.items():
+        field = Settings.model_fields[name]
+        value = getattr(settings, name)
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else ""
+        default = defaults[name]
+        if isinstance(default, SecretStr) and raw == default.get_secret_value():
+            problems.append(f"{field.alias} is the development default; set the real secret")
+        elif len(raw) < length_min:
+            problems.append(f"{field.alias} must be at least {length_min} characters")
+    return problems
 
 
 def _describe(exc: ValidationError) -> str:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -74,6 +75,8 @@ class Stack:
             "KAFKA_REJECTIONS_TOPIC": f"{run}.rejections",
             "KAFKA_DLQ_TOPIC": f"{run}.commands.dlq",
             "INTERNAL_COMMAND_SECRET": f"test-internal-secret-{run}",
+            # the platform fee of escrows created without sellerFee: 500 of 10,000 cents
+            "ESCROW_FEE_BPS": "500",
             "FEATURE_KYC_GATING": "false",
             "WEB_HOST": "127.0.0.1",
             # the processor's tests play the payment provider themselves (system commands)
@@ -100,7 +103,8 @@ class Stack:
 
     def worker(self, name: str = "w1", **overrides: str) -> WorkerProcess:
         env = dict(self.env)
-        env.update(PORT=str(free_port()), DATA_DIR=str(self.data_root / name), **overrides)
+        env.update({"PORT": str(free_port()), "DATA_DIR": str(self.data_root / name)})
+        env.update(overrides)
         worker = WorkerProcess(name, env, self.data_root / f"{name}.log")
         self.workers.append(worker)
         return worker
@@ -208,6 +212,8 @@ class WorkerProcess:
         self.name = name
         self.env = {**env, "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
         self.port = int(env["PORT"])
+        self.host = env.get("WEB_HOST", "127.0.0.1")
+        self.base_url = f"http://{self.host}:{self.port}"
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -231,7 +237,7 @@ class WorkerProcess:
 
     def health(self) -> dict[str, Any] | None:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+            with urllib.request.urlopen(f"{self.base_url}/health", timeout=2) as r:
                 return dict(json.loads(r.read()))
         except OSError:
             return None
@@ -245,6 +251,25 @@ class WorkerProcess:
                 return body
             time.sleep(0.3)
         raise AssertionError(f"{self.name}: no /health within {timeout_s}s\n{self.log_tail()}")
+
+    def wait_processing(self, timeout_s: float = HEALTH_WAIT_S) -> None:
+        """Until ``/ready`` says the processor has joined its group and recovered its tables
+        (whatever the other components say: some tests run with one of them down)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc is not None and self.proc.poll() is None, self.log_tail()
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/ready", timeout=5) as r:
+                    body = json.loads(r.read())
+            except urllib.error.HTTPError as err:
+                with err:
+                    body = json.loads(err.read())
+            except OSError:
+                body = {}
+            if body.get("checks", {}).get("processor") == "ok":
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"{self.name}: not processing within {timeout_s}s\n{self.log_tail()}")
 
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs, as in a crash."""
@@ -277,6 +302,37 @@ async def eventually(check: Callable[[], Any], timeout_s: float = COLLECT_WAIT_S
         await asyncio.sleep(0.25)
 
 
+#: The payout destinations :func:`activate_payouts` gives a seller by default.
+TEST_PAYOUTS = {"STRIPE": "acct_test_seller", "USDC_BASE": "0x" + "5e" * 20}
+
+
+async def activate_payouts(
+    settings: Settings, user_id: str, destinations: dict[str, str] | None = None
+) -> None:
+    """Test set-up for Kafka-driven tests: ACTIVE payout accounts of ``user_id`` (rail →
+    destination), as if Stripe or the wallet screening had activated them.  Tests of the
+    onboarding itself go through ``/api/payout-accounts`` instead."""
+    from escrow_stream.db import payouts
+    from escrow_stream.db.pool import Database
+    from escrow_stream.domain import Rail
+
+    database = Database(settings)
+    try:
+        pool = await database.pool()
+        for rail, destination in (destinations or TEST_PAYOUTS).items():
+            await payouts.put(
+                pool,
+                user_id,
+                Rail(rail),
+                destination,
+                payouts.PayoutStatus.ACTIVE,
+                datetime.now(UTC),
+                "test",
+            )
+    finally:
+        await database.close()
+
+
 async def mirrored_snapshots(settings: Settings, escrow_ids: list[str]) -> dict[str, Any]:
     """``escrows.snapshot`` by id from the PostgreSQL mirror."""
     import asyncpg
@@ -302,6 +358,7 @@ def deployment(
     worker = stack.worker(name).start()
     try:
         worker.wait_healthy()
+        worker.wait_processing()
         yield stack, worker
     finally:
         code = worker.stop()

@@ -21,11 +21,12 @@ the partition's order and parallelism comes from partitions (rule 4).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import faust
 from faust.types import EventT, TableT
@@ -36,15 +37,30 @@ from escrow_stream.config import Settings
 from escrow_stream.domain import (
     Command,
     CreateEscrow,
+    Currency,
     DecisionContext,
     DomainSettings,
     Escrow,
     Event,
+    PayoutDestination,
+    Rail,
+    RejectionCode,
     ReleaseFunds,
+    ReleaseMilestone,
+    ResolveDispute,
+    ResumeSettlement,
+    SettlementKind,
+    command_fingerprint,
     parse_command,
 )
+from escrow_stream.liveness import ProgressMonitor
 from escrow_stream.logs import correlation_id_var, trace_id_var
-from escrow_stream.metrics import COMMAND_OUTCOMES, COMMAND_SECONDS, DEAD_LETTERS
+from escrow_stream.metrics import (
+    COMMAND_OUTCOMES,
+    COMMAND_SECONDS,
+    DEAD_LETTERS,
+    SETTLEMENT_MISMATCHES,
+)
 from escrow_stream.tables import escrows as escrow_table
 from escrow_stream.tables import outcomes as outcome_table
 
@@ -55,6 +71,15 @@ log = logging.getLogger(__name__)
 DLQ_VALUE_BYTES_MAX = 900_000
 
 KycLookup = Callable[[frozenset[str]], Awaitable[frozenset[str]]]
+#: The ACTIVE payout destination of (user, rail), or None.
+PayoutLookup = Callable[[str, Rail], Awaitable[PayoutDestination | None]]
+
+#: A lookup the decision needs (KYC, payout account) that fails is retried, waiting this
+#: long first and doubling up to the cap, until it answers or the worker stops.
+LOOKUP_RETRY_FIRST_S = 0.1
+LOOKUP_RETRY_CAP_S = 5.0
+
+T = TypeVar("T")
 
 
 def domain_settings(settings: Settings) -> DomainSettings:
@@ -65,7 +90,11 @@ def domain_settings(settings: Settings) -> DomainSettings:
         feature_milestone_escrows=settings.feature_milestone_escrows,
         feature_auto_refund=settings.feature_auto_refund,
         feature_kyc_gating=settings.feature_kyc_gating,
-        max_amount_minor=settings.escrow_max_amount_minor,
+        max_amount_minor={
+            Currency.USD: settings.escrow_max_amount_usd_minor or settings.escrow_max_amount_minor,
+            Currency.USDC: settings.escrow_max_amount_usdc_minor,
+        },
+        fee_bps=settings.escrow_fee_bps,
         recent_commands_max=settings.escrow_recent_commands_max,
     )
 
@@ -133,25 +162,38 @@ def register(
     escrows: TableT[str, Any],
     recorded_outcomes: TableT[str, Any],
     kyc_lookup: KycLookup | None,
+    progress: ProgressMonitor,
+    payout_lookup: PayoutLookup | None = None,
 ) -> None:
-    """Register the command-processor agent on ``app``."""
+    """Register the command-processor agent on ``app``; it reports to ``progress``."""
     rules = domain_settings(settings)
     secret = settings.internal_command_secret.get_secret_value()
+
+    def stopping() -> bool:
+        return bool(app.should_stop)
 
     async def context_for(
         key: bytes | None, value: bytes, state: Escrow | None
     ) -> DecisionContext | None:
-        if not rules.feature_kyc_gating or kyc_lookup is None:
+        parties, releases = _facts_needed(value, state)
+        verified: frozenset[str] = frozenset()
+        payout: PayoutDestination | None = None
+        if parties and rules.feature_kyc_gating and kyc_lookup is not None:
+            verified = await looked_up("KYC", lambda: kyc_lookup(parties), stopping)
+        if releases and state is not None and payout_lookup is not None:
+            seller, rail = state.seller_id, state.rail
+            payout = await looked_up(
+                "payout account", lambda: payout_lookup(seller, rail), stopping
+            )
+        if not verified and payout is None:
             return None
-        parties = _parties_needing_kyc(value, state)
-        if not parties:
-            return None
-        return DecisionContext(kyc_verified_user_ids=await kyc_lookup(parties))
+        return DecisionContext(kyc_verified_user_ids=verified, seller_payout=payout)
 
     @app.agent(topics.commands, name="escrow-command-processor")
     async def process_commands(stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
             await _process_one(event)
+            progress.processed(event.message.partition, event.message.offset)
 
     async def _process_one(event: EventT[bytes]) -> None:
         message = event.message
@@ -198,8 +240,12 @@ def register(
                 handling.record_key(outcome.command),
                 outcome.rejection,
                 rules.recent_commands_max,
+                command_fingerprint(outcome.command),
             )
         if outcome.rejection is not None:
+            if outcome.rejection.code == RejectionCode.SETTLEMENT_MISMATCH:
+                SETTLEMENT_MISMATCHES.labels(outcome.command.type).inc()
+                log.warning("settlement result refused: %s", outcome.rejection.message)
             rejection = outcome.rejection.model_dump(mode="json", by_alias=True)
             await topics.rejections.send(
                 key=outcome.command.escrow_id.encode(),
@@ -217,23 +263,59 @@ def register(
             )
 
 
-def _parties_needing_kyc(value: bytes, state: Escrow | None) -> frozenset[str]:
-    """Buyer and seller of a create or release, the two commands KYC gating covers."""
+async def looked_up(
+    what: str,
+    call: Callable[[], Awaitable[T]],
+    stopping: Callable[[], bool],
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> T:
+    """A lookup a decision needs, retried with capped backoff until it answers: PostgreSQL
+    being down delays this partition; it neither crashes the agent nor decides without the
+    facts.  Gives up (raises) only when the worker is stopping."""
+    delay_s = LOOKUP_RETRY_FIRST_S
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            if stopping():
+                raise
+            log.warning("%s lookup failed, retry in %.1f s: %r", what, delay_s, exc)
+            await sleep(delay_s)
+            delay_s = min(LOOKUP_RETRY_CAP_S, delay_s * 2)
+
+
+_RELEASES = frozenset(
+    cls.model_fields["type"].default for cls in (ReleaseFunds, ReleaseMilestone, ResolveDispute)
+)
+
+
+def _facts_needed(value: bytes, state: Escrow | None) -> tuple[frozenset[str], bool]:
+    """What deciding this command needs looked up: the parties whose KYC counts (creation
+    and every release path) and whether it needs the seller's payout account (every release
+    path, and ResumeSettlement)."""
     try:
         data = json.loads(value)
-    except ValueError:
-        return frozenset()
+    except (ValueError, RecursionError):  # handle() dead-letters it
+        return frozenset(), False
     if not isinstance(data, dict):
-        return frozenset()
+        return frozenset(), False
     kind = data.get("type")
+    payload = data.get("payload")
+    payload = payload if isinstance(payload, dict) else {}
     if kind == CreateEscrow.model_fields["type"].default:
-        payload = data.get("payload")
-        if isinstance(payload, dict):
-            ids = {payload.get("buyerId"), payload.get("sellerId")}
-            return frozenset(i for i in ids if isinstance(i, str))
-    if kind == ReleaseFunds.model_fields["type"].default and state is not None:
-        return frozenset({state.buyer_id, state.seller_id})
-    return frozenset()
+        ids = {payload.get("buyerId"), payload.get("sellerId")}
+        return frozenset(i for i in ids if isinstance(i, str)), False
+    if state is None:
+        return frozenset(), False
+    if kind == ResumeSettlement.model_fields["type"].default:
+        return frozenset(), True
+    is_release = kind in _RELEASES and (
+        kind != ResolveDispute.model_fields["type"].default
+        or payload.get("resolution") == SettlementKind.RELEASE.value
+    )
+    if is_release:
+        return frozenset({state.buyer_id, state.seller_id}), True
+    return frozenset(), False
 
 
 def _dlq_headers(message: Any, dead: handling.DeadLetter, size: int) -> list[tuple[str, bytes]]:

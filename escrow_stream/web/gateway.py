@@ -29,16 +29,17 @@ import json
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import faust
 from aiohttp import ClientSession, ClientTimeout
 from faust.types import TableT
 from faust.web import Request, Response, View
 from pydantic import BaseModel, ValidationError
+from yarl import URL
 
 from escrow_stream.agents import handling
-from escrow_stream.agents.processor import Topics, encode_command, make_command
+from escrow_stream.agents.processor import Topics, domain_settings, encode_command, make_command
 from escrow_stream.clock import Clock
 from escrow_stream.config import Settings
 from escrow_stream.db import outbox
@@ -51,17 +52,22 @@ from escrow_stream.domain import (
     CommandInvalid,
     Escrow,
     RejectionCode,
+    ReleaseFunds,
+    ReleaseMilestone,
+    ResolveDispute,
+    SettlementKind,
 )
-from escrow_stream.domain.guards import check_sender_authorized
+from escrow_stream.domain.commands import validation_errors
+from escrow_stream.domain.guards import check_sender_authorized, max_amount_for_rail
 from escrow_stream.idempotency import (
     Begin,
     BeginKind,
-    DatabaseIdempotencyStore,
     IdempotencyStore,
 )
 from escrow_stream.signing import signature_headers
 from escrow_stream.tables import escrows as escrow_table
 from escrow_stream.web.auth import Principal, Role, authenticate
+from escrow_stream.web.internal import INTERNAL_REQUEST_KEY, internal_headers
 from escrow_stream.web.problems import Problem, rejection_problem
 from escrow_stream.web.ratelimit import RateLimiter
 from escrow_stream.web.schemas import (
@@ -124,11 +130,15 @@ class EscrowReader:
         topics: Topics,
         escrows: TableT[str, Any],
         outcomes: TableT[str, Any],
+        internal_secret: str,
+        clock: Clock,
     ) -> None:
         self._app = app
         self._topics = topics
         self._escrows = escrows
         self._outcomes = outcomes
+        self._internal_secret = internal_secret
+        self._clock = clock
 
     def _owner(self, escrow_id: str) -> str | None:
         """The owner's base URL, or None when it is this worker."""
@@ -150,6 +160,28 @@ class EscrowReader:
         body = await self._remote(f"{owner}/api/escrow/{escrow_id}", authorization)
         return None if body is None else Escrow.model_validate(body)
 
+    async def command_status(
+        self, escrow_id: str, command_id: str, principal: Principal, authorization: str
+    ) -> CommandStatus:
+        """``GET …/commands/{id}``: read on the owner, authorized like the escrow."""
+        owner = self._owner(escrow_id)
+        if owner is not None:
+            url = f"{owner}/api/escrow/{escrow_id}/commands/{command_id}"
+            body = await self._remote(url, authorization)
+            if body is None:
+                raise Problem(404, "NOT_FOUND", f"escrow {escrow_id} not found")
+            return CommandStatus.model_validate(body)
+        escrow = escrow_table.load(self._escrows.get(escrow_id))
+        if escrow is not None:
+            if not may_read(principal, escrow):
+                raise Problem(403, "NOT_AUTHORIZED", "only the parties and admins see an escrow")
+            return self.local_status(escrow_id, command_id, None)
+        sender = None if principal.role is Role.ADMIN else principal.sub
+        status = self.local_status(escrow_id, command_id, None, sender_id=sender)
+        if status.status == "PENDING":
+            raise Problem(404, "NOT_FOUND", f"escrow {escrow_id} not found")
+        return status
+
     async def status(self, escrow_id: str, command: Command, authorization: str) -> CommandStatus:
         owner = self._owner(escrow_id)
         if owner is not None:
@@ -162,8 +194,14 @@ class EscrowReader:
         return self.local_status(escrow_id, command.command_id, handling.record_key(command))
 
     def local_status(
-        self, escrow_id: str, command_id: str, record_key: str | None
+        self,
+        escrow_id: str,
+        command_id: str,
+        record_key: str | None,
+        sender_id: str | None = None,
     ) -> CommandStatus:
+        """The outcome of a command of an escrow this worker owns; with ``sender_id``, a
+        recorded outcome counts only when that user sent the command."""
         escrow = escrow_table.load(self._escrows.get(escrow_id))
         if escrow is not None and any(r.command_id == command_id for r in escrow.recent_commands):
             return CommandStatus(
@@ -175,7 +213,10 @@ class EscrowReader:
         recorded = self._outcomes.get(escrow_id)
         for entry in (recorded or {}).get("entries", []):
             key = entry["key"]
-            if key == record_key or (record_key is None and key.split("|", 1)[0] == command_id):
+            parts = key.split("|")
+            if sender_id is not None and parts[-1] != sender_id:
+                continue
+            if key == record_key or (record_key is None and parts[0] == command_id):
                 rejection = entry.get("rejection")
                 if rejection is None:
                     return CommandStatus(escrow_id=escrow_id, command_id=command_id, status="NO_OP")
@@ -189,10 +230,15 @@ class EscrowReader:
         return CommandStatus(escrow_id=escrow_id, command_id=command_id, status="PENDING")
 
     async def _remote(self, url: str, authorization: str) -> dict[str, Any] | None:
+        """GET from the owning worker as the caller, signed as a worker-to-worker request
+        (exempt from the public rate limits, which the caller already passed here)."""
         timeout = ClientTimeout(total=ROUTED_READ_TIMEOUT_S)
+        headers = {"Authorization": authorization} | internal_headers(
+            self._internal_secret, "GET", URL(url).raw_path_qs, self._clock().timestamp()
+        )
         async with (
             ClientSession(timeout=timeout) as session,
-            session.get(url, headers={"Authorization": authorization}) as response,
+            session.get(url, headers=headers) as response,
         ):
             if response.status == 404:
                 return None
@@ -207,6 +253,8 @@ class Gateway:
 
     #: Checks a command's evidenceKeys before acceptance; installed by web/evidence.py.
     check_evidence: Callable[[Command], Awaitable[None]] | None = None
+    #: Applies Stripe's ``account.updated`` to payout accounts; installed by web/payouts.py.
+    on_account_updated: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None
 
     def __init__(
         self,
@@ -237,10 +285,12 @@ class Gateway:
     # -- steps 1-5 ------------------------------------------------------------------
 
     async def principal(self, request: Request) -> Principal:
-        """The authenticated caller, counted against the per-user limit of escrow routes."""
+        """The authenticated caller, counted against the per-user limit of escrow routes
+        (once: not again when another worker forwards the caller's request here)."""
         now = self.clock()
         principal = authenticate(request.headers.get("Authorization"), self.jwt_secret, now)
-        await self.limiter.check_user(principal.sub, now)
+        if not cast(Any, request).get(INTERNAL_REQUEST_KEY):  # aiohttp's request mapping
+            await self.limiter.check_user(principal.sub, now)
         return principal
 
     async def body(self, request: Request, model: type[BaseModel]) -> tuple[BaseModel, bytes]:
@@ -260,7 +310,7 @@ class Gateway:
             raise Problem(415, "UNSUPPORTED_MEDIA_TYPE", "send application/json")
         try:
             data = json.loads(raw or b"{}")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
             raise Problem(400, "INVALID_JSON", f"the body is not JSON: {exc}") from None
         if not isinstance(data, dict):
             raise Problem(400, "INVALID_JSON", "the body must be a JSON object")
@@ -271,10 +321,7 @@ class Gateway:
                 422,
                 "VALIDATION_FAILED",
                 "the body is invalid",
-                errors=[
-                    {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
-                    for e in exc.errors()
-                ],
+                errors=validation_errors(exc),  # names the field of cross-field rules too
             ) from None
 
     def command(
@@ -422,9 +469,10 @@ class Gateway:
                 headers,
                 command.escrow_id,
             )
-            if key is not None and isinstance(self.idempotency, DatabaseIdempotencyStore):
-                await self.idempotency.complete_in(conn, user_id, key, status, accepted_body)
-        if key is not None and not isinstance(self.idempotency, DatabaseIdempotencyStore):
+            stored = key is not None and await self.idempotency.complete_in(
+                conn, user_id, key, status, accepted_body
+            )
+        if key is not None and not stored:
             await self.idempotency.complete(user_id, key, status, accepted_body)
         self.publisher.notify()
 
@@ -487,6 +535,14 @@ MILESTONE_ACTIONS = {"deliver": "DeliverMilestone", "release": "ReleaseMilestone
 CANCEL_REASON = {"buyer": "BUYER_CANCELLED", "seller": "SELLER_CANCELLED"}
 
 
+def releases_money(command: Command) -> bool:
+    """A release path, gated by KYC like creation (SPEC §10): ReleaseFunds, ReleaseMilestone,
+    ResolveDispute RELEASE."""
+    if isinstance(command, ResolveDispute):
+        return command.payload.resolution == SettlementKind.RELEASE
+    return isinstance(command, ReleaseFunds | ReleaseMilestone)
+
+
 def cancel_reason(principal: Principal, escrow: Escrow) -> str:
     if principal.role is Role.ADMIN:
         return "ADMIN"
@@ -505,12 +561,14 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         stamp, escrow_id = json.loads(raw)
         return datetime.fromisoformat(stamp), str(escrow_id)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         raise Problem(400, "INVALID_CURSOR", "the cursor is not one this API issued") from None
 
 
 def register(app: faust.App, gateway: Gateway, topics: Topics) -> None:
     """Register the API's views on ``app``."""
+
+    rules = domain_settings(gateway.settings)
 
     def authorize_action(principal: Principal, escrow: Escrow, command: Command) -> None:
         refusal = check_sender_authorized(escrow, command)
@@ -525,6 +583,25 @@ def register(app: faust.App, gateway: Gateway, topics: Topics) -> None:
             assert isinstance(body, CreateEscrowBody)
             if principal.role is Role.ADMIN:
                 raise Problem(403, "NOT_AUTHORIZED", "escrows are created by buyers or services")
+            refused = body.refused_payout_fields(is_service=principal.role is Role.SERVICE)
+            if refused:
+                raise Problem(
+                    422,
+                    "VALIDATION_FAILED",
+                    f"{', '.join(refused)}: payouts go to the seller's payout account, and "
+                    "only a service may set the fee",
+                    errors=[
+                        {"field": f, "message": "not accepted from this caller"} for f in refused
+                    ],
+                )
+            limit = max_amount_for_rail(rules, body.rail, body.currency)
+            if body.amount > limit:
+                raise Problem(
+                    422,
+                    "VALIDATION_FAILED",
+                    f"amount exceeds the maximum for rail {body.rail.value}",
+                    errors=[{"field": "amount", "message": f"at most {limit} minor units"}],
+                )
             payload = body.model_dump(mode="json", by_alias=True, exclude_none=True)
             if principal.role is Role.USER:
                 if body.buyer_id not in (None, principal.sub):
@@ -603,11 +680,10 @@ def register(app: faust.App, gateway: Gateway, topics: Topics) -> None:
 
     @app.page("/api/escrow/{escrow_id}")
     class EscrowItem(View):
-        @app.topic_route(topics.commands, match_info="escrow_id")  # type: ignore[arg-type]
-        async def get(self, request: Request, **match: Any) -> Response:
-            escrow_id = str(match["escrow_id"])
+        async def get(self, request: Request, escrow_id: str) -> Response:
             principal = await gateway.principal(request)
-            escrow = escrow_table.load(gateway.reader._escrows.get(escrow_id))
+            # the owner (this worker or, signed, another) answers as the caller: 404 / 403
+            escrow = await gateway.reader.escrow(escrow_id, _auth(request))
             if escrow is None:
                 raise Problem(404, "NOT_FOUND", f"escrow {escrow_id} not found")
             if not may_read(principal, escrow):
@@ -616,14 +692,13 @@ def register(app: faust.App, gateway: Gateway, topics: Topics) -> None:
 
     @app.page("/api/escrow/{escrow_id}/commands/{command_id}")
     class CommandItem(View):
-        @app.topic_route(topics.commands, match_info="escrow_id")  # type: ignore[arg-type]
-        async def get(self, request: Request, **match: Any) -> Response:
-            escrow_id, command_id = str(match["escrow_id"]), str(match["command_id"])
+        async def get(self, request: Request, escrow_id: str, command_id: str) -> Response:
+            """Authorized like GET /api/escrow/{id}; a command whose escrow does not exist
+            (a refused create) is visible to its sender and admins only, else 404."""
             principal = await gateway.principal(request)
-            escrow = escrow_table.load(gateway.reader._escrows.get(escrow_id))
-            if escrow is not None and not may_read(principal, escrow):
-                raise Problem(403, "NOT_AUTHORIZED", "only the parties and admins see an escrow")
-            status = gateway.reader.local_status(escrow_id, command_id, None)
+            status = await gateway.reader.command_status(
+                escrow_id, command_id, principal, _auth(request)
+            )
             return json_response(self, status.model_dump(by_alias=True))
 
     @app.page("/api/escrow/{escrow_id}/events")
@@ -677,7 +752,7 @@ def register(app: faust.App, gateway: Gateway, topics: Topics) -> None:
                     authorize_action(principal, escrow, command)
                     if gateway.check_evidence is not None:
                         await gateway.check_evidence(command)
-                    if command_type == "ReleaseFunds":
+                    if releases_money(command):
                         await gateway.require_kyc(escrow.buyer_id, escrow.seller_id)
 
                 return await gateway.accept(
