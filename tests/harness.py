@@ -363,3 +363,41 @@ def deployment(
     finally:
         code = worker.stop()
     assert code == 0, worker.log_tail()
+
+
+# -- the stack's own servers --------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def stack_sh(*args: str) -> subprocess.CompletedProcess[str]:
+    """``scripts/stack.sh`` as an operator runs it (the environment says which stack)."""
+    return subprocess.run(
+        [str(REPO / "scripts" / "stack.sh"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def require_ours(service: str) -> None:
+    """Skip unless ``scripts/stack.sh`` started ``service`` (a system server is not ours to
+    stop); CI's fresh machine always starts its own."""
+    import pytest
+
+    status = stack_sh("status", service)
+    if " ours " not in f" {status.stdout} ":
+        pytest.skip(f"{service} is not one scripts/stack.sh started: {status.stdout.strip()}")
+
+
+@contextmanager
+def stopped(service: str) -> Iterator[None]:
+    """``service`` down for the body, and up again whatever happens."""
+    down = stack_sh("down", service)
+    assert down.returncode == 0, down.stderr
+    try:
+        yield
+    finally:
+        up = stack_sh("up", service)
+        assert up.returncode == 0, up.stderr + up.stdout

@@ -4,7 +4,6 @@ every accepted command is processed exactly once."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -14,28 +13,15 @@ import pytest
 from escrow_stream.config import Settings
 from tests.e2e.test_http_flow import create_body
 from tests.e2e.test_http_reads import call, token
-from tests.harness import Stack
+from tests.harness import Stack, require_ours, stack_sh
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
-REPO = Path(__file__).resolve().parents[2]
 ACCEPTED_WHILE_DOWN = 5
 
 
-def stack_sh(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(REPO / "scripts" / "stack.sh"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
-
 def test_posts_survive_a_broker_outage(tmp_path: Path, stack_settings: Settings) -> None:
-    status = stack_sh("status", "kafka")
-    if " ours " not in f" {status.stdout} ":
-        pytest.skip(f"the broker is not one scripts/stack.sh started: {status.stdout.strip()}")
+    require_ours("kafka")
     stack = Stack.create(tmp_path)
     asyncio.run(stack.create_topics())
     worker = stack.worker("outage").start()

@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-import subprocess
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -34,40 +31,18 @@ from tests.chaos.checks import check, collect, produce_slowly
 from tests.chaos.scenario import SELLER, Expected, escrow_script, expected_outcomes, interleave
 from tests.e2e.test_http_flow import create_body
 from tests.e2e.test_http_reads import call, token
-from tests.harness import Stack, WorkerProcess, activate_payouts
+from tests.harness import (
+    Stack,
+    WorkerProcess,
+    activate_payouts,
+    require_ours,
+    stack_sh,
+    stopped,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.timeout(1800)]
 
-REPO = Path(__file__).resolve().parents[2]
 SESSION_TIMEOUT_MS = "10000"
-
-
-def stack_sh(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(REPO / "scripts" / "stack.sh"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
-
-def require_ours(service: str) -> None:
-    status = stack_sh("status", service)
-    if " ours " not in f" {status.stdout} ":
-        pytest.skip(f"{service} is not one scripts/stack.sh started: {status.stdout.strip()}")
-
-
-@contextmanager
-def stopped(service: str) -> Iterator[None]:
-    """``service`` down for the body, and up again whatever happens."""
-    down = stack_sh("down", service)
-    assert down.returncode == 0, down.stderr
-    try:
-        yield
-    finally:
-        up = stack_sh("up", service)
-        assert up.returncode == 0, up.stderr + up.stdout
 
 
 def scenario(stack: Stack, escrows: int, seed: int) -> tuple[list[dict[str, Any]], Expected]:
