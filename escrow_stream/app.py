@@ -141,7 +141,7 @@ def create_app(
             "STRIPE": StripeRail(settings),
             "USDC_BASE": CustodianRail(custodian),
         }
-        effects = payments.PaymentEffects(settings, clock, database, rails, publisher)
+        effects = payments.PaymentEffects(settings, clock, database, rails, publisher, screener)
         payments.register(app, effects, topics.events)
         closers += [custodian.aclose]
         screening.register(

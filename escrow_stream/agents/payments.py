@@ -71,6 +71,7 @@ from escrow_stream.payments.common import (
     failed_command_id,
     settled_command_id,
 )
+from escrow_stream.payments.screening import RiskScreener
 from escrow_stream.signing import signature_headers
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,9 @@ class PaymentEffects:
         database: Database,
         rails: dict[str, Rail],
         publisher: OutboxPublisher,
+        screener: RiskScreener | None = None,
     ) -> None:
+        self._screener = screener
         self._settings = settings
         self._clock = clock
         self._database = database
@@ -193,6 +196,7 @@ class PaymentEffects:
             if effect.kind is EffectKind.INSTRUCTIONS:
                 answer: dict[str, Any] | None = await rail.payment_instructions(escrow)
             else:
+                await self._screen_buyer_wallet(escrow)
                 answer = nothing_to_move(effect) or await rail.settle(escrow)
         except PermanentSettlementError as exc:
             PAYMENT_EFFECTS.labels(label, "failed").inc()
@@ -215,6 +219,32 @@ class PaymentEffects:
             return
         PAYMENT_EFFECTS.labels(label, "succeeded").inc()
         await self._finish(effect, succeeded(effect, answer))
+
+    async def _screen_buyer_wallet(self, escrow: dict[str, Any]) -> None:
+        """A USDC refund to the ``buyerWalletAddress`` the buyer gave at create is screened
+        like a payout wallet, before any money moves (SPEC §10): flagged → refused for good
+        (``destination_flagged``, never paid); no answer from TRM or Chainalysis → the
+        outcome waits like any unknown one (fail closed).  A refund to the deposit's sender
+        needs nothing more: that address was screened when the deposit arrived."""
+        wallet = escrow.get("buyerWalletAddress")
+        settlement: dict[str, Any] = escrow.get("settlement") or {}
+        destination: dict[str, Any] = settlement.get("destination") or {}
+        if (
+            self._screener is None
+            or not wallet
+            or settlement.get("kind") != "REFUND"
+            or destination.get("address") != wallet
+        ):
+            return
+        try:
+            verdict = await self._screener.screen(wallet, reference=f"refund:{escrow['escrowId']}")
+        except ValueError as exc:  # not a 0x address: nothing will ever pay it
+            raise PermanentSettlementError("destination_invalid", str(exc)) from exc
+        if not verdict.passed:
+            raise PermanentSettlementError(
+                "destination_flagged",
+                f"the buyer's refund wallet failed screening: {'; '.join(verdict.reasons())}",
+            )
 
     async def _finish(self, effect: Effect, outcome: Outcome) -> None:
         """Step 6: the outcome and its command commit together (step 7: signed, outbox)."""

@@ -217,6 +217,27 @@ def test_dispute_resolved_for_the_buyer_refunds_to_the_given_wallet(usdc: Usdc) 
     assert one_transfer(u, escrow_id)["destination"]["address"] == refund_to
 
 
+def test_a_flagged_refund_wallet_is_never_paid(usdc: Usdc) -> None:
+    u = usdc
+    buyer, seller, wallet = parties()
+    refund_to = address_for(f"flagged-refund-wallet:{buyer}")
+    u.trm.flag(refund_to)  # the buyer's refund wallet; the deposit's sender is clean
+    escrow_id = usdc_escrow(u, buyer, seller, wallet, buyerWalletAddress=refund_to)["escrowId"]
+    funded(u, buyer, escrow_id, address_for(f"exchange:{buyer}"))
+    act(u, seller, escrow_id, "refund", {"reason": "cannot deliver"})
+
+    async def refused() -> list[dict[str, Any]]:
+        events = await u.stack.events(lambda es: False, timeout_s=2)
+        return [e for e in events if e["escrowId"] == escrow_id and e["type"] == "SettlementFailed"]
+
+    failed = asyncio.run(eventually(refused, timeout_s=60))
+    assert failed, u.worker.log_tail()
+    assert failed[0]["data"]["errorCode"] == "destination_flagged"
+    escrow = escrow_when(u.stack, u.worker, buyer, escrow_id, status_is("FUNDS_HELD"), 30)
+    assert escrow is not None and escrow["settlement"] is None
+    assert u.custodian.transfers_for(escrow_id) == []  # no money moved, no transfer asked
+
+
 def test_sanctioned_sender_cancels_and_freezes(usdc: Usdc) -> None:
     u = usdc
     buyer, seller, wallet = parties()
