@@ -50,10 +50,7 @@ class StripeRail:
                 options={"idempotency_key": payment_intent_key(escrow_id)},
             )
         except stripe.StripeError as exc:
-            if _permanent(exc):
-                raise PermanentSettlementError(
-                    exc.code or type(exc).__name__, exc.user_message or str(exc)
-                ) from exc
+            raise_if_permanent(exc)
             raise
         return {
             "provider": "stripe",
@@ -126,12 +123,17 @@ class StripeRail:
                 )
                 reference = refund.id
         except stripe.StripeError as exc:
-            if _permanent(exc):
-                raise PermanentSettlementError(
-                    exc.code or type(exc).__name__, exc.user_message or str(exc)
-                ) from exc
+            raise_if_permanent(exc)
             raise
         return {"provider": "stripe", "providerReference": reference, "amount": str(amount)}
+
+
+def raise_if_permanent(exc: stripe.StripeError) -> None:
+    """A refusal no retry will change becomes PermanentSettlementError with Stripe's code."""
+    if _permanent(exc):
+        raise PermanentSettlementError(
+            exc.code or type(exc).__name__, exc.user_message or str(exc)
+        ) from exc
 
 
 def _permanent(exc: stripe.StripeError) -> bool:
