@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from datetime import timedelta
@@ -72,6 +73,7 @@ from escrow_stream.payments.common import (
     settled_command_id,
 )
 from escrow_stream.payments.screening import RiskScreener
+from escrow_stream.retry import until_answered
 from escrow_stream.signing import signature_headers
 
 log = logging.getLogger(__name__)
@@ -385,17 +387,14 @@ def register(app: faust.App, payments: PaymentEffects, events_topic: faust.Topic
             except ValueError:
                 log.error("payments agent: an event that is not JSON was skipped")
                 continue
-            delay_s = DATABASE_RETRY_FIRST_S
-            while True:  # the database, shared by every escrow, is down: wait for it
-                try:
-                    await payments.on_event(event)
-                    break
-                except Exception:
-                    if app.should_stop:
-                        raise
-                    log.exception("payments agent: effect not recorded; again in %.1f s", delay_s)
-                    await asyncio.sleep(delay_s)
-                    delay_s = min(RETRY_CAP_S, delay_s * 2)
+            # the database, shared by every escrow, is down: wait for it
+            await until_answered(
+                "payments agent: recording the effect",
+                functools.partial(payments.on_event, event),
+                lambda: bool(app.should_stop),
+                first_s=DATABASE_RETRY_FIRST_S,
+                cap_s=RETRY_CAP_S,
+            )
 
     @app.task  # type: ignore[untyped-decorator]
     async def payment_effects_runner() -> None:

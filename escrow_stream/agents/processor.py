@@ -21,7 +21,6 @@ the partition's order and parallelism comes from partitions (rule 4).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -61,6 +60,7 @@ from escrow_stream.metrics import (
     DEAD_LETTERS,
     SETTLEMENT_MISMATCHES,
 )
+from escrow_stream.retry import until_answered
 from escrow_stream.tables import escrows as escrow_table
 from escrow_stream.tables import outcomes as outcome_table
 
@@ -169,8 +169,15 @@ def register(
     rules = domain_settings(settings)
     secret = settings.internal_command_secret.get_secret_value()
 
-    def stopping() -> bool:
-        return bool(app.should_stop)
+    async def looked_up(what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """A fact the decision needs: PostgreSQL being down delays this partition."""
+        return await until_answered(
+            what,
+            call,
+            lambda: bool(app.should_stop),
+            first_s=LOOKUP_RETRY_FIRST_S,
+            cap_s=LOOKUP_RETRY_CAP_S,
+        )
 
     async def context_for(
         key: bytes | None, value: bytes, state: Escrow | None
@@ -179,12 +186,10 @@ def register(
         verified: frozenset[str] = frozenset()
         payout: PayoutDestination | None = None
         if parties and rules.feature_kyc_gating and kyc_lookup is not None:
-            verified = await looked_up("KYC", lambda: kyc_lookup(parties), stopping)
+            verified = await looked_up("KYC lookup", lambda: kyc_lookup(parties))
         if releases and state is not None and payout_lookup is not None:
             seller, rail = state.seller_id, state.rail
-            payout = await looked_up(
-                "payout account", lambda: payout_lookup(seller, rail), stopping
-            )
+            payout = await looked_up("payout account lookup", lambda: payout_lookup(seller, rail))
         if not verified and payout is None:
             return None
         return DecisionContext(kyc_verified_user_ids=verified, seller_payout=payout)
@@ -261,27 +266,6 @@ def register(
                 value=encode_event(domain_event),
                 headers=event_headers(domain_event),
             )
-
-
-async def looked_up(
-    what: str,
-    call: Callable[[], Awaitable[T]],
-    stopping: Callable[[], bool],
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-) -> T:
-    """A lookup a decision needs, retried with capped backoff until it answers: PostgreSQL
-    being down delays this partition; it neither crashes the agent nor decides without the
-    facts.  Gives up (raises) only when the worker is stopping."""
-    delay_s = LOOKUP_RETRY_FIRST_S
-    while True:
-        try:
-            return await call()
-        except Exception as exc:
-            if stopping():
-                raise
-            log.warning("%s lookup failed, retry in %.1f s: %r", what, delay_s, exc)
-            await sleep(delay_s)
-            delay_s = min(LOOKUP_RETRY_CAP_S, delay_s * 2)
 
 
 _RELEASES = frozenset(

@@ -8,7 +8,14 @@ import json
 import pytest
 from domain_support import BUYER_ID, SELLER_ID, reach
 
-from escrow_stream.agents.processor import LOOKUP_RETRY_CAP_S, _facts_needed, looked_up
+from escrow_stream.agents.processor import (
+    LOOKUP_RETRY_CAP_S,
+    LOOKUP_RETRY_FIRST_S,
+    _facts_needed,
+)
+from escrow_stream.retry import until_answered
+
+LIMITS = {"first_s": LOOKUP_RETRY_FIRST_S, "cap_s": LOOKUP_RETRY_CAP_S}
 
 BOTH = frozenset({BUYER_ID, SELLER_ID})
 
@@ -56,7 +63,9 @@ def test_a_failing_lookup_is_retried_with_capped_backoff_until_it_answers() -> N
     async def sleep(delay_s: float) -> None:
         waits.append(delay_s)
 
-    assert asyncio.run(looked_up("test", flaky, lambda: False, sleep)) == "answer"
+    assert asyncio.run(until_answered("test", flaky, lambda: False, sleep=sleep, **LIMITS)) == (
+        "answer"
+    )
     assert len(calls) == 10
     assert waits == sorted(waits) and max(waits) == LOOKUP_RETRY_CAP_S
 
@@ -69,4 +78,4 @@ def test_a_stopping_worker_gives_up_the_lookup() -> None:
         return None
 
     with pytest.raises(ConnectionError):
-        asyncio.run(looked_up("test", down, lambda: True, sleep))
+        asyncio.run(until_answered("test", down, lambda: True, sleep=sleep, **LIMITS))
