@@ -82,17 +82,13 @@ class ProgressMonitor:
     def assigned(self, partitions: Iterable[int]) -> None:
         """A new assignment: forget what other owners did, start no clock yet."""
         keep = set(partitions)
-        for table in (self.next_offset, self.waiting_since):
-            for partition in list(table):
-                if partition not in keep:
-                    del table[partition]
-        self.waiting_since.clear()
-        self._progressed.clear()
-        self.stalled_partitions = frozenset()
+        for partition in list(self.next_offset):
+            if partition not in keep:
+                del self.next_offset[partition]
         for key in list(CONSUMER_LAG._metrics):  # labels of partitions no longer ours
             if key[0] == self.topic and int(key[1]) not in keep:
                 CONSUMER_LAG.remove(*key)
-        STALLED.set(0)
+        self.pause()
 
     def pause(self) -> None:
         """Rebalancing or recovering: no partition is waiting."""

@@ -44,12 +44,9 @@ from escrow_stream.domain import (
     PayoutDestination,
     Rail,
     RejectionCode,
-    ReleaseFunds,
-    ReleaseMilestone,
-    ResolveDispute,
     ResumeSettlement,
-    SettlementKind,
     command_fingerprint,
+    is_release_path,
     parse_command,
 )
 from escrow_stream.liveness import ProgressMonitor
@@ -268,11 +265,6 @@ def register(
             )
 
 
-_RELEASES = frozenset(
-    cls.model_fields["type"].default for cls in (ReleaseFunds, ReleaseMilestone, ResolveDispute)
-)
-
-
 def _facts_needed(value: bytes, state: Escrow | None) -> tuple[frozenset[str], bool]:
     """What deciding this command needs looked up: the parties whose KYC counts (creation
     and every release path) and whether it needs the seller's payout account (every release
@@ -293,11 +285,7 @@ def _facts_needed(value: bytes, state: Escrow | None) -> tuple[frozenset[str], b
         return frozenset(), False
     if kind == ResumeSettlement.model_fields["type"].default:
         return frozenset(), True
-    is_release = kind in _RELEASES and (
-        kind != ResolveDispute.model_fields["type"].default
-        or payload.get("resolution") == SettlementKind.RELEASE.value
-    )
-    if is_release:
+    if is_release_path(kind, payload.get("resolution")):
         return frozenset({state.buyer_id, state.seller_id}), True
     return frozenset(), False
 

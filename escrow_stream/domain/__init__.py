@@ -64,6 +64,7 @@ from .commands import (
     ResolveDispute,
     ResumeSettlement,
     command_fingerprint,
+    is_release_path,
     parse_command,
 )
 from .decide import Decision, decide
@@ -151,6 +152,7 @@ __all__ = [
     "event_id_for",
     "evolve",
     "is_allowed_transition",
+    "is_release_path",
     "json_schemas",
     "ledger_balances",
     "parse_command",

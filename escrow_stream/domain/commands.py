@@ -375,6 +375,18 @@ COMMAND_ADAPTER: TypeAdapter[Command] = TypeAdapter(
 # --- parsing --------------------------------------------------------------------------
 
 
+def is_release_path(command_type: object, resolution: object = None) -> bool:
+    """Every path that pays the seller (SPEC §10: KYC-gated like creation, paid to the
+    seller's payout account): ReleaseFunds, ReleaseMilestone, ResolveDispute RELEASE.  Takes
+    the type and resolution, not a parsed command, so raw messages can be asked too."""
+    if command_type == ResolveDispute.model_fields["type"].default:
+        return resolution == SettlementKind.RELEASE.value
+    return command_type in (
+        ReleaseFunds.model_fields["type"].default,
+        ReleaseMilestone.model_fields["type"].default,
+    )
+
+
 def command_fingerprint(command: CommandBase) -> str:
     """What a commandId stands for: the hex SHA-256 of the command's type and payload in
     canonical JSON.  The envelope's issuedAt, trace and correlation ids may differ between

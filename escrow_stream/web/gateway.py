@@ -52,10 +52,7 @@ from escrow_stream.domain import (
     CommandInvalid,
     Escrow,
     RejectionCode,
-    ReleaseFunds,
-    ReleaseMilestone,
-    ResolveDispute,
-    SettlementKind,
+    is_release_path,
 )
 from escrow_stream.domain.commands import validation_errors
 from escrow_stream.domain.guards import check_sender_authorized, max_amount_for_rail
@@ -535,14 +532,6 @@ MILESTONE_ACTIONS = {"deliver": "DeliverMilestone", "release": "ReleaseMilestone
 CANCEL_REASON = {"buyer": "BUYER_CANCELLED", "seller": "SELLER_CANCELLED"}
 
 
-def releases_money(command: Command) -> bool:
-    """A release path, gated by KYC like creation (SPEC §10): ReleaseFunds, ReleaseMilestone,
-    ResolveDispute RELEASE."""
-    if isinstance(command, ResolveDispute):
-        return command.payload.resolution == SettlementKind.RELEASE
-    return isinstance(command, ReleaseFunds | ReleaseMilestone)
-
-
 def cancel_reason(principal: Principal, escrow: Escrow) -> str:
     if principal.role is Role.ADMIN:
         return "ADMIN"
@@ -752,7 +741,7 @@ def register(app: faust.App, gateway: Gateway, topics: Topics) -> None:
                     authorize_action(principal, escrow, command)
                     if gateway.check_evidence is not None:
                         await gateway.check_evidence(command)
-                    if releases_money(command):
+                    if is_release_path(command.type, getattr(command.payload, "resolution", None)):
                         await gateway.require_kyc(escrow.buyer_id, escrow.seller_id)
 
                 return await gateway.accept(
