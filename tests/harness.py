@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -31,6 +31,8 @@ from escrow_stream.signing import signature_headers
 from escrow_stream.storage import EvidenceStore
 from escrow_stream.topics import create_topics
 from tests.support import free_port, stack_environ, unique
+
+T = TypeVar("T")
 
 HEALTH_WAIT_S = 90.0
 STOP_WAIT_S = 60.0
@@ -235,41 +237,48 @@ class WorkerProcess:
         except OSError:
             return ""
 
-    def health(self) -> dict[str, Any] | None:
+    def get(self, path: str, timeout_s: float = 5) -> tuple[int | None, dict[str, Any]]:
+        """GET ``path`` on this worker: status and JSON body, error answers included;
+        (None, {}) while nothing answers."""
         try:
-            with urllib.request.urlopen(f"{self.base_url}/health", timeout=2) as r:
-                return dict(json.loads(r.read()))
+            with urllib.request.urlopen(f"{self.base_url}{path}", timeout=timeout_s) as r:
+                return r.status, dict(json.loads(r.read()))
+        except urllib.error.HTTPError as err:
+            with err:
+                try:
+                    return err.code, dict(json.loads(err.read()))
+                except ValueError:
+                    return err.code, {}
         except OSError:
-            return None
+            return None, {}
+
+    def health(self) -> dict[str, Any] | None:
+        status, body = self.get("/health", timeout_s=2)
+        return body if status == 200 else None
 
     def wait_healthy(self, timeout_s: float = HEALTH_WAIT_S) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.proc is not None and self.proc.poll() is None, self.log_tail()
-            body = self.health()
-            if body is not None:
-                return body
-            time.sleep(0.3)
-        raise AssertionError(f"{self.name}: no /health within {timeout_s}s\n{self.log_tail()}")
+        return self._wait_for("/health to answer 200", self.health, timeout_s)
 
     def wait_processing(self, timeout_s: float = HEALTH_WAIT_S) -> None:
         """Until ``/ready`` says the processor has joined its group and recovered its tables
         (whatever the other components say: some tests run with one of them down)."""
+
+        def processing() -> bool | None:
+            checks = self.get("/ready")[1].get("checks", {})
+            return True if checks.get("processor") == "ok" else None
+
+        self._wait_for("the processor to be ready", processing, timeout_s)
+
+    def _wait_for(self, what: str, answer: Callable[[], T | None], timeout_s: float) -> T:
+        """Poll ``answer`` until it is not None, while the process lives (bounded)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             assert self.proc is not None and self.proc.poll() is None, self.log_tail()
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/ready", timeout=5) as r:
-                    body = json.loads(r.read())
-            except urllib.error.HTTPError as err:
-                with err:
-                    body = json.loads(err.read())
-            except OSError:
-                body = {}
-            if body.get("checks", {}).get("processor") == "ok":
-                return
+            found = answer()
+            if found is not None:
+                return found
             time.sleep(0.3)
-        raise AssertionError(f"{self.name}: not processing within {timeout_s}s\n{self.log_tail()}")
+        raise AssertionError(f"{self.name}: no {what} within {timeout_s}s\n{self.log_tail()}")
 
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs, as in a crash."""

@@ -8,13 +8,9 @@ while later commands wait behind it on the partition.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -27,15 +23,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 STALL_TIMEOUT_S = 5
 DETECT_WAIT_S = 60.0
-
-
-def health(base_url: str) -> tuple[int, dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(f"{base_url}/health", timeout=5) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        with err:
-            return err.code, json.loads(err.read())
 
 
 def test_a_partition_with_lag_and_no_progress_fails_liveness(
@@ -57,15 +44,15 @@ def test_a_partition_with_lag_and_no_progress_fails_liveness(
             )
         )
         asyncio.run(stack.events(lambda es: sum(x["escrowId"] == e for x in es) >= 3))
-        assert health(worker.base_url)[0] == 200  # moving: healthy
+        assert worker.get("/health")[0] == 200  # moving: healthy
         # the release needs the seller's payout account: PostgreSQL is unreachable
         asyncio.run(stack.send([wire_command("ReleaseFunds", e, BUYER)]))
         asyncio.run(stack.send([wire_command("RaiseDispute", e, SELLER, {"reason": "late"})]))
         deadline = time.monotonic() + DETECT_WAIT_S
-        status, body = health(worker.base_url)
+        status, body = worker.get("/health")
         while status == 200 and time.monotonic() < deadline:
             time.sleep(1)
-            status, body = health(worker.base_url)
+            status, body = worker.get("/health")
     finally:
         worker.stop()
     assert status == 503, body
