@@ -62,6 +62,17 @@ async def _tables(url: str) -> set[str]:
         await conn.close()
 
 
+async def _columns(url: str, table: str) -> set[str]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = $1", table
+        )
+        return {r["column_name"] for r in rows}
+    finally:
+        await conn.close()
+
+
 async def _indexes(url: str) -> list[asyncpg.Record]:
     conn = await asyncpg.connect(url)
     try:
@@ -79,7 +90,7 @@ async def test_up_down_up(stack_settings: Settings, scratch_db: str) -> None:
     await asyncio.to_thread(migrate.upgrade, stack_settings, database_url=scratch_db)
     assert await _tables(scratch_db) >= SEED_TABLES | {"custodian_deposits"} | PAYOUT_TABLES
     status = await asyncio.to_thread(migrate.status, stack_settings, database_url=scratch_db)
-    assert "current: 0004 (head)" in status
+    assert "current: 0005 (head)" in status
 
     indexes = await _indexes(scratch_db)
     single_column = {
@@ -93,7 +104,11 @@ async def test_up_down_up(stack_settings: Settings, scratch_db: str) -> None:
     ]
     assert len(partial) == 1 and "published_at IS NULL" in partial[0]
 
-    assert "payment_effects" in await _tables(scratch_db)
+    assert "unmatched_funds" in await _tables(scratch_db)
+    await asyncio.to_thread(migrate.downgrade_to, stack_settings, "0004", database_url=scratch_db)
+    assert "unmatched_funds" not in await _tables(scratch_db)  # 0005 down: its table and columns
+    assert await _columns(scratch_db, "payment_effects") >= {"effect_key", "event"}
+    assert "held" not in await _columns(scratch_db, "payment_effects")
     await asyncio.to_thread(migrate.downgrade_to, stack_settings, "0003", database_url=scratch_db)
     assert "payment_effects" not in await _tables(scratch_db)  # 0004 down: only its table
     assert await _tables(scratch_db) >= PAYOUT_TABLES
