@@ -19,8 +19,17 @@ import faust
 import redis.asyncio
 
 from escrow_stream import liveness, transport
-from escrow_stream.agents import mirror, payments, payouts, processor, screening, timeouts
+from escrow_stream.agents import (
+    mirror,
+    payments,
+    payouts,
+    processor,
+    screening,
+    timeouts,
+    unmatched,
+)
 from escrow_stream.agents import outbox as outbox_agent
+from escrow_stream.agents import reconcile as reconcile_agent
 from escrow_stream.clock import Clock, utc_now
 from escrow_stream.config import ConfigError, Settings, load_settings
 from escrow_stream.db.kyc import KycDirectory
@@ -38,7 +47,7 @@ from escrow_stream.redisconn import redis_client
 from escrow_stream.storage import EvidenceStore
 from escrow_stream.tables import escrows as escrow_table
 from escrow_stream.tables import outcomes as outcome_table
-from escrow_stream.web import evidence, gateway, health, operations, webhooks
+from escrow_stream.web import admin, evidence, gateway, health, operations, webhooks
 from escrow_stream.web import payment as payment_view
 from escrow_stream.web import payouts as payout_views
 from escrow_stream.web.middleware import make_middleware
@@ -137,8 +146,9 @@ def create_app(
     payouts.register(app, payout_service, escrows)
     if settings.payments_effects_enabled:
         custodian = CustodianClient(settings)
+        stripe_rail = StripeRail(settings)
         rails: dict[str, payments.Rail] = {
-            "STRIPE": StripeRail(settings),
+            "STRIPE": stripe_rail,
             "USDC_BASE": CustodianRail(custodian),
         }
         effects = payments.PaymentEffects(settings, clock, database, rails, publisher, screener)
@@ -147,6 +157,11 @@ def create_app(
         screening.register(
             app, screening.DepositScreening(settings, clock, database, screener, publisher)
         )
+        returns = unmatched.UnmatchedReturns(settings, clock, database, stripe_rail, custodian)
+        unmatched.register(app, returns, topics.rejections)
+    if settings.reconcile_interval_minutes > 0:
+        reconciler = reconcile_agent.ProviderReconciler(settings, clock, database)
+        reconcile_agent.register(app, reconciler)
     health.register(app, clock, progress)
     operations.register(app, readiness_checks(app, settings, database, shared_redis, closers))
     if settings.metrics_enabled:
@@ -170,6 +185,7 @@ def create_app(
     evidence.register(app, api, EvidenceStore.from_settings(settings, new_id))
     payment_view.register(app, api)
     payout_views.register(app, api, payout_service)
+    admin.register(app, api)
     outbox_agent.register(app, publisher, idempotency, clock)
 
     async def _close_database(sender: object, *args: object, **kwargs: object) -> None:

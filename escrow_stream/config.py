@@ -26,6 +26,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_core.core_schema import ValidationInfo
 
 JWT_SECRET_LENGTH_MIN = 64
 
@@ -103,8 +104,11 @@ OURS: tuple[str, ...] = (
     "RATE_LIMIT_PER_IP_PER_MINUTE",
     "RATE_LIMIT_PER_USER_PER_MINUTE",
     "STALL_TIMEOUT_S",
+    "RECONCILE_INTERVAL_MINUTES",
     "WEB_CANONICAL_URL",
     "TRUSTED_PROXIES",
+    "STRIPE_MAX_HOLD_DAYS",
+    "STRIPE_HOLD_WARN_DAYS",
 )
 
 #: Bind addresses that are no address another worker could call.
@@ -239,6 +243,10 @@ class Settings(BaseModel):
     )
     stripe_connect_client_id: str | None = _env("STRIPE_CONNECT_CLIENT_ID", None)
     stripe_api_base: str | None = _env("STRIPE_API_BASE", None)
+    #: Card funds held longer than this after funding are past the limit (SPEC §10): listed by
+    #: ``escrow-stream escrows stuck``; STRIPE_HOLD_WARN_DAYS (< the maximum) warns before.
+    stripe_max_hold_days: int = _env("STRIPE_MAX_HOLD_DAYS", 90, ge=1, le=3650)
+    stripe_hold_warn_days: int = _env("STRIPE_HOLD_WARN_DAYS", 80, ge=1, le=3650)
     #: Off only where a test plays the payment provider itself by sending system commands.
     payments_effects_enabled: bool = _env("PAYMENTS_EFFECTS_ENABLED", True)
     #: One HTTP call to Stripe, the custodian, TRM or Chainalysis (connect + read).
@@ -275,6 +283,8 @@ class Settings(BaseModel):
     metrics_port: int = _env("METRICS_PORT", 9090, ge=1, le=65535)
     #: Liveness fails when an assigned command partition has lag and no progress this long.
     stall_timeout_s: int = _env("STALL_TIMEOUT_S", 60, ge=5, le=3600)
+    #: Provider reconciliation inside the worker every this many minutes (0: off).
+    reconcile_interval_minutes: int = _env("RECONCILE_INTERVAL_MINUTES", 0, ge=0, le=7 * 24 * 60)
 
     # Feature flags
     feature_milestone_escrows: bool = _env("FEATURE_MILESTONE_ESCROWS", True)
@@ -315,6 +325,14 @@ class Settings(BaseModel):
                 f"(got {len(value.get_secret_value())}); generate one with "
                 "`python -c 'import secrets; print(secrets.token_urlsafe(64))'`"
             )
+        return value
+
+    @field_validator("stripe_hold_warn_days")
+    @classmethod
+    def _hold_warning_before_maximum(cls, value: int, info: ValidationInfo) -> int:
+        maximum = info.data.get("stripe_max_hold_days")
+        if maximum is not None and value >= maximum:
+            raise ValueError(f"must be less than STRIPE_MAX_HOLD_DAYS ({maximum}), got {value}")
         return value
 
     # -- derived values ---------------------------------------------------------------

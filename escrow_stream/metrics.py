@@ -21,6 +21,23 @@ SETTLEMENT_MISMATCHES = Counter(
     "pending one), by command type.",
     ["type"],
 )
+UNMATCHED_FUNDS = Counter(
+    "escrow_unmatched_funds_total",
+    "Money no escrow accepted (SPEC §10), counted each time it is recorded with or moves to "
+    "a status (RETURNING, RETURNED, FROZEN, NEEDS_REVIEW), by provider and reason.",
+    ["provider", "reason", "status"],
+)
+CHARGEBACKS = Counter(
+    "escrow_chargebacks_total",
+    "Card chargebacks (SPEC §10) as the escrows recorded them, by outcome (opened, won, lost); "
+    "counted by the command processor once per event, never for a redelivered command.",
+    ["outcome"],
+)
+STRIPE_HOLDS_PAST_WARNING = Gauge(
+    "escrow_stripe_holds_past_warning",
+    "STRIPE escrows still holding funds more than STRIPE_HOLD_WARN_DAYS after funding, among "
+    "the escrows of this worker's partitions, set by each timeout scan (aggregate with sum).",
+)
 PAYMENT_EFFECTS = Counter(
     "escrow_payment_effects_total",
     "Provider calls of the payments agent, by effect (instructions, settlement) and result "
@@ -43,4 +60,15 @@ MIRROR_EVENTS = Counter(
     "Events seen by the PostgreSQL mirror, by result "
     "(applied, duplicate, skipped_offset, invalid).",
     ["result"],
+)
+RECONCILE_DIFFERENCES = Gauge(
+    "escrow_reconcile_differences",
+    "Differences the last provider reconciliation in this worker found (RECONCILE_INTERVAL_"
+    "MINUTES), by provider (stripe, custodian) and kind (missing_on_our_side, "
+    "missing_at_provider, amount_differs, status_differs).",
+    ["provider", "kind"],
+)
+RECONCILE_LAST_RUN = Gauge(
+    "escrow_reconcile_last_run_timestamp",
+    "Unix time of the last completed provider reconciliation in this worker (0: none yet).",
 )

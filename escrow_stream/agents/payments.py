@@ -6,7 +6,9 @@ Per event on ``escrow.events.v1`` (SPEC §5, §10), in the stream, in order:
    the escrow's PaymentIntent or deposit address (effect ``instructions:{escrowId}``); an
    event whose snapshot carries a settlement with status PENDING (``SettlementRequested``,
    or the same settlement requested again once its payout account is ACTIVE) → that
-   settlement's transfer / refund (effect = the settlement id).  Nothing else.
+   settlement's transfer / refund (effect = the settlement id); ``EscrowCancelled`` of an
+   unfunded STRIPE escrow → the cancellation of its PaymentIntent, so the buyer can no
+   longer pay it (effect ``cancel-instructions:{escrowId}``).  Nothing else.
 2. Skip it when it is no longer current: the PostgreSQL mirror already holds a newer version
    of the escrow on which that settlement is not pending (or that already has its payment
    instructions) — an old event read again by an offset reset or a new consumer group.
@@ -15,6 +17,12 @@ Per event on ``escrow.events.v1`` (SPEC §5, §10), in the stream, in order:
    a provider again, whatever the provider's idempotency window.  The event is then
    acknowledged: no provider call happens in the stream, so no escrow waits for another
    (only PostgreSQL being down holds the stream, retried with backoff: it is every escrow's).
+3a. Chargebacks (SPEC §10): a settlement whose newest known snapshot shows an OPEN
+   chargeback is recorded (or, recorded before and still STARTED, marked) ``held``: the
+   runner skips it; an event showing it PENDING with no open chargeback (won) releases the
+   hold and makes it due now, with the same key.
+3b. ``EscrowRefunded`` with reason CHARGEBACK (lost on held funds): the escrow's held
+   settlement effects become FAILED ``chargeback_lost``, with no command and no call.
 
 The effect runner, a task in every worker (woken by step 3, else every ``POLL_S``):
 
@@ -23,7 +31,10 @@ The effect runner, a task in every worker (woken by step 3, else every ``POLL_S`
    once, each performed in its own task.
 5. Call the provider with the effect's own idempotency key (the settlement id; for
    instructions a key from the escrow id); its client retries ``ESCROW_MAX_RETRIES`` times.
-   A release of 0 (the fee is the whole amount) calls nobody: it is answered here.
+   A release of 0 (the fee is the whole amount) calls nobody: it is answered here.  A
+   PaymentIntent cancellation waits for the escrow's PaymentIntent effect to be answered
+   (none made, or refused: nothing to cancel); Stripe's refusal (it succeeded meanwhile)
+   is recorded FAILED with no command: that payment is refunded as unmatched funds.
 6. An answer → in one PostgreSQL transaction, the effect SUCCEEDED (provider object id; the
    Stripe client secret kept there for the buyer alone, never in a command) and its result
    command in the outbox: RecordPaymentInstructions, or ConfirmSettlement naming the
@@ -65,6 +76,7 @@ from escrow_stream.db.effects import Effect, EffectKind, EffectState, Outcome
 from escrow_stream.db.outbox import OutboxPublisher
 from escrow_stream.db.pool import Database
 from escrow_stream.domain import Rail as RailName
+from escrow_stream.domain.commands import CHARGEBACK_REASON
 from escrow_stream.domain.money import RAIL_PROVIDER
 from escrow_stream.metrics import PAYMENT_EFFECTS
 from escrow_stream.payments.common import (
@@ -86,6 +98,8 @@ IN_FLIGHT_MAX = 32
 #: A leased effect is taken over by another worker only this long after one call round.
 LEASE_MARGIN_S = 30.0
 PENDING = "PENDING"
+#: The error code of a held settlement dropped because its chargeback was lost.
+CHARGEBACK_LOST = "chargeback_lost"
 #: The providerReference of a settlement that moved no money (its payout was 0).
 NO_TRANSFER = "no-transfer"
 #: Snapshot fields no rail reads, left out of the effect's stored event (bounded size).
@@ -105,6 +119,15 @@ class Rail(Protocol):
         """Perform the pending settlement: the ConfirmSettlement payload, or None when the
         provider reports completion later by webhook.  Raises PermanentSettlementError."""
         ...
+
+    async def cancel_instructions(self, escrow: dict[str, Any], payment_id: str) -> None:
+        """Withdraw the payment instructions ``payment_id`` of a cancelled escrow.  Raises
+        PermanentSettlementError."""
+        ...
+
+
+class InstructionsUnanswered(Exception):
+    """The PaymentIntent to cancel may still be made: its own effect has no answer yet."""
 
 
 class PaymentEffects:
@@ -144,6 +167,7 @@ class PaymentEffects:
             return False
         wanted = wanted_effect(event)
         if wanted is None:
+            await self._fail_held_if_chargeback_lost(event)
             return False
         key, kind = wanted
         pool = await self._database.pool()
@@ -158,10 +182,30 @@ class PaymentEffects:
         provider = RAIL_PROVIDER[RailName(rail)].value
         kept = {**event, "escrow": {k: v for k, v in escrow.items() if k not in UNUSED_FIELDS}}
         topic = self._settings.kafka_commands_topic
-        new = await effects.start(pool, key, kind, rail, provider, kept, topic, self._clock())
-        if new:
+        now = self._clock()
+        held = kind is EffectKind.SETTLEMENT and chargeback_open(escrow, event, mirrored)
+        new = await effects.start(pool, key, kind, rail, provider, kept, topic, now, held=held)
+        if not new and kind is EffectKind.SETTLEMENT:  # step 3a: hold, or due again
+            new = await effects.set_held(pool, key, held, now)
+        due = new and not held
+        if due:
             self.wake.set()
-        return new
+        return due
+
+    async def _fail_held_if_chargeback_lost(self, event: dict[str, Any]) -> None:
+        """Step 3b: a lost chargeback ended the escrow REFUNDED: the settlement held for it
+        is never performed (the card network moved the money; the escrow has nothing pending
+        to confirm, so no command is sent)."""
+        if not is_chargeback_refund(event):
+            return
+        pool = await self._database.pool()
+        message = f"chargeback {event['data'].get('providerReference')} lost: never sent"
+        failed = await effects.fail_held(
+            pool, event["escrowId"], CHARGEBACK_LOST, message, self._clock()
+        )
+        for key in failed:
+            PAYMENT_EFFECTS.labels("settlement", "failed").inc()
+            log.warning("payment effect %s dropped: %s", key, message)
 
     # -- steps 4-7: the runner -----------------------------------------------------------
 
@@ -197,6 +241,8 @@ class PaymentEffects:
         try:
             if effect.kind is EffectKind.INSTRUCTIONS:
                 answer: dict[str, Any] | None = await rail.payment_instructions(escrow)
+            elif effect.kind is EffectKind.CANCEL_INSTRUCTIONS:
+                answer = await self._cancel_instructions(rail, escrow)
             else:
                 await self._screen_buyer_wallet(escrow)
                 answer = nothing_to_move(effect) or await rail.settle(escrow)
@@ -221,6 +267,21 @@ class PaymentEffects:
             return
         PAYMENT_EFFECTS.labels(label, "succeeded").inc()
         await self._finish(effect, succeeded(effect, answer))
+
+    async def _cancel_instructions(self, rail: Rail, escrow: dict[str, Any]) -> dict[str, Any]:
+        """Cancel the PaymentIntent the escrow recorded, or the one its instructions effect
+        made (the escrow may have been cancelled before it recorded the answer)."""
+        payment_id = (escrow.get("payment") or {}).get("providerPaymentId")
+        if not payment_id:
+            pool = await self._database.pool()
+            made = await effects.get(pool, effects.instructions_key(escrow["escrowId"]))
+            if made is not None and made["state"] == EffectState.STARTED.value:
+                raise InstructionsUnanswered("the PaymentIntent is still being created")
+            if made is None or made["state"] != EffectState.SUCCEEDED.value:
+                return {}  # no PaymentIntent was made: nothing to cancel
+            payment_id = made["provider_object_id"]
+        await rail.cancel_instructions(escrow, str(payment_id))
+        return {"providerReference": str(payment_id)}
 
     async def _screen_buyer_wallet(self, escrow: dict[str, Any]) -> None:
         """A USDC refund to the ``buyerWalletAddress`` the buyer gave at create is screened
@@ -279,6 +340,23 @@ class PaymentEffects:
         self._publisher.notify()
 
 
+def chargeback_open(
+    escrow: dict[str, Any], event: dict[str, Any], mirrored: tuple[int, dict[str, Any]] | None
+) -> bool:
+    """Step 3a: whether the newest known snapshot (the event's, or the mirror's when newer)
+    shows an open chargeback: its settlement is held, not sent."""
+    if mirrored is not None and mirrored[0] > int(event.get("version", 0)):
+        escrow = mirrored[1]
+    chargeback: dict[str, Any] = escrow.get("chargeback") or {}
+    return chargeback.get("status") == "OPEN"
+
+
+def is_chargeback_refund(event: dict[str, Any]) -> bool:
+    """An EscrowRefunded by a lost chargeback (the card network refunded the buyer)."""
+    data: dict[str, Any] = event.get("data") or {}
+    return event.get("type") == "EscrowRefunded" and data.get("reason") == CHARGEBACK_REASON
+
+
 def nothing_to_move(effect: Effect) -> dict[str, Any] | None:
     """A release whose fee is the whole amount moves no money (providers refuse a transfer of
     0): its ConfirmSettlement payload, with no provider call; else None."""
@@ -293,6 +371,12 @@ def wanted_effect(event: dict[str, Any]) -> tuple[str, EffectKind] | None:
     escrow: dict[str, Any] = event.get("escrow") or {}
     if event.get("type") == "EscrowCreated" and not escrow.get("payment"):
         return effects.instructions_key(escrow["escrowId"]), EffectKind.INSTRUCTIONS
+    if (
+        event.get("type") == "EscrowCancelled"
+        and escrow.get("rail") == RailName.STRIPE.value
+        and not int(escrow.get("fundedAmount") or 0)
+    ):
+        return effects.cancel_instructions_key(escrow["escrowId"]), EffectKind.CANCEL_INSTRUCTIONS
     settlement: dict[str, Any] = escrow.get("settlement") or {}
     if settlement and settlement.get("status", PENDING) == PENDING:
         return str(settlement["settlementId"]), EffectKind.SETTLEMENT
@@ -309,6 +393,8 @@ def is_current(
     the newest known and asks for the effect; on a newer one, the effect must still be due
     (the same settlement pending, or still no payment instructions)."""
     if mirrored is None or mirrored[0] <= int(event.get("version", 0)):
+        return True
+    if kind is EffectKind.CANCEL_INSTRUCTIONS:  # a cancelled escrow stays cancelled
         return True
     snapshot = mirrored[1]
     if kind is EffectKind.INSTRUCTIONS:
@@ -329,6 +415,9 @@ def succeeded(effect: Effect, answer: dict[str, Any] | None) -> Outcome:
             result_payload=payload,
             client_secret=answer.get("clientSecret"),
         )
+    if effect.kind is EffectKind.CANCEL_INSTRUCTIONS:  # nothing for the escrow to apply
+        reference = (answer or {}).get("providerReference")
+        return Outcome(state=EffectState.SUCCEEDED, provider_object_id=reference)
     if answer is None:  # the custodian confirms by webhook
         return Outcome(state=EffectState.SUCCEEDED)
     return Outcome(
@@ -342,6 +431,8 @@ def succeeded(effect: Effect, answer: dict[str, Any] | None) -> Outcome:
 def refused(effect: Effect, code: str, message: str) -> Outcome:
     """The outcome of a permanent refusal, and the command that records it (step 6)."""
     code, message = code[:200] or "refused", message[:2000]
+    if effect.kind is EffectKind.CANCEL_INSTRUCTIONS:  # paid meanwhile: unmatched funds
+        return Outcome(state=EffectState.FAILED, error_code=code, error_message=message)
     if effect.kind is EffectKind.INSTRUCTIONS:
         payload: dict[str, Any] = {
             "provider": effect.provider,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -49,9 +49,16 @@ from escrow_stream.domain import (
     is_release_path,
     parse_command,
 )
+from escrow_stream.domain.commands import CHARGEBACK_REASON
+from escrow_stream.domain.events import (
+    ChargebackClosedData,
+    ChargebackOpenedData,
+    EscrowRefundedData,
+)
 from escrow_stream.liveness import ProgressMonitor
 from escrow_stream.logs import correlation_id_var, trace_id_var
 from escrow_stream.metrics import (
+    CHARGEBACKS,
     COMMAND_OUTCOMES,
     COMMAND_SECONDS,
     DEAD_LETTERS,
@@ -263,6 +270,20 @@ def register(
                 value=encode_event(domain_event),
                 headers=event_headers(domain_event),
             )
+        if not outcome.duplicate:
+            count_chargebacks(outcome.events)
+
+
+def count_chargebacks(events: Iterable[Event]) -> None:
+    """``escrow_chargebacks_total{outcome}``: opened, won, lost (a lost one on held funds is
+    the EscrowRefunded with reason CHARGEBACK)."""
+    for event in events:
+        if isinstance(event.data, ChargebackOpenedData):
+            CHARGEBACKS.labels("opened").inc()
+        elif isinstance(event.data, ChargebackClosedData):
+            CHARGEBACKS.labels(event.data.outcome.value.lower()).inc()
+        elif isinstance(event.data, EscrowRefundedData) and event.data.reason == CHARGEBACK_REASON:
+            CHARGEBACKS.labels("lost").inc()
 
 
 def _facts_needed(value: bytes, state: Escrow | None) -> tuple[frozenset[str], bool]:

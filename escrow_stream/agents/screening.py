@@ -8,9 +8,12 @@ SCREENING), one at a time, inside one PostgreSQL transaction that holds the row 
 2. Both passed → enqueue ConfirmFunds (commandId ``custodian:deposit:{depositId}``) through
    the outbox; the deposit is CLEARED.  The escrow's own rules then check the amount and
    currency (AMOUNT_MISMATCH otherwise: a partial deposit never holds funds).
-3. A provider flagged the sender → enqueue CancelEscrow with reason COMPLIANCE_REJECTED
-   (``custodian:compliance:{depositId}``); the deposit is FROZEN for compliance review and
-   is not sent back automatically.
+3. A provider flagged the sender → the deposit is FROZEN for compliance review, never sent
+   back automatically, and recorded in ``unmatched_funds`` as FROZEN (``SENDER_FLAGGED``);
+   CancelEscrow with reason COMPLIANCE_REJECTED naming the deposit and its amount is
+   enqueued (``custodian:compliance:{depositId}``): the escrow cancels only when that
+   deposit is the one that would fund it (exactly its amount, while AWAIT_FUNDS), so a
+   flagged "dust" deposit freezes itself and nothing else (SPEC §10).
 4. A provider error → the deposit stays SCREENING, with the error and the next attempt time
    (exponential backoff from ``ESCROW_RETRY_DELAY_MS``, capped at 5 minutes); nothing else.
 
@@ -28,10 +31,11 @@ import faust
 from escrow_stream.agents.processor import encode_command, make_command
 from escrow_stream.clock import Clock
 from escrow_stream.config import Settings
-from escrow_stream.db import deposits, outbox
+from escrow_stream.db import deposits, outbox, unmatched
 from escrow_stream.db.deposits import DepositStatus
 from escrow_stream.db.outbox import OutboxPublisher
 from escrow_stream.db.pool import Database
+from escrow_stream.db.unmatched import FundsStatus, UnmatchedFunds
 from escrow_stream.payments.screening import RiskScreener, ScreeningUnavailable
 from escrow_stream.signing import signature_headers
 
@@ -71,7 +75,7 @@ class DepositScreening:
         pool = await self._database.pool()
         async with pool.acquire() as conn, conn.transaction():
             now = self._clock()
-            row = await deposits.claim_due(conn, now)
+            row = await deposits.claim_due(conn, self._settings.kafka_commands_topic, now)
             if row is None:
                 return False
             try:
@@ -113,11 +117,17 @@ class DepositScreening:
                     ACTOR,
                     "CancelEscrow",
                     row["escrow_id"],
-                    {"reason": "COMPLIANCE_REJECTED"},
+                    {
+                        "reason": "COMPLIANCE_REJECTED",
+                        "providerPaymentId": row["deposit_id"],
+                        "amount": str(row["amount"]),
+                        "currency": row["asset"],
+                    },
                     f"custodian:compliance:{row['deposit_id']}",
                     now,
                 )
                 status = DepositStatus.FROZEN
+                await unmatched.record(conn, frozen_funds(self._settings, row), now, record)
                 log.warning(
                     "deposit %s of escrow %s FROZEN for compliance review: %s",
                     row["deposit_id"],
@@ -135,6 +145,22 @@ class DepositScreening:
             )
             await deposits.decide(conn, row["deposit_id"], status, record, now)
             return True
+
+
+def frozen_funds(settings: Settings, row: Any) -> UnmatchedFunds:
+    """A flagged deposit as unmatched funds: FROZEN, listed for compliance, never moved."""
+    return UnmatchedFunds(
+        funds_id=unmatched.funds_id_for("custodian", row["deposit_id"]),
+        provider="custodian",
+        provider_object_id=row["deposit_id"],
+        escrow_id=row["escrow_id"],
+        commands_topic=settings.kafka_commands_topic,
+        amount=int(row["amount"]),
+        currency=row["asset"],
+        reason=unmatched.SENDER_FLAGGED,
+        status=FundsStatus.FROZEN,
+        sender_address=row["sender_address"],
+    )
 
 
 def register(app: faust.App, screening: DepositScreening) -> None:

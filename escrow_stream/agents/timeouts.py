@@ -22,16 +22,25 @@ from escrow_stream.agents.processor import encode_command
 from escrow_stream.clock import Clock
 from escrow_stream.config import Settings
 from escrow_stream.domain import Command, DomainSettings, timeout_command_for
-from escrow_stream.metrics import TIMEOUT_COMMANDS
+from escrow_stream.domain.timeouts import holds_card_funds_past
+from escrow_stream.metrics import STRIPE_HOLDS_PAST_WARNING, TIMEOUT_COMMANDS
 from escrow_stream.signing import signature_headers
 from escrow_stream.tables import escrows as escrow_table
 
 log = logging.getLogger(__name__)
 
 
-def due_timeouts(values: Iterable[bytes], now: datetime, rules: DomainSettings) -> list[Command]:
-    """The timeout commands due at ``now`` among the stored escrow snapshots."""
+def due_timeouts(
+    values: Iterable[bytes],
+    now: datetime,
+    rules: DomainSettings,
+    hold_warn_days: int | None = None,
+) -> list[Command]:
+    """The timeout commands due at ``now`` among the stored escrow snapshots; with
+    ``hold_warn_days``, also sets the gauge of STRIPE escrows holding funds past that many
+    days (this worker's partitions: the scan is already paid for, so it is free here)."""
     due: list[Command] = []
+    past_warning = 0
     for value in values:
         escrow = escrow_table.load(value)
         if escrow is None:
@@ -39,6 +48,10 @@ def due_timeouts(values: Iterable[bytes], now: datetime, rules: DomainSettings) 
         command = timeout_command_for(escrow, now, rules)
         if command is not None:
             due.append(command)
+        if hold_warn_days is not None and holds_card_funds_past(escrow, now, hold_warn_days):
+            past_warning += 1
+    if hold_warn_days is not None:
+        STRIPE_HOLDS_PAST_WARNING.set(past_warning)
     return due
 
 
@@ -56,7 +69,7 @@ def register(
     @app.timer(interval=interval_s, on_leader=False, name="escrow-timeouts")  # type: ignore[untyped-decorator]
     async def send_due_timeouts() -> None:
         # Collect first: sending yields to the loop, and the table may change meanwhile.
-        due = due_timeouts(list(escrows.values()), clock(), rules)
+        due = due_timeouts(list(escrows.values()), clock(), rules, settings.stripe_hold_warn_days)
         for command in due:
             body = encode_command(command)
             await commands_topic.send(

@@ -2,7 +2,8 @@
 deposit-screening loop, kept as the compliance record (FROZEN ones wait for a human).
 
 A deposit is recorded once per custodian deposit id, whichever webhook delivery (or event id)
-brings it: ``ON CONFLICT DO NOTHING``.
+brings it: ``ON CONFLICT DO NOTHING``; with the commands topic of the deployment that recorded
+it, whose screening loop alone screens it (several deployments may share one database).
 """
 
 from __future__ import annotations
@@ -33,14 +34,16 @@ class Deposit:
     confirmations: int
 
 
-async def record(conn: asyncpg.Connection | asyncpg.Pool, deposit: Deposit, now: datetime) -> bool:
+async def record(
+    conn: asyncpg.Connection | asyncpg.Pool, deposit: Deposit, commands_topic: str, now: datetime
+) -> bool:
     """Record a confirmed deposit for screening; False when it was already recorded."""
     inserted = await conn.fetchval(
         """
         INSERT INTO custodian_deposits (deposit_id, escrow_id, deposit_address, sender_address,
                                         tx_hash, amount, asset, confirmations, status,
-                                        next_attempt_at, received_at)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'SCREENING', $9, $9)
+                                        next_attempt_at, received_at, commands_topic)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'SCREENING', $9, $9, $10)
         ON CONFLICT (deposit_id) DO NOTHING
         RETURNING true
         """,
@@ -53,22 +56,28 @@ async def record(conn: asyncpg.Connection | asyncpg.Pool, deposit: Deposit, now:
         deposit.asset,
         deposit.confirmations,
         now,
+        commands_topic,
     )
     return bool(inserted)
 
 
-async def claim_due(conn: asyncpg.Connection, now: datetime) -> asyncpg.Record | None:
-    """Lock the oldest deposit due for screening (inside the caller's transaction); other
-    workers skip it, so each deposit is screened by one of them at a time."""
+async def claim_due(
+    conn: asyncpg.Connection, commands_topic: str, now: datetime
+) -> asyncpg.Record | None:
+    """Lock the deployment's oldest deposit due for screening (inside the caller's
+    transaction); other workers skip it, so each deposit is screened by one of them at a
+    time."""
     row: asyncpg.Record | None = await conn.fetchrow(
         """
         SELECT * FROM custodian_deposits
          WHERE status = 'SCREENING' AND next_attempt_at <= $1
+           AND (commands_topic = $2 OR commands_topic IS NULL)
          ORDER BY next_attempt_at, received_at
          LIMIT 1
          FOR UPDATE SKIP LOCKED
         """,
         now,
+        commands_topic,
     )
     return row
 

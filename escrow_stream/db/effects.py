@@ -4,7 +4,8 @@ STARTED before the call and SUCCEEDED / FAILED after it, so no effect is ever ma
 The key is the settlement id for a settlement, ``instructions:{escrowId}`` for a PaymentIntent
 or deposit address.  An effect is recorded once (``ON CONFLICT DO NOTHING``); a STARTED one is
 due at ``next_attempt_at`` and claimed by one worker at a time (``FOR UPDATE SKIP LOCKED``,
-then leased by pushing ``next_attempt_at`` past the call).
+then leased by pushing ``next_attempt_at`` past the call).  A ``held`` one (a settlement
+while its escrow's chargeback is open) is never claimed until the hold is released.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import asyncpg
 class EffectKind(StrEnum):
     INSTRUCTIONS = "INSTRUCTIONS"  # a PaymentIntent or a deposit address
     SETTLEMENT = "SETTLEMENT"  # a transfer or a refund
+    CANCEL_INSTRUCTIONS = "CANCEL_INSTRUCTIONS"  # an unfunded, cancelled escrow's PaymentIntent
 
 
 class EffectState(StrEnum):
@@ -31,6 +33,11 @@ class EffectState(StrEnum):
 def instructions_key(escrow_id: str) -> str:
     """The effect key of an escrow's payment instructions."""
     return f"instructions:{escrow_id}"
+
+
+def cancel_instructions_key(escrow_id: str) -> str:
+    """The effect key of the cancellation of an escrow's PaymentIntent."""
+    return f"cancel-instructions:{escrow_id}"
 
 
 @dataclass(frozen=True)
@@ -82,15 +89,16 @@ async def start(
     event: dict[str, Any],
     commands_topic: str,
     now: datetime,
+    held: bool = False,
 ) -> bool:
-    """Record the effect STARTED and due now; False when it was recorded before (in any
-    state), which the caller leaves alone."""
+    """Record the effect STARTED and due now (``held``: not due while a chargeback is open);
+    False when it was recorded before (in any state), which the caller leaves alone."""
     inserted = await conn.fetchval(
         """
         INSERT INTO payment_effects (effect_key, escrow_id, commands_topic, effect, rail,
                                      provider, state, next_attempt_at, event, created_at,
-                                     updated_at)
-        VALUES ($1, $2, $8, $3, $4, $5, 'STARTED', $6, $7, $6, $6)
+                                     updated_at, held)
+        VALUES ($1, $2, $8, $3, $4, $5, 'STARTED', $6, $7, $6, $6, $9)
         ON CONFLICT (effect_key) DO NOTHING
         RETURNING true
         """,
@@ -102,6 +110,7 @@ async def start(
         now,
         event,
         commands_topic,
+        held,
     )
     return bool(inserted)
 
@@ -125,6 +134,7 @@ async def claim_due(
          WHERE e.effect_key IN (
                SELECT effect_key FROM payment_effects
                 WHERE state = 'STARTED' AND commands_topic = $4 AND next_attempt_at <= $1
+                  AND NOT held
                 ORDER BY next_attempt_at
                 LIMIT $3
                   FOR UPDATE SKIP LOCKED)
@@ -177,6 +187,51 @@ async def retry_later(
         at,
         now,
     )
+
+
+async def set_held(
+    conn: asyncpg.Connection | asyncpg.Pool, key: str, held: bool, now: datetime
+) -> bool:
+    """Hold a STARTED effect (a chargeback opened: the runner skips it), or release the hold
+    and make it due now; True when the effect changed."""
+    changed = await conn.fetchval(
+        """
+        UPDATE payment_effects
+           SET held = $2, updated_at = $3,
+               next_attempt_at = CASE WHEN $2 THEN next_attempt_at ELSE $3 END
+         WHERE effect_key = $1 AND state = 'STARTED' AND held <> $2
+        RETURNING true
+        """,
+        key,
+        held,
+        now,
+    )
+    return bool(changed)
+
+
+async def fail_held(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    escrow_id: str,
+    error_code: str,
+    error_message: str,
+    now: datetime,
+) -> list[str]:
+    """FAIL the escrow's held settlement effects, never to be performed (a lost chargeback
+    ended the escrow: the card network moved the money); their keys."""
+    rows = await conn.fetch(
+        """
+        UPDATE payment_effects
+           SET state = 'FAILED', error_code = $2, error_message = $3,
+               next_attempt_at = NULL, updated_at = $4
+         WHERE escrow_id = $1 AND effect = 'SETTLEMENT' AND state = 'STARTED' AND held
+        RETURNING effect_key
+        """,
+        escrow_id,
+        error_code,
+        error_message,
+        now,
+    )
+    return [r["effect_key"] for r in rows]
 
 
 async def get(conn: asyncpg.Connection | asyncpg.Pool, key: str) -> asyncpg.Record | None:

@@ -1,4 +1,5 @@
-"""Read-only queries over the PostgreSQL mirror: stuck escrows and ledger reconciliation."""
+"""Read-only queries over the PostgreSQL mirror: stuck escrows, the escrow of a PaymentIntent
+and ledger reconciliation."""
 
 from __future__ import annotations
 
@@ -14,34 +15,92 @@ _TERMINAL = sorted(s.value for s in TERMINAL_STATUSES)
 
 
 async def stuck_escrows(
-    pool: asyncpg.Pool, now: datetime, escrow_ids: Sequence[str] | None = None
+    pool: asyncpg.Pool,
+    now: datetime,
+    escrow_ids: Sequence[str] | None = None,
+    *,
+    hold_warn_days: int = 80,
+    hold_max_days: int = 90,
 ) -> list[dict[str, Any]]:
     """The seed's "State Machine Recovery" query: escrows a timeout should have moved, and
-    releases waiting for the seller's payout account (SPEC §10).
+    releases waiting for the seller's payout account (SPEC §10); plus the card money at risk
+    (SPEC §10 chargebacks and holding limits).
 
-    Not terminal, and AWAIT_FUNDS past ``expires_at``, DELIVERED past ``auto_refund_at``
-    (``waiting_for`` = ``timeout``), or a settlement AWAITING_PAYOUT_ACCOUNT
-    (``waiting_for`` = ``payout_account``), optionally only among ``escrow_ids``, oldest
-    update first.
+    ``waiting_for`` says why, first match wins:
+
+    * ``payout_account``: a settlement AWAITING_PAYOUT_ACCOUNT (not terminal);
+    * ``chargeback_open``: a chargeback is open (any status: releases wait for it);
+    * ``chargeback_lost``: a chargeback was lost after the funds were RELEASED (the seller's
+      receivable is for an operator to collect);
+    * ``hold_max`` / ``hold_warning``: a STRIPE escrow still holding funds more than
+      ``hold_max_days`` (STRIPE_MAX_HOLD_DAYS) / ``hold_warn_days`` (STRIPE_HOLD_WARN_DAYS)
+      after funding;
+    * ``timeout``: AWAIT_FUNDS past ``expires_at``, DELIVERED past ``auto_refund_at``;
+
+    optionally only among ``escrow_ids``, oldest update first.
     """
     rows = await pool.fetch(
         """
+        WITH e AS (
+            SELECT id, status, version, updated_at, expires_at, auto_refund_at, settlement,
+                   snapshot -> 'chargeback' ->> 'status' AS chargeback,
+                   CASE WHEN rail = 'STRIPE' AND status <> ALL($2::text[])
+                             AND funded_amount - released_amount - refunded_amount > 0
+                        THEN $1::timestamptz - (snapshot -> 'payment' ->> 'fundedAt')::timestamptz
+                   END AS held_for
+              FROM escrows
+             WHERE ($3::text[] IS NULL OR id = ANY($3::text[]))
+        )
         SELECT id, status, version, updated_at, expires_at, auto_refund_at,
                CASE WHEN settlement ->> 'status' = 'AWAITING_PAYOUT_ACCOUNT'
-                    THEN 'payout_account' ELSE 'timeout' END AS waiting_for
-          FROM escrows
-         WHERE status <> ALL($2::text[])
-           AND ((status = 'AWAIT_FUNDS' AND expires_at < $1)
-                OR (status = 'DELIVERED' AND auto_refund_at < $1)
-                OR settlement ->> 'status' = 'AWAITING_PAYOUT_ACCOUNT')
-           AND ($3::text[] IS NULL OR id = ANY($3::text[]))
+                         AND status <> ALL($2::text[]) THEN 'payout_account'
+                    WHEN chargeback = 'OPEN' THEN 'chargeback_open'
+                    WHEN chargeback = 'LOST' AND status = 'RELEASED' THEN 'chargeback_lost'
+                    WHEN held_for > make_interval(days => $5::int) THEN 'hold_max'
+                    WHEN held_for > make_interval(days => $4::int) THEN 'hold_warning'
+                    ELSE 'timeout' END AS waiting_for
+          FROM e
+         WHERE (status <> ALL($2::text[])
+                AND ((status = 'AWAIT_FUNDS' AND expires_at < $1)
+                     OR (status = 'DELIVERED' AND auto_refund_at < $1)
+                     OR settlement ->> 'status' = 'AWAITING_PAYOUT_ACCOUNT'))
+            OR chargeback = 'OPEN'
+            OR (chargeback = 'LOST' AND status = 'RELEASED')
+            OR held_for > make_interval(days => $4::int)
          ORDER BY updated_at, id
         """,
         now,
         _TERMINAL,
         list(escrow_ids) if escrow_ids is not None else None,
+        hold_warn_days,
+        hold_max_days,
     )
     return [dict(r) for r in rows]
+
+
+async def escrow_for_payment_intent(pool: asyncpg.Pool, payment_intent_id: str) -> str | None:
+    """The escrow a Stripe PaymentIntent belongs to, from our own records: the payments
+    agent's INSTRUCTIONS effect that created it, else the mirror's snapshot (a Stripe
+    dispute names the PaymentIntent, never our escrow)."""
+    found: str | None = await pool.fetchval(
+        """
+        SELECT escrow_id FROM payment_effects
+         WHERE effect = 'INSTRUCTIONS' AND provider_object_id = $1
+         LIMIT 1
+        """,
+        payment_intent_id,
+    )
+    if found is None:
+        found = await pool.fetchval(
+            """
+            SELECT id FROM escrows
+             WHERE snapshot -> 'payment' ->> 'providerPaymentId' = $1
+                OR snapshot -> 'payment' ->> 'fundedProviderPaymentId' = $1
+             LIMIT 1
+            """,
+            payment_intent_id,
+        )
+    return found
 
 
 async def reconcile(pool: asyncpg.Pool, escrow_ids: Sequence[str] | None = None) -> list[str]:

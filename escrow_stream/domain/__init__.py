@@ -39,14 +39,21 @@ Design notes
   remainder (EscrowReleased / EscrowRefunded mark the open milestones). The fee is spread
   proportionally (``money.release_fee``), totalling sellerFee when everything is released.
 * **Ledger** accounts: ``external:{provider}`` (funding), ``escrow:{escrowId}:holding``,
-  ``seller:{sellerId}``, ``platform:fees``, ``buyer:{buyerId}`` (refunds). Line amounts are
-  signed; positive means money arrives at the account; each posting sums to zero.
+  ``seller:{sellerId}``, ``platform:fees``, ``buyer:{buyerId}`` (refunds, also by the card
+  network on a lost chargeback: posting CHARGEBACK_REFUND), and for chargebacks the held
+  funds do not cover ``platform:chargebacks`` against ``seller:{sellerId}:receivable`` (or
+  ``buyer:{buyerId}:receivable`` after a refund): posting CHARGEBACK, reversed by
+  CHARGEBACK_REVERSED when won. Line amounts are signed; positive means money arrives at the
+  account; each posting sums to zero.
+* **Chargebacks** (``chargeback`` on the snapshot: disputeId, status OPEN/WON/LOST, amount,
+  reason, openedAt, closedAt, receivable) are decided as documented in ``decide``.
 """
 
 from .commands import (
     COMMAND_TYPES,
     CancelEscrow,
     CancelReason,
+    CloseChargeback,
     Command,
     CommandInvalid,
     ConfirmFunds,
@@ -54,6 +61,7 @@ from .commands import (
     CreateEscrow,
     DeliverMilestone,
     MarkDelivered,
+    OpenChargeback,
     RaiseDispute,
     RecordPaymentFailure,
     RecordPaymentInstructions,
@@ -111,6 +119,7 @@ __all__ = [
     "BuyerDestination",
     "CancelEscrow",
     "CancelReason",
+    "CloseChargeback",
     "Command",
     "CommandInvalid",
     "ConfirmFunds",
@@ -128,6 +137,7 @@ __all__ = [
     "EvolveError",
     "MarkDelivered",
     "MilestoneStatus",
+    "OpenChargeback",
     "PayoutDestination",
     "Provider",
     "Rail",

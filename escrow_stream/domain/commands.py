@@ -137,9 +137,14 @@ class RecordPaymentFailurePayload(DomainModel):
 
 
 class CancelEscrowPayload(DomainModel):
-    """Payload of CancelEscrow."""
+    """Payload of CancelEscrow.  A COMPLIANCE_REJECTED cancellation names the flagged deposit
+    (``providerPaymentId``, ``amount``, ``currency``): it cancels the escrow only when that
+    deposit is the one that would fund it (exactly its amount and currency, SPEC §10)."""
 
     reason: CancelReason
+    provider_payment_id: Id | None = None
+    amount: PositiveMinorUnits | None = None
+    currency: Currency | None = None
 
 
 class MarkDeliveredPayload(DomainModel):
@@ -197,6 +202,37 @@ class MilestonePayload(DomainModel):
     """Payload of DeliverMilestone and ReleaseMilestone."""
 
     milestone_id: Id
+
+
+class ChargebackOutcome(StrEnum):
+    """How the card network closed a chargeback."""
+
+    WON = "WON"
+    LOST = "LOST"
+
+
+#: The reason an escrow ended REFUNDED by a lost chargeback (EscrowRefunded ``reason``).
+CHARGEBACK_REASON = "CHARGEBACK"
+
+
+class OpenChargebackPayload(DomainModel):
+    """Payload of OpenChargeback: a Stripe dispute on the escrow's payment."""
+
+    provider: Provider
+    dispute_id: Id
+    charge_id: Id | None = None
+    payment_intent_id: Id | None = None
+    amount: PositiveMinorUnits
+    currency: Currency
+    reason: ShortText
+
+
+class CloseChargebackPayload(DomainModel):
+    """Payload of CloseChargeback: the dispute's outcome (``amount``: as the network says)."""
+
+    dispute_id: Id
+    outcome: ChargebackOutcome
+    amount: MinorUnits | None = None
 
 
 class ResumeSettlementPayload(DomainModel):
@@ -328,6 +364,20 @@ class ResumeSettlement(CommandBase):
     payload: ResumeSettlementPayload
 
 
+class OpenChargeback(CommandBase):
+    """The card network opened a chargeback on the escrow's payment (system only)."""
+
+    type: Literal["OpenChargeback"] = "OpenChargeback"
+    payload: OpenChargebackPayload
+
+
+class CloseChargeback(CommandBase):
+    """The card network closed the escrow's chargeback, won or lost (system only)."""
+
+    type: Literal["CloseChargeback"] = "CloseChargeback"
+    payload: CloseChargebackPayload
+
+
 Command = (
     CreateEscrow
     | RecordPaymentInstructions
@@ -344,6 +394,8 @@ Command = (
     | DeliverMilestone
     | ReleaseMilestone
     | ResumeSettlement
+    | OpenChargeback
+    | CloseChargeback
 )
 
 COMMAND_TYPES: dict[str, type[CommandBase]] = {
@@ -364,6 +416,8 @@ COMMAND_TYPES: dict[str, type[CommandBase]] = {
         DeliverMilestone,
         ReleaseMilestone,
         ResumeSettlement,
+        OpenChargeback,
+        CloseChargeback,
     )
 }
 

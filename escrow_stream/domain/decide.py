@@ -10,17 +10,30 @@ Checks run in this order; the first that fails decides the rejection code:
    commandId on an existing escrow: ALREADY_EXISTS;
 3. NOT_AUTHORIZED: the actor (and, for CancelEscrow/RefundEscrow/ReleaseFunds, the reason
    it gives) may not send this command to this escrow;
-4. ConfirmFunds for the provider payment that already funded the escrow: accepted no-op;
-5. SETTLEMENT_PENDING: a settlement is pending and this is not its result; a result
+4. ConfirmFunds for the provider payment that already funded the escrow, OpenChargeback for
+   the dispute already recorded, CloseChargeback repeating its recorded outcome: accepted
+   no-op;
+5. CHARGEBACK_OPEN: a chargeback is open and the command would start a release, refund or
+   settlement (ReleaseFunds, ResolveDispute, RefundEscrow, ReleaseMilestone,
+   ResumeSettlement, timeouts included);
+6. SETTLEMENT_PENDING: a settlement is pending and this is not its result (nor the card
+   network's OpenChargeback / CloseChargeback, which always act); a result
    (ConfirmSettlement, RecordSettlementFailure) that names another settlement than the
    pending one, or comes when none is pending, is SETTLEMENT_MISMATCH; a settlement
    awaiting the seller's payout account takes only ResumeSettlement (results:
    INVALID_TRANSITION), or an admin's refund, which replaces it;
-6. INVALID_TRANSITION: the escrow's status does not allow the command;
-7. FEATURE_DISABLED, then DEADLINE_NOT_REACHED (timeouts), then KYC_REQUIRED (creation
+7. INVALID_TRANSITION: the escrow's status does not allow the command (OpenChargeback needs
+   a funded escrow: not AWAIT_FUNDS or CANCELLED; a second dispute id, or closing another
+   one than recorded, is refused too);
+8. FEATURE_DISABLED, then DEADLINE_NOT_REACHED (timeouts), then KYC_REQUIRED (creation
    and every release: ReleaseFunds, ReleaseMilestone, ResolveDispute RELEASE);
-8. payload against state: VALIDATION_FAILED (provider/rail, maximum amount, unknown
-   milestone), AMOUNT_MISMATCH, then milestone-level INVALID_TRANSITION.
+9. payload against state: VALIDATION_FAILED (provider/rail, maximum amount, unknown
+   milestone), AMOUNT_MISMATCH (also a COMPLIANCE_REJECTED cancellation whose flagged
+   deposit would not fund the escrow: that deposit is frozen alone), then milestone-level
+   INVALID_TRANSITION.
+
+A rejected ConfirmFunds carries the payment it reported (``Rejection.payment``): money no
+escrow accepted, which the unmatched-funds agent records and returns.
 
 For CreateEscrow: NOT_AUTHORIZED, FEATURE_DISABLED (milestones), KYC_REQUIRED, then
 VALIDATION_FAILED (maximum amount).
@@ -34,6 +47,15 @@ AWAITING_PAYOUT_ACCOUNT with no destination, and ResumeSettlement (sent once the
 ACTIVE, with the account again in the context) records the destination and requests the same
 settlement again, PENDING.  A REFUND pays the buyer: the PaymentIntent's card (Stripe), or
 ``buyerWalletAddress``, else the deposit's sender (USDC).
+
+Chargebacks (SPEC §10, Stripe only): OpenChargeback records ``ChargebackOpened``; what the
+held funds do not cover (all of it once RELEASED or REFUNDED) is booked as a receivable of
+the party that got the money (``ledger.chargeback_receivable``); the status never changes.
+CloseChargeback WON → ``ChargebackClosed`` (receivable reversed; the escrow continues, a
+held settlement is sent again).  LOST on an escrow still holding funds → ``EscrowRefunded``
+with reason CHARGEBACK and the dispute id as reference (the network refunded the buyer; a
+pending settlement is cleared and no refund is ever sent); LOST once the funds have left →
+``ChargebackClosed``, the receivable stays.
 """
 
 from __future__ import annotations
@@ -45,13 +67,17 @@ from typing import Any
 
 from ._model import WIRE_CONTEXT
 from .commands import (
+    CHARGEBACK_REASON,
     CancelEscrow,
+    ChargebackOutcome,
+    CloseChargeback,
     Command,
     ConfirmFunds,
     ConfirmSettlement,
     CreateEscrow,
     DeliverMilestone,
     MarkDelivered,
+    OpenChargeback,
     RaiseDispute,
     RecordPaymentFailure,
     RecordPaymentInstructions,
@@ -65,6 +91,7 @@ from .commands import (
 )
 from .escrow import (
     SETTLED_MILESTONE_STATUSES,
+    TERMINAL_STATUSES,
     CommandRecord,
     Escrow,
     EscrowStatus,
@@ -77,6 +104,8 @@ from .events import (
     DATA_FOR_TYPE,
     EVENT_FOR_DATA,
     EVENT_TYPES,
+    ChargebackClosedData,
+    ChargebackOpenedData,
     EscrowCancelledData,
     EscrowCreatedData,
     EscrowDeliveredData,
@@ -101,10 +130,12 @@ from .guards import (
     check_creator_authorized,
     check_deadline_reached,
     check_delivered_timeout_enabled,
+    check_flagged_deposit_funds,
     check_funds_match,
     check_kyc_verified,
     check_milestone_status,
     check_milestones_enabled,
+    check_no_open_chargeback,
     check_provider_matches_rail,
     check_sender_authorized,
     check_settlement_amount,
@@ -113,10 +144,12 @@ from .guards import (
     check_settlement_status,
     check_status_allows,
     find_milestone_or_refusal,
+    is_repeated_chargeback,
     is_repeated_funds_confirmation,
     is_system_timeout,
 )
-from .money import Rail, policy_fee, release_fee
+from .ledger import chargeback_receivable
+from .money import RAIL_PROVIDER, Rail, policy_fee, release_fee
 from .payouts import (
     BuyerDestination,
     PayoutDestination,
@@ -124,7 +157,7 @@ from .payouts import (
     WalletDestination,
     fits_rail,
 )
-from .rejections import Refusal, Rejection, RejectionCode
+from .rejections import Refusal, RejectedPayment, Rejection, RejectionCode
 from .settings import DecisionContext, DomainSettings
 
 _DEFAULT_SETTINGS = DomainSettings()
@@ -188,10 +221,11 @@ def decide(
     refusal = check_sender_authorized(state, command)
     if refusal is not None:
         return _reject(command, now, refusal)
-    if is_repeated_funds_confirmation(state, command):
+    if is_repeated_funds_confirmation(state, command) or is_repeated_chargeback(state, command):
         return Decision()
     refusal = (
-        check_settlement_state(state, command)
+        check_no_open_chargeback(state, command)
+        or check_settlement_state(state, command)
         or check_settlement_matches(state, command)
         or check_settlement_status(state, command)
         or check_status_allows(state, command)
@@ -218,8 +252,23 @@ def _reject(command: Command, now: datetime, refusal: Refusal) -> Decision:
         rejected_at=now,
         correlation_id=command.correlation_id,
         trace_id=command.trace_id,
+        payment=_rejected_payment(command),
     )
     return Decision(rejection=rejection)
+
+
+def _rejected_payment(command: Command) -> RejectedPayment | None:
+    """The money a refused ConfirmFunds reported (the unmatched-funds agent returns it)."""
+    if not isinstance(command, ConfirmFunds):
+        return None
+    p = command.payload
+    return RejectedPayment(
+        provider=p.provider,
+        provider_payment_id=p.provider_payment_id,
+        amount=p.amount,
+        currency=p.currency,
+        sender_address=p.sender_address,
+    )
 
 
 def _emit(state: Escrow | None, command: Command, now: datetime, data: EventData) -> Event:
@@ -392,6 +441,9 @@ def _cancel(
         refusal = check_deadline_reached(state.expires_at, now, "payment deadline")
         if refusal is not None:
             return refusal
+    refusal = check_flagged_deposit_funds(state, cmd)
+    if refusal is not None:
+        return refusal
     return EscrowCancelledData(reason=cmd.payload.reason)
 
 
@@ -666,6 +718,92 @@ def _resume_settlement(
     return SettlementRequestedData(**same)
 
 
+def _open_chargeback(
+    state: Escrow,
+    cmd: OpenChargeback,
+    now: datetime,
+    settings: DomainSettings,
+    context: DecisionContext | None,
+) -> Outcome:
+    """Record the chargeback; book what the held funds do not cover as a receivable."""
+    p = cmd.payload
+    refusal = check_provider_matches_rail(state, p.provider)
+    if refusal is not None:
+        return refusal
+    if state.chargeback is not None:  # the same dispute id is a no-op, decided before
+        return Refusal(
+            RejectionCode.INVALID_TRANSITION,
+            f"the escrow already has chargeback {state.chargeback.dispute_id}",
+        )
+    if p.currency != state.currency or p.amount > state.funded_amount:
+        return Refusal(
+            RejectionCode.VALIDATION_FAILED,
+            f"chargeback of {p.amount} {p.currency.value} on a payment of "
+            f"{state.funded_amount} {state.currency.value}",
+        )
+    receivable, account = chargeback_receivable(state, p.amount)
+    return ChargebackOpenedData(
+        provider=p.provider,
+        dispute_id=p.dispute_id,
+        charge_id=p.charge_id,
+        payment_intent_id=p.payment_intent_id,
+        amount=p.amount,
+        currency=p.currency,
+        reason=p.reason,
+        receivable_amount=receivable,
+        receivable_account=account,
+    )
+
+
+def _close_chargeback(
+    state: Escrow,
+    cmd: CloseChargeback,
+    now: datetime,
+    settings: DomainSettings,
+    context: DecisionContext | None,
+) -> Outcome:
+    """WON: the receivable reversed, the escrow continues.  LOST: the network refunded the
+    buyer — from the held funds (the escrow ends REFUNDED, reason CHARGEBACK), or, once they
+    have left, at the platform's cost (the receivable stays)."""
+    p = cmd.payload
+    chargeback = state.chargeback
+    if chargeback is None or chargeback.dispute_id != p.dispute_id:
+        return Refusal(RejectionCode.INVALID_TRANSITION, f"no chargeback {p.dispute_id}")
+    if not state.chargeback_open:
+        return Refusal(
+            RejectionCode.INVALID_TRANSITION,
+            f"chargeback {p.dispute_id} was closed {chargeback.status.value} already",
+        )
+    holding = state.holding_amount
+    lost = p.outcome == ChargebackOutcome.LOST
+    if lost and holding > 0 and state.status not in TERMINAL_STATUSES:
+        attempt = state.settlement.attempt if state.settlement is not None else 1
+        return EscrowRefundedData(
+            provider=RAIL_PROVIDER[state.rail],
+            provider_reference=p.dispute_id,
+            attempt=max(attempt, state.settlement_attempts, 1),
+            amount=holding,
+            reason=CHARGEBACK_REASON,
+        )
+    if not lost:
+        return ChargebackClosedData(
+            dispute_id=p.dispute_id,
+            outcome=p.outcome,
+            amount=p.amount,
+            reversed_amount=chargeback.receivable_amount,
+        )
+    # funds that left while it was open (a settlement confirmed meanwhile) are owed too
+    uncovered, account = chargeback_receivable(state, chargeback.amount)
+    top_up = max(0, uncovered - chargeback.receivable_amount)
+    return ChargebackClosedData(
+        dispute_id=p.dispute_id,
+        outcome=p.outcome,
+        amount=p.amount,
+        booked_amount=top_up,
+        booked_account=(chargeback.receivable_account or account) if top_up else None,
+    )
+
+
 _RULES: dict[type[Any], Rule] = {
     RecordPaymentInstructions: _record_instructions,
     ConfirmFunds: _confirm_funds,
@@ -681,4 +819,6 @@ _RULES: dict[type[Any], Rule] = {
     DeliverMilestone: _deliver_milestone,
     ReleaseMilestone: _release_milestone,
     ResumeSettlement: _resume_settlement,
+    OpenChargeback: _open_chargeback,
+    CloseChargeback: _close_chargeback,
 }

@@ -155,12 +155,43 @@ class Milestone(DomainModel):
     settled_at: Timestamp | None = None
 
 
+class ChargebackStatus(StrEnum):
+    """Where a card chargeback (a Stripe dispute) stands."""
+
+    OPEN = "OPEN"
+    WON = "WON"
+    LOST = "LOST"
+
+
+class Chargeback(DomainModel):
+    """A card chargeback on the escrow's payment (SPEC §10).  ``receivableAmount`` is what
+    the escrow's held funds could not cover when it opened (everything, on a RELEASED or
+    REFUNDED escrow), booked as owed by ``receivableAccount`` until it is won."""
+
+    dispute_id: Id
+    status: ChargebackStatus
+    amount: PositiveMinorUnits
+    reason: ShortText
+    opened_at: Timestamp
+    closed_at: Timestamp | None = None
+    charge_id: Id | None = None
+    payment_intent_id: Id | None = None
+    receivable_amount: MinorUnits = 0
+    receivable_account: str | None = Field(default=None, min_length=1, max_length=300)
+
+
 class PostingKind(StrEnum):
     """What a ledger posting records."""
 
     FUNDS_HELD = "FUNDS_HELD"
     RELEASE = "RELEASE"
     REFUND = "REFUND"
+    #: the platform's loss on a chargeback its held funds do not cover, owed back to it
+    CHARGEBACK = "CHARGEBACK"
+    #: a won chargeback: that receivable reversed
+    CHARGEBACK_REVERSED = "CHARGEBACK_REVERSED"
+    #: a lost chargeback on held funds: the card network gave them back to the buyer
+    CHARGEBACK_REFUND = "CHARGEBACK_REFUND"
 
 
 class LedgerLine(DomainModel):
@@ -247,6 +278,7 @@ class Escrow(DomainModel):
     #: When a release of the whole escrow was first requested: no timer refunds it since.
     release_approved_at: Timestamp | None = None
     dispute: Dispute | None = None
+    chargeback: Chargeback | None = None
     milestones: tuple[Milestone, ...] = Field(default=(), max_length=MILESTONES_MAX)
     funded_amount: MinorUnits = 0
     released_amount: MinorUnits = 0
@@ -304,6 +336,11 @@ class Escrow(DomainModel):
     def holding_amount(self) -> int:
         """Money still held in escrow (funded minus released minus refunded)."""
         return self.funded_amount - self.released_amount - self.refunded_amount
+
+    @property
+    def chargeback_open(self) -> bool:
+        """True while a card chargeback on the escrow's payment is open."""
+        return self.chargeback is not None and self.chargeback.status == ChargebackStatus.OPEN
 
     def find_command(self, command_id: str) -> CommandRecord | None:
         """The recorded outcome of `command_id`, if it is still remembered."""

@@ -18,7 +18,7 @@ from ._model import (
     Timestamp,
     TolerantModel,
 )
-from .commands import CancelReason, MilestoneSpec, validation_errors
+from .commands import CancelReason, ChargebackOutcome, MilestoneSpec, validation_errors
 from .escrow import Actor, Escrow, SettlementKind
 from .money import Currency, MinorUnits, PositiveMinorUnits, Provider, Rail
 from .payouts import PayoutDestination, SettlementStatus
@@ -143,12 +143,44 @@ class EscrowReleasedData(EventData):
 
 
 class EscrowRefundedData(EventData):
-    """Data of EscrowRefunded: the remainder went back to the buyer."""
+    """Data of EscrowRefunded: the remainder went back to the buyer — by our refund, or, with
+    ``reason`` CHARGEBACK, by the card network on a lost chargeback (``providerReference``
+    is then the dispute id, ``attempt`` the last settlement attempt or 1, and no refund is
+    ever sent for it)."""
 
     provider: Provider
     provider_reference: Id
     attempt: int = Field(ge=1)
     amount: PositiveMinorUnits
+    reason: ShortText | None = None
+
+
+class ChargebackOpenedData(EventData):
+    """Data of ChargebackOpened: a card chargeback; ``receivableAmount`` (what the held funds
+    do not cover) is booked against ``receivableAccount``."""
+
+    provider: Provider
+    dispute_id: Id
+    charge_id: Id | None = None
+    payment_intent_id: Id | None = None
+    amount: PositiveMinorUnits
+    currency: Currency
+    reason: ShortText
+    receivable_amount: MinorUnits = 0
+    receivable_account: str | None = Field(default=None, min_length=1, max_length=300)
+
+
+class ChargebackClosedData(EventData):
+    """Data of ChargebackClosed: WON (any receivable reversed: ``reversedAmount``), or LOST
+    on an escrow that no longer held the funds (the receivable stays, topped up by
+    ``bookedAmount`` when funds left the escrow while the chargeback was open)."""
+
+    dispute_id: Id
+    outcome: ChargebackOutcome
+    amount: MinorUnits | None = None
+    reversed_amount: MinorUnits = 0
+    booked_amount: MinorUnits = 0
+    booked_account: str | None = Field(default=None, min_length=1, max_length=300)
 
 
 class MilestoneDeliveredData(EventData):
@@ -284,6 +316,20 @@ class MilestoneReleased(EventBase):
     data: MilestoneReleasedData
 
 
+class ChargebackOpened(EventBase):
+    """A card chargeback was opened on the escrow's payment."""
+
+    type: Literal["ChargebackOpened"] = "ChargebackOpened"
+    data: ChargebackOpenedData
+
+
+class ChargebackClosed(EventBase):
+    """A card chargeback was closed (won, or lost after the funds had left)."""
+
+    type: Literal["ChargebackClosed"] = "ChargebackClosed"
+    data: ChargebackClosedData
+
+
 Event = (
     EscrowCreated
     | PaymentInstructionsRecorded
@@ -298,6 +344,8 @@ Event = (
     | EscrowRefunded
     | MilestoneDelivered
     | MilestoneReleased
+    | ChargebackOpened
+    | ChargebackClosed
 )
 
 EVENT_CLASSES: tuple[type[EventBase], ...] = (
@@ -314,6 +362,8 @@ EVENT_CLASSES: tuple[type[EventBase], ...] = (
     EscrowRefunded,
     MilestoneDelivered,
     MilestoneReleased,
+    ChargebackOpened,
+    ChargebackClosed,
 )
 EVENT_TYPES: dict[str, type[EventBase]] = {
     cls.model_fields["type"].default: cls for cls in EVENT_CLASSES

@@ -6,9 +6,12 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
 
+from .commands import CHARGEBACK_REASON
 from .escrow import (
     SETTLED_MILESTONE_STATUSES,
     Actor,
+    Chargeback,
+    ChargebackStatus,
     CommandRecord,
     Dispute,
     Escrow,
@@ -22,6 +25,8 @@ from .escrow import (
     settlement_id_for,
 )
 from .events import (
+    ChargebackClosedData,
+    ChargebackOpenedData,
     EscrowCancelledData,
     EscrowCreatedData,
     EscrowDeliveredData,
@@ -38,7 +43,7 @@ from .events import (
     SettlementFailedData,
     SettlementRequestedData,
 )
-from .ledger import funds_held_posting, refund_posting, release_posting
+from .ledger import chargeback_posting, funds_held_posting, refund_posting, release_posting
 
 
 class EvolveError(ValueError):
@@ -286,14 +291,78 @@ def _released(state: Escrow, meta: EventMeta, data: EscrowReleasedData) -> Updat
 
 
 def _refunded(state: Escrow, meta: EventMeta, data: EscrowRefundedData) -> Update:
-    posting = refund_posting(state, meta.event_id, meta.occurred_at, data.amount)
-    return {
+    by_chargeback = data.reason == CHARGEBACK_REASON
+    posting = refund_posting(
+        state, meta.event_id, meta.occurred_at, data.amount, chargeback=by_chargeback
+    )
+    update: Update = {
         "status": EscrowStatus.REFUNDED,
         "settlement": None,
         "refunded_amount": state.refunded_amount + data.amount,
         "milestones": _settle_open_milestones(state, MilestoneStatus.REFUNDED, meta.occurred_at),
         "ledger": (*state.ledger, posting),
     }
+    if by_chargeback and state.chargeback is not None:  # lost: the network refunded the buyer
+        update["chargeback"] = state.chargeback.model_copy(
+            update={"status": ChargebackStatus.LOST, "closed_at": meta.occurred_at}
+        )
+    return update
+
+
+def _chargeback_opened(state: Escrow, meta: EventMeta, data: ChargebackOpenedData) -> Update:
+    chargeback = Chargeback(
+        dispute_id=data.dispute_id,
+        status=ChargebackStatus.OPEN,
+        amount=data.amount,
+        reason=data.reason,
+        opened_at=meta.occurred_at,
+        charge_id=data.charge_id,
+        payment_intent_id=data.payment_intent_id,
+        receivable_amount=data.receivable_amount,
+        receivable_account=data.receivable_account,
+    )
+    update: Update = {"chargeback": chargeback}
+    if data.receivable_amount and data.receivable_account:
+        posting = chargeback_posting(
+            state,
+            meta.event_id,
+            meta.occurred_at,
+            data.receivable_account,
+            data.receivable_amount,
+            reverse=False,
+        )
+        update["ledger"] = (*state.ledger, posting)
+    return update
+
+
+def _chargeback_closed(state: Escrow, meta: EventMeta, data: ChargebackClosedData) -> Update:
+    chargeback = state.chargeback
+    if chargeback is None or chargeback.dispute_id != data.dispute_id:
+        raise EvolveError(f"no chargeback {data.dispute_id} to close")
+    changes: Update = {
+        "status": ChargebackStatus(data.outcome.value),
+        "closed_at": meta.occurred_at,
+    }
+    update: Update = {}
+    if data.reversed_amount and chargeback.receivable_account:
+        posting = chargeback_posting(
+            state,
+            meta.event_id,
+            meta.occurred_at,
+            chargeback.receivable_account,
+            data.reversed_amount,
+            reverse=True,
+        )
+        update["ledger"] = (*state.ledger, posting)
+    elif data.booked_amount and data.booked_account:
+        posting = chargeback_posting(
+            state, meta.event_id, meta.occurred_at, data.booked_account, data.booked_amount, False
+        )
+        update["ledger"] = (*state.ledger, posting)
+        changes["receivable_amount"] = chargeback.receivable_amount + data.booked_amount
+        changes["receivable_account"] = data.booked_account
+    update["chargeback"] = chargeback.model_copy(update=changes)
+    return update
 
 
 def _replace_milestone(state: Escrow, milestone_id: str, **changes: Any) -> tuple[Milestone, ...]:
@@ -355,4 +424,6 @@ _HANDLERS: dict[type[EventData], Callable[..., Update]] = {
     EscrowRefundedData: _handler(_refunded),
     MilestoneDeliveredData: _handler(_milestone_delivered),
     MilestoneReleasedData: _handler(_milestone_released),
+    ChargebackOpenedData: _handler(_chargeback_opened),
+    ChargebackClosedData: _handler(_chargeback_closed),
 }

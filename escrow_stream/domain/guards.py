@@ -9,10 +9,12 @@ from .commands import (
     TIMEOUT_REASON,
     CancelEscrow,
     CancelReason,
+    CloseChargeback,
     Command,
     ConfirmFunds,
     ConfirmSettlement,
     CreateEscrow,
+    OpenChargeback,
     RecordSettlementFailure,
     RefundEscrow,
     ReleaseFunds,
@@ -54,6 +56,8 @@ ALLOWED_SENDERS: dict[str, frozenset[str]] = {
     "DeliverMilestone": frozenset({SELLER}),
     "ReleaseMilestone": frozenset({BUYER, ADMIN}),
     "ResumeSettlement": frozenset({SYSTEM}),
+    "OpenChargeback": frozenset({SYSTEM}),
+    "CloseChargeback": frozenset({SYSTEM}),
 }
 
 #: Which CancelEscrow reason each sender may give.
@@ -77,12 +81,26 @@ ALLOWED_FROM: dict[str, frozenset[EscrowStatus]] = {
     "RefundEscrow": frozenset({_S.FUNDS_HELD, _S.DELIVERED}),
     "DeliverMilestone": frozenset({_S.FUNDS_HELD, _S.DELIVERED}),
     "ReleaseMilestone": frozenset({_S.FUNDS_HELD, _S.DELIVERED}),
+    # a chargeback needs a payment: on held funds, or ledger only once they have left
+    "OpenChargeback": frozenset(
+        {_S.FUNDS_HELD, _S.DELIVERED, _S.DISPUTED, _S.RELEASED, _S.REFUNDED}
+    ),
+    "CloseChargeback": frozenset(
+        {_S.FUNDS_HELD, _S.DELIVERED, _S.DISPUTED, _S.RELEASED, _S.REFUNDED}
+    ),
 }
 #: A system timeout refund or release only acts on a DELIVERED escrow.
 TIMEOUT_ALLOWED_FROM = frozenset({_S.DELIVERED})
 
 SETTLEMENT_COMMANDS = frozenset(
     {"ConfirmSettlement", "RecordSettlementFailure", "ResumeSettlement"}
+)
+#: The card network's word: taken whatever the escrow is doing, a pending settlement too.
+CHARGEBACK_COMMANDS = frozenset({"OpenChargeback", "CloseChargeback"})
+#: What may not start while a chargeback is open (SPEC §10): every release, refund or
+#: settlement, timer-driven ones too.  Settlement results still land: that money did move.
+REFUSED_WHILE_CHARGEBACK_OPEN = frozenset(
+    {"ReleaseFunds", "ResolveDispute", "RefundEscrow", "ReleaseMilestone", "ResumeSettlement"}
 )
 
 
@@ -151,6 +169,34 @@ def is_repeated_funds_confirmation(escrow: Escrow, command: Command) -> bool:
     )
 
 
+def is_repeated_chargeback(escrow: Escrow, command: Command) -> bool:
+    """OpenChargeback for the dispute already recorded, or CloseChargeback repeating the
+    outcome already recorded (a no-op, like a repeated ConfirmFunds)."""
+    chargeback = escrow.chargeback
+    if chargeback is None:
+        return False
+    if isinstance(command, OpenChargeback):
+        return command.payload.dispute_id == chargeback.dispute_id
+    if isinstance(command, CloseChargeback):
+        return (
+            command.payload.dispute_id == chargeback.dispute_id
+            and command.payload.outcome.value == chargeback.status.value
+        )
+    return False
+
+
+def check_no_open_chargeback(escrow: Escrow, command: Command) -> Refusal | None:
+    """No release, refund or settlement starts while a chargeback is open (SPEC §10)."""
+    if escrow.chargeback_open and command.type in REFUSED_WHILE_CHARGEBACK_OPEN:
+        assert escrow.chargeback is not None
+        return Refusal(
+            RejectionCode.CHARGEBACK_OPEN,
+            f"chargeback {escrow.chargeback.dispute_id} is open; {command.type} must wait "
+            f"until the card network closes it",
+        )
+    return None
+
+
 def check_settlement_state(escrow: Escrow, command: Command) -> Refusal | None:
     """Only settlement results act while a settlement is pending; they need one pending."""
     pending = escrow.settlement is not None
@@ -162,6 +208,8 @@ def check_settlement_state(escrow: Escrow, command: Command) -> Refusal | None:
                     f"settlement {command.payload.settlement_id} is not pending: none is",
                 )
             return Refusal(RejectionCode.INVALID_TRANSITION, "no settlement is pending")
+        return None
+    if command.type in CHARGEBACK_COMMANDS:
         return None
     if pending and not replaces_waiting_release(escrow, command):
         return Refusal(
@@ -315,6 +363,22 @@ def check_provider_matches_rail(escrow: Escrow, provider: Provider) -> Refusal |
         return Refusal(
             RejectionCode.VALIDATION_FAILED,
             f"rail {escrow.rail.value} is served by {expected.value}, not {provider.value}",
+        )
+    return None
+
+
+def check_flagged_deposit_funds(escrow: Escrow, command: CancelEscrow) -> Refusal | None:
+    """A COMPLIANCE_REJECTED cancellation that names its flagged deposit cancels the escrow
+    only when that deposit would have funded it (exactly its amount and currency); any other
+    deposit is frozen alone, so a flagged "dust" deposit cannot cancel someone's escrow."""
+    p = command.payload
+    if p.reason != CancelReason.COMPLIANCE_REJECTED or p.amount is None:
+        return None
+    if p.amount != escrow.amount or p.currency not in (None, escrow.currency):
+        return Refusal(
+            RejectionCode.AMOUNT_MISMATCH,
+            f"flagged deposit {p.provider_payment_id} of {p.amount} would not fund the escrow "
+            f"({escrow.amount} {escrow.currency.value}): it is frozen alone",
         )
     return None
 

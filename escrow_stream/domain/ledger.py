@@ -6,6 +6,7 @@ from collections import defaultdict
 from datetime import datetime
 
 from .escrow import (
+    ChargebackStatus,
     Escrow,
     EscrowStatus,
     LedgerLine,
@@ -37,6 +38,47 @@ def seller_account(seller_id: str) -> str:
 
 
 PLATFORM_FEES_ACCOUNT = "platform:fees"
+#: What the card networks took back from the platform on chargebacks not covered by funds
+#: still in escrow (booked against a receivable of the party that got the money).
+PLATFORM_CHARGEBACKS_ACCOUNT = "platform:chargebacks"
+
+
+def seller_receivable_account(seller_id: str) -> str:
+    """What the seller owes the platform (a chargeback after the funds were released)."""
+    return f"seller:{seller_id}:receivable"
+
+
+def buyer_receivable_account(buyer_id: str) -> str:
+    """What the buyer owes the platform (a chargeback after the funds were refunded)."""
+    return f"buyer:{buyer_id}:receivable"
+
+
+def chargeback_receivable(escrow: Escrow, amount: int) -> tuple[int, str | None]:
+    """What of a chargeback of ``amount`` the held funds do not cover, and who owes it: the
+    seller when anything was released to them, else the buyer (refunded already)."""
+    uncovered = max(0, amount - escrow.holding_amount)
+    if uncovered == 0:
+        return 0, None
+    if escrow.released_amount > 0:
+        return uncovered, seller_receivable_account(escrow.seller_id)
+    return uncovered, buyer_receivable_account(escrow.buyer_id)
+
+
+def chargeback_posting(
+    escrow: Escrow, posting_id: str, at: datetime, account: str, amount: int, reverse: bool
+) -> Posting:
+    """platform:chargebacks -> the receivable (CHARGEBACK), or back (CHARGEBACK_REVERSED)."""
+    sign = -1 if reverse else 1
+    return Posting(
+        posting_id=posting_id,
+        kind=PostingKind.CHARGEBACK_REVERSED if reverse else PostingKind.CHARGEBACK,
+        currency=escrow.currency,
+        occurred_at=at,
+        lines=(
+            LedgerLine(account=PLATFORM_CHARGEBACKS_ACCOUNT, amount=-amount * sign),
+            LedgerLine(account=account, amount=amount * sign),
+        ),
+    )
 
 
 def funds_held_posting(
@@ -74,11 +116,13 @@ def release_posting(
     )
 
 
-def refund_posting(escrow: Escrow, posting_id: str, at: datetime, amount: int) -> Posting:
-    """escrow holding -> buyer."""
+def refund_posting(
+    escrow: Escrow, posting_id: str, at: datetime, amount: int, chargeback: bool = False
+) -> Posting:
+    """escrow holding -> buyer (REFUND; CHARGEBACK_REFUND when the card network did it)."""
     return Posting(
         posting_id=posting_id,
-        kind=PostingKind.REFUND,
+        kind=PostingKind.CHARGEBACK_REFUND if chargeback else PostingKind.REFUND,
         currency=escrow.currency,
         occurred_at=at,
         lines=(
@@ -127,6 +171,7 @@ def check_invariants(escrow: Escrow) -> list[str]:
     if balances.get(buyer_account(escrow.buyer_id), 0) != escrow.refunded_amount:
         problems.append("buyer refunds differ from the refunded amount")
     problems.extend(_status_problems(escrow, holding))
+    problems.extend(_chargeback_problems(escrow, balances))
     if escrow.milestones:
         problems.extend(_milestone_problems(escrow))
     if len(escrow.recent_commands) > escrow.recent_commands_max:
@@ -162,6 +207,49 @@ def _status_problems(escrow: Escrow, holding: int) -> list[str]:
         problems.append("REFUNDED escrow refunded nothing")
     if escrow.settlement is not None and escrow.settlement.amount > holding:
         problems.append("pending settlement exceeds the held amount")
+    return problems
+
+
+def _chargeback_problems(escrow: Escrow, balances: dict[str, int]) -> list[str]:
+    """An open or lost chargeback's receivable is booked once, against one party; a won one,
+    or none, leaves nothing booked; a lost one on held funds ended the escrow REFUNDED."""
+    problems: list[str] = []
+    chargeback = escrow.chargeback
+    booked = balances.get(PLATFORM_CHARGEBACKS_ACCOUNT, 0)
+    receivables = {
+        seller_receivable_account(escrow.seller_id): balances.get(
+            seller_receivable_account(escrow.seller_id), 0
+        ),
+        buyer_receivable_account(escrow.buyer_id): balances.get(
+            buyer_receivable_account(escrow.buyer_id), 0
+        ),
+    }
+    if chargeback is None or chargeback.status == ChargebackStatus.WON:
+        expected, account = 0, None
+    else:
+        expected, account = chargeback.receivable_amount, chargeback.receivable_account
+    if booked != -expected:
+        problems.append(f"platform chargebacks {booked}, expected {-expected}")
+    for name, balance in receivables.items():
+        if balance != (expected if name == account else 0):
+            problems.append(f"receivable {name} is {balance}")
+    if chargeback is None:
+        return problems
+    if chargeback.receivable_amount > chargeback.amount:
+        problems.append("chargeback receivable exceeds the chargeback")
+    if escrow.funded_amount != escrow.amount:
+        problems.append("chargeback on an escrow that is not funded")
+    network_refunds = sum(
+        line.amount
+        for posting in escrow.ledger
+        if posting.kind == PostingKind.CHARGEBACK_REFUND
+        for line in posting.lines
+        if line.amount > 0
+    )
+    if network_refunds and (
+        chargeback.status != ChargebackStatus.LOST or escrow.status != EscrowStatus.REFUNDED
+    ):
+        problems.append("funds refunded by a chargeback that is not lost")
     return problems
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Literal, NamedTuple
 
-from ._model import Id, Text, Timestamp, TolerantModel
+from ._model import DomainModel, Id, Text, Timestamp, TolerantModel
+from .money import Currency, PositiveMinorUnits, Provider
 
 
 class RejectionCode(StrEnum):
@@ -27,6 +28,9 @@ class RejectionCode(StrEnum):
     #: A commandId the escrow has seen before, now with another type or payload: refused,
     #: never taken for a redelivery (which would replay the first command's outcome).
     COMMAND_ID_REUSED = "COMMAND_ID_REUSED"
+    #: A card chargeback on the escrow's payment is open: no release, refund or settlement
+    #: starts until the card network closes it (SPEC §10).
+    CHARGEBACK_OPEN = "CHARGEBACK_OPEN"
 
 
 class Refusal(NamedTuple):
@@ -36,8 +40,19 @@ class Refusal(NamedTuple):
     message: str
 
 
+class RejectedPayment(DomainModel):
+    """The money a rejected ConfirmFunds reported: what no escrow accepted (SPEC §10)."""
+
+    provider: Provider
+    provider_payment_id: Id
+    amount: PositiveMinorUnits
+    currency: Currency
+    sender_address: Id | None = None
+
+
 class Rejection(TolerantModel):
-    """The record of a rejected command, published on `escrow.rejections.v1`."""
+    """The record of a rejected command, published on `escrow.rejections.v1`; a rejected
+    ConfirmFunds carries the ``payment`` it reported, for the unmatched-funds agent."""
 
     schema_version: Literal[1] = 1
     command_id: Id
@@ -48,3 +63,4 @@ class Rejection(TolerantModel):
     rejected_at: Timestamp
     correlation_id: Id | None = None
     trace_id: Id | None = None
+    payment: RejectedPayment | None = None

@@ -7,7 +7,7 @@ dedupes; the processor re-checks the deadline when it decides.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from .commands import (
     TIMEOUT_REASON,
@@ -20,7 +20,8 @@ from .commands import (
     ReleaseFunds,
     ReleaseFundsPayload,
 )
-from .escrow import Actor, ActorRole, Escrow, EscrowStatus
+from .escrow import TERMINAL_STATUSES, Actor, ActorRole, Escrow, EscrowStatus
+from .money import Rail
 from .settings import DomainSettings
 
 TIMEOUT_ACTOR = Actor(id="timeout-processor", role=ActorRole.SYSTEM)
@@ -40,8 +41,10 @@ def timeout_command_for(escrow: Escrow, now: datetime, settings: DomainSettings)
     Nothing is due while a settlement is pending or awaits the seller's payout account, and
     no DELIVERED timeout acts on an escrow whose release was approved (SPEC §10: an approved
     release is never turned into a refund by a timer, even after that release failed).
+    Nor while a chargeback is open: the escrow would refuse it CHARGEBACK_OPEN, again at
+    every poll; the timer acts once it is won (a lost one ends the escrow).
     """
-    if escrow.settlement is not None:
+    if escrow.settlement is not None or escrow.chargeback_open:
         return None
     common = {
         "command_id": timeout_command_id(escrow),
@@ -62,3 +65,17 @@ def timeout_command_for(escrow: Escrow, now: datetime, settings: DomainSettings)
             return ReleaseFunds(payload=ReleaseFundsPayload(reason=TIMEOUT_REASON), **common)
         return RefundEscrow(payload=RefundEscrowPayload(reason=TIMEOUT_REASON), **common)
     return None
+
+
+def holds_card_funds_past(escrow: Escrow, now: datetime, days: int) -> bool:
+    """True for a STRIPE escrow still holding funds more than ``days`` after funding (SPEC
+    §10 holding limits: card funds cannot be held indefinitely)."""
+    payment = escrow.payment
+    return (
+        escrow.rail == Rail.STRIPE
+        and escrow.status not in TERMINAL_STATUSES
+        and escrow.holding_amount > 0
+        and payment is not None
+        and payment.funded_at is not None
+        and now - payment.funded_at > timedelta(days=days)
+    )

@@ -11,6 +11,14 @@ strings of USDC base units (6 decimals):
 * ``POST /v1/transfers`` ``{"reference", "asset", "network", "amount", "destination":
   {"address"}, "metadata"}`` → ``{"id", "status": "PENDING" | "COMPLETED" | "FAILED",
   "reference", "amount", ...}``.  ``reference`` is our settlement key.
+* ``GET /v1/deposits?created_after=ISO-8601&cursor=C&limit=N`` (reconciliation) →
+  ``{"data": [{"id", "address", "reference", "fromAddress", "amount", "asset", "network",
+  "confirmations", "status": "PENDING" | "CONFIRMED", "txHash", "createdAt"}],
+  "pagination": {"nextCursor": C | null, "hasNext": bool}}``, oldest first; ``reference`` is
+  the escrowId of the deposit address.
+* ``GET /v1/transfers?created_after=ISO-8601&cursor=C&limit=N`` → the same envelope of
+  transfer objects as ``POST /v1/transfers`` answers, each with ``createdAt``; a transfer
+  returning unmatched USDC has the reference ``unmatched:{fundsId}``.
 * Every request carries ``Authorization: Bearer CUSTODIAN_API_KEY`` and every POST an
   ``Idempotency-Key``: the same key returns the object created the first time, never a
   second one.  Errors are ``{"error": {"code", "message"}}``.
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -39,6 +48,9 @@ ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 RETRY_CAP_S = 10.0
 #: Answers whose outcome is unknown or that ask us to come back later.
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
+#: Listing (reconciliation): objects per page, and pages at most (a bound, not a limit hit).
+LIST_PAGE_SIZE = 100
+LIST_PAGES_MAX = 10_000
 
 
 class CustodianUnavailable(Exception):
@@ -104,6 +116,59 @@ class CustodianClient:
             raise CustodianUnavailable("transfer answer without id")
         return answer
 
+    async def list_deposits(self, created_after: datetime) -> list[dict[str, Any]]:
+        """Every deposit created at or after ``created_after``, all pages."""
+        return await self._list("/v1/deposits", created_after)
+
+    async def list_transfers(self, created_after: datetime) -> list[dict[str, Any]]:
+        """Every transfer created at or after ``created_after``, all pages."""
+        return await self._list("/v1/transfers", created_after)
+
+    async def _list(self, path: str, created_after: datetime) -> list[dict[str, Any]]:
+        """Follow ``pagination.nextCursor`` up to ``LIST_PAGES_MAX`` pages."""
+        items: list[dict[str, Any]] = []
+        cursor: str | None = None
+        for _ in range(LIST_PAGES_MAX):
+            params = {"created_after": created_after.isoformat(), "limit": str(LIST_PAGE_SIZE)}
+            if cursor:
+                params["cursor"] = cursor
+            page = await self._get(path, params)
+            data = page.get("data")
+            if not isinstance(data, list):
+                raise CustodianUnavailable(f"GET {path}: no data list")
+            items += [item for item in data if isinstance(item, dict)]
+            pagination = page.get("pagination") or {}
+            cursor = pagination.get("nextCursor")
+            if not pagination.get("hasNext") or not cursor:
+                return items
+        raise CustodianUnavailable(f"GET {path}: more than {LIST_PAGES_MAX} pages")
+
+    async def _get(self, path: str, params: dict[str, str]) -> dict[str, Any]:
+        delay_s = self._delay_s
+        for attempt in range(self._retries + 1):
+            last = attempt == self._retries
+            try:
+                response = await self._http.get(path, params=params)
+            except httpx.HTTPError as exc:
+                if last:
+                    raise CustodianUnavailable(f"GET {path}: {type(exc).__name__}") from exc
+            else:
+                status = response.status_code
+                if 200 <= status < 300:
+                    try:
+                        answer = response.json()
+                    except ValueError:
+                        raise CustodianUnavailable(f"GET {path}: not JSON") from None
+                    if not isinstance(answer, dict):
+                        raise CustodianUnavailable(f"GET {path}: not a JSON object")
+                    return answer
+                if (400 <= status < 500 and status not in RETRYABLE_STATUS) or last:
+                    code, message = _error(response)
+                    raise CustodianUnavailable(f"GET {path}: HTTP {status} {code} {message}")
+            await asyncio.sleep(delay_s)
+            delay_s = min(RETRY_CAP_S, max(delay_s * 2, 0.01))
+        raise AssertionError("unreachable")
+
     async def _post(self, path: str, body: dict[str, Any], key: str) -> dict[str, Any]:
         delay_s = self._delay_s
         for attempt in range(self._retries + 1):
@@ -159,6 +224,10 @@ class CustodianRail:
             "providerPaymentId": address["id"],
             "depositAddress": address["address"],
         }
+
+    async def cancel_instructions(self, escrow: dict[str, Any], payment_id: str) -> None:
+        """A deposit address cannot be withdrawn: a deposit that still arrives is unmatched
+        funds, returned to its sender.  Nothing to call."""
 
     async def settle(self, escrow: dict[str, Any]) -> None:
         """Send the pending settlement's transfer.  Completion arrives by webhook

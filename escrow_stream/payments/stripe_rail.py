@@ -19,6 +19,15 @@ def payment_intent_key(escrow_id: str) -> str:
     return f"escrow-payment-intent:{escrow_id}"
 
 
+def cancel_key(escrow_id: str) -> str:
+    return f"escrow-payment-intent-cancel:{escrow_id}"
+
+
+#: Refund statuses (Stripe): done, still on its way, or not happening.
+REFUND_DONE = frozenset({"succeeded"})
+REFUND_UNDER_WAY = frozenset({"pending", "requires_action"})
+
+
 def stripe_client(settings: Settings) -> stripe.StripeClient:
     """The SDK client every Stripe call goes through (``STRIPE_API_BASE``, timeouts, retries)."""
     base = {"api": settings.stripe_api_base} if settings.stripe_api_base else None
@@ -57,6 +66,47 @@ class StripeRail:
             "providerPaymentId": intent.id,
             "clientSecret": intent.client_secret,
         }
+
+    async def cancel_instructions(self, escrow: dict[str, Any], payment_id: str) -> None:
+        """Cancel the PaymentIntent of an escrow cancelled before it was funded, so the buyer
+        can no longer pay it.  Stripe refuses (``payment_intent_unexpected_state``, raised as
+        :class:`PermanentSettlementError`) when it already succeeded or is processing: that
+        payment then reaches us as ``payment_intent.succeeded`` and is refunded as unmatched
+        funds."""
+        try:
+            await self._client.v1.payment_intents.cancel_async(
+                payment_id,
+                params={"cancellation_reason": "abandoned"},
+                options={"idempotency_key": cancel_key(escrow["escrowId"])},
+            )
+        except stripe.StripeError as exc:
+            raise_if_permanent(exc)
+            raise
+
+    async def refund_payment(
+        self, payment_intent_id: str, key: str, metadata: dict[str, str]
+    ) -> tuple[str, str]:
+        """Refund a PaymentIntent in full (money no escrow took); (Refund id, status).  The
+        key makes a repeated call return the same Refund.  Raises
+        :class:`PermanentSettlementError` when Stripe refuses for good."""
+        try:
+            refund = await self._client.v1.refunds.create_async(
+                params={"payment_intent": payment_intent_id, "metadata": metadata},
+                options={"idempotency_key": key},
+            )
+        except stripe.StripeError as exc:
+            raise_if_permanent(exc)
+            raise
+        return refund.id, str(refund.status)
+
+    async def refund_status(self, refund_id: str) -> str:
+        """The current status of a Refund (a pending one is read again later)."""
+        try:
+            refund = await self._client.v1.refunds.retrieve_async(refund_id)
+        except stripe.StripeError as exc:
+            raise_if_permanent(exc)
+            raise
+        return str(refund.status)
 
     async def settle(self, escrow: dict[str, Any]) -> dict[str, Any]:
         """Perform the escrow's pending settlement; the ConfirmSettlement payload.

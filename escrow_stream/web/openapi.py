@@ -166,6 +166,48 @@ def _payout_paths() -> dict[str, Any]:
     }
 
 
+def _admin_paths() -> dict[str, Any]:
+    """``/api/admin/…`` (SPEC §10): operators' views."""
+    from escrow_stream.db.unmatched import FundsStatus
+    from escrow_stream.web.admin import LIMIT_MAX, UnmatchedFundsList
+
+    return {
+        "/api/admin/unmatched-funds": {
+            "get": {
+                **_read(
+                    "money no escrow accepted, newest first (admin): returned, frozen for "
+                    "compliance, or waiting for review",
+                    UnmatchedFundsList,
+                    "401",
+                    "403",
+                    "422",
+                    "429",
+                ),
+                "parameters": [
+                    {
+                        "name": "status",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string", "enum": [s.value for s in FundsStatus]},
+                    },
+                    {
+                        "name": "escrowId",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": LIMIT_MAX},
+                    },
+                ],
+            }
+        }
+    }
+
+
 def openapi_document() -> dict[str, Any]:
     from escrow_stream.storage import EVIDENCE_SIZE_MAX_BYTES
     from escrow_stream.web.evidence import ContractUploadBody, EvidenceUploadBody, UploadTicket
@@ -304,6 +346,7 @@ def openapi_document() -> dict[str, Any]:
         },
     }
     paths.update(_payout_paths())
+    paths.update(_admin_paths())
     uploads = (
         ("evidence", EvidenceUploadBody, "presigned S3 PUT for evidence (parties, admin)"),
         ("contract", ContractUploadBody, "presigned S3 PUT for the contract PDF (service, admin)"),
@@ -367,6 +410,9 @@ def openapi_document() -> dict[str, Any]:
     models += [body for _, body in ACTIONS.values() if body not in models]
     models += [EvidenceUploadBody, ContractUploadBody, UploadTicket]
     models += _payout_models()
+    from escrow_stream.web.admin import UnmatchedFundsList, UnmatchedFundsOut
+
+    models += [UnmatchedFundsList, UnmatchedFundsOut]
     _, schemas = models_json_schema(
         [(m, "validation" if m.__name__.endswith("Body") else "serialization") for m in models],
         ref_template=REF,

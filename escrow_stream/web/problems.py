@@ -22,6 +22,7 @@ REJECTION_STATUS: dict[RejectionCode, int] = {
     RejectionCode.SETTLEMENT_PENDING: 409,
     RejectionCode.SETTLEMENT_MISMATCH: 409,
     RejectionCode.COMMAND_ID_REUSED: 409,
+    RejectionCode.CHARGEBACK_OPEN: 409,
     RejectionCode.AMOUNT_MISMATCH: 409,
     RejectionCode.DEADLINE_NOT_REACHED: 409,
     RejectionCode.VALIDATION_FAILED: 422,

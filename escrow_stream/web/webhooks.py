@@ -10,8 +10,15 @@
    ConfirmSettlement.  ``account.updated`` is no command: it sets the seller's payout
    account ACTIVE (``payouts_enabled``) or back to PENDING, resuming the releases that
    waited for it (``web/payouts.py``; applying it again changes nothing, so it needs no
-   dedupe).  Other types, or events without an escrow id, are acknowledged and ignored
-   (Stripe would otherwise retry them for days).
+   dedupe).  ``charge.dispute.created`` → OpenChargeback and ``charge.dispute.closed`` →
+   CloseChargeback (``won`` → WON, ``lost`` → LOST, an inquiry's ``warning_closed`` → WON):
+   a Dispute carries no escrow metadata, so the escrow is the one whose PaymentIntent it
+   names, found in our own records (the INSTRUCTIONS payment effect, else the mirror); an
+   unknown PaymentIntent is acknowledged, logged and ignored.  ``charge.refunded`` and
+   ``refund.updated`` are no command either: they confirm
+   (or, failed, send to review) the refund of unmatched funds (``agents/unmatched.py``;
+   idempotent too).  Other types, or events without an escrow id, are acknowledged and
+   ignored (Stripe would otherwise retry them for days).
 3. The Stripe event id is the idempotency key (and fixes the commandId, but for a transfer
    the payments agent made, whose confirmation is named by its settlement): a redelivered
    event replays the first answer and enqueues nothing; the command, signed with
@@ -34,7 +41,9 @@
    RecordSettlementFailure, for the escrow in ``data.metadata.escrow_id`` and the settlement
    the agent made the transfer for (``data.reference`` = the settlement id, which the
    command names: SETTLEMENT_MISMATCH unless it is the pending one), once per event id as
-   for Stripe.  Other types are acknowledged and ignored.
+   for Stripe.  A transfer whose reference is ``unmatched:…`` is the return of unmatched
+   funds to their sender: ``transfer.completed`` makes them RETURNED, ``transfer.failed``
+   NEEDS_REVIEW, with no command.  Other types are acknowledged and ignored.
 """
 
 from __future__ import annotations
@@ -42,14 +51,18 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 from typing import Any
 
 import faust
 import stripe
 from faust.web import Request, Response, View
 
+from escrow_stream.agents.unmatched import confirm_return
 from escrow_stream.db import deposits
 from escrow_stream.db.deposits import Deposit
+from escrow_stream.db.queries import escrow_for_payment_intent
+from escrow_stream.db.unmatched import funds_id_for, is_return_key, return_key
 from escrow_stream.domain import Command
 from escrow_stream.idempotency import BeginKind
 from escrow_stream.payments.common import settled_command_id
@@ -61,6 +74,8 @@ STRIPE_TOLERANCE_S = 300
 CUSTODIAN_TOLERANCE_S = 300
 CUSTODIAN_ACTOR = {"id": "custodian-webhook", "role": "system"}
 STRIPE_ACTOR = {"id": "stripe-webhook", "role": "system"}
+
+log = logging.getLogger(__name__)
 
 
 def stripe_timestamp(header: str) -> int | None:
@@ -131,6 +146,101 @@ def stripe_command(event: dict[str, Any]) -> tuple[str, str, dict[str, Any], str
     return None
 
 
+def stripe_return(event: dict[str, Any]) -> tuple[str, bool, str, str | None] | None:
+    """(return key, done, error, Refund id) when the event is Stripe's word on a refund of
+    unmatched funds: ``charge.refunded`` (fully refunded: done) or ``refund.updated``
+    (succeeded: done; failed or canceled: not done).  Other events, and refunds that are no
+    return of ours (they carry no ``unmatched_funds_id``), are None."""
+    kind = event.get("type")
+    obj = (event.get("data") or {}).get("object") or {}
+    if kind == "charge.refunded" and obj.get("refunded") and obj.get("payment_intent"):
+        funds_id = funds_id_for("stripe", str(obj["payment_intent"]))
+        return return_key(funds_id), True, "", None
+    unmatched_id = (obj.get("metadata") or {}).get("unmatched_funds_id")
+    if kind == "refund.updated" and unmatched_id:
+        status = obj.get("status")
+        refund_id = str(obj.get("id"))
+        if status == "succeeded":
+            return return_key(str(unmatched_id)), True, "", refund_id
+        if status in ("failed", "canceled"):
+            reason = obj.get("failure_reason") or status
+            return return_key(str(unmatched_id)), False, f"refund {refund_id}: {reason}", refund_id
+    return None
+
+
+async def _confirm_return(
+    gateway: Gateway, provider: str, reference: str, done: bool, error: str, object_id: str | None
+) -> dict[str, Any]:
+    database, clock = gateway.database, gateway.clock
+    funds_id = await confirm_return(database, clock, provider, reference, done, error, object_id)
+    return {"received": True, "unmatchedFunds": funds_id}
+
+
+#: Stripe Dispute statuses on ``charge.dispute.closed``, as the escrow's outcome; an inquiry
+#: closed without becoming a chargeback (``warning_closed``) is a win.
+DISPUTE_OUTCOMES = {"won": "WON", "lost": "LOST", "warning_closed": "WON"}
+DISPUTE_EVENTS = frozenset({"charge.dispute.created", "charge.dispute.closed"})
+
+
+def dispute_command(event: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """(command type, payload) of a Stripe dispute event: ``charge.dispute.created`` →
+    OpenChargeback, ``charge.dispute.closed`` (won, lost, warning_closed) → CloseChargeback;
+    any other status or type → None."""
+    obj = (event.get("data") or {}).get("object") or {}
+    dispute_id = obj.get("id")
+    if not isinstance(dispute_id, str) or not dispute_id:
+        return None
+    if event.get("type") == "charge.dispute.created":
+        payload = {
+            "provider": "stripe",
+            "disputeId": dispute_id,
+            "chargeId": obj.get("charge") or None,
+            "paymentIntentId": obj.get("payment_intent") or None,
+            "amount": str(obj.get("amount")),
+            "currency": str(obj.get("currency", "")).upper(),
+            "reason": str(obj.get("reason") or "unknown")[:200],
+        }
+        return "OpenChargeback", payload
+    outcome = DISPUTE_OUTCOMES.get(str(obj.get("status")))
+    if event.get("type") == "charge.dispute.closed" and outcome is not None:
+        payload = {"disputeId": dispute_id, "outcome": outcome}
+        if isinstance(obj.get("amount"), int):
+            payload["amount"] = str(obj["amount"])
+        return "CloseChargeback", payload
+    return None
+
+
+async def stripe_dispute(
+    view: View, gateway: Gateway, event: dict[str, Any], raw: bytes
+) -> Response | None:
+    """A chargeback webhook, answered (None: not one).  The Dispute names the PaymentIntent,
+    not the escrow: ours is found in our own records (``escrow_for_payment_intent``); an
+    unknown one, or a status we do not act on, is acknowledged, logged and ignored.  Once per
+    Stripe event id (``accept_once``), like every command-making event."""
+    kind = event.get("type")
+    if kind not in DISPUTE_EVENTS:
+        return None
+    obj = (event.get("data") or {}).get("object") or {}
+    mapped = dispute_command(event)
+    intent = obj.get("payment_intent")
+    escrow_id = None
+    if mapped is not None and isinstance(intent, str) and intent:
+        escrow_id = await escrow_for_payment_intent(await gateway.database.pool(), intent)
+    if mapped is None or escrow_id is None:
+        log.warning(
+            "stripe %s %s ignored: %s",
+            kind,
+            obj.get("id"),
+            "unknown PaymentIntent" if mapped is not None else "not a dispute we act on",
+        )
+        return json_response(view, {"received": True, "ignored": kind})
+    command_type, payload = mapped
+    command = gateway.build_command(
+        STRIPE_ACTOR, command_type, escrow_id, payload, f"stripe:{event.get('id')}"
+    )
+    return await accept_once(view, gateway, "stripe", str(event["id"]), raw, command)
+
+
 def register(app: faust.App, gateway: Gateway) -> None:
     secret = gateway.settings.stripe_webhook_secret.get_secret_value()
 
@@ -152,6 +262,11 @@ def register(app: faust.App, gateway: Gateway) -> None:
             event = json.loads(payload)
             if event.get("type") == "account.updated" and gateway.on_account_updated:
                 return json_response(self, await gateway.on_account_updated(event))
+            if (disputed := await stripe_dispute(self, gateway, event, raw)) is not None:
+                return disputed
+            returned = stripe_return(event)
+            if returned is not None:
+                return json_response(self, await _confirm_return(gateway, "stripe", *returned))
             mapped = stripe_command(event)
             if mapped is None:
                 return json_response(self, {"received": True, "ignored": event.get("type")})
@@ -297,10 +412,21 @@ def register_custodian(app: faust.App, gateway: Gateway) -> None:
                         self, {"received": True, "ignored": "awaiting confirmations"}
                     )
                 pool = await gateway.database.pool()
-                new = await deposits.record(pool, deposit, gateway.clock())
+                topic = settings.kafka_commands_topic
+                new = await deposits.record(pool, deposit, topic, gateway.clock())
                 return json_response(
                     self, {"received": True, "depositId": deposit.deposit_id, "new": new}
                 )
+            reference = str((event.get("data") or {}).get("reference") or "")
+            if kind in ("transfer.completed", "transfer.failed") and is_return_key(reference):
+                data = event.get("data") or {}
+                error = json.dumps(data.get("error") or {})[:2000]
+                done = kind == "transfer.completed"
+                transfer_id = str(data["id"]) if data.get("id") else None
+                answer = await _confirm_return(
+                    gateway, "custodian", reference, done, error, transfer_id
+                )
+                return json_response(self, answer)
             mapped = custodian_command(event)
             if mapped is None:
                 return json_response(self, {"received": True, "ignored": kind})

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -476,3 +479,169 @@ async def _replay(settings: Settings) -> tuple[int, int, dict[str, str]]:
         await consumer.stop()
         await database.close()
     return new, seen, states
+
+
+# -- unmatched funds (SPEC §10): money no escrow accepts is returned, once ------------------
+
+
+def intent_of(stack: Stack, process: WorkerProcess, buyer: str, seller: str) -> tuple[str, str]:
+    """A STRIPE escrow created over HTTP and its PaymentIntent (not paid)."""
+    status, _, escrow = call(
+        process, "POST", "/api/escrow", token(stack, buyer), create_body(seller), WAIT
+    )
+    assert status == 201, escrow
+    escrow_id = escrow["escrowId"]
+    instructed = escrow_when(stack, process, buyer, escrow_id, lambda e: e.get("payment"), 60)
+    assert instructed is not None, process.log_tail()
+    return escrow_id, instructed["payment"]["providerPaymentId"]
+
+
+def succeeded_event(escrow_id: str, intent: str, event_id: str) -> bytes:
+    return json.dumps(
+        {
+            "id": event_id,
+            "object": "event",
+            "type": "payment_intent.succeeded",
+            "data": {
+                "object": {
+                    "id": intent,
+                    "object": "payment_intent",
+                    "amount": 10_000,
+                    "amount_received": 10_000,
+                    "currency": "usd",
+                    "status": "succeeded",
+                    "metadata": {"escrow_id": escrow_id},
+                }
+            },
+        }
+    ).encode()
+
+
+def pay_webhook(stack: Stack, process: WorkerProcess, body: bytes) -> None:
+    secret = stack.env["STRIPE_WEBHOOK_SECRET"]
+    status, answer = deliver(process, body, sign(secret, body, int(time.time())))
+    assert status == 200, answer
+
+
+def unmatched_row(stack: Stack, intent: str, status: str) -> dict[str, Any] | None:
+    async def reached() -> dict[str, Any] | None:
+        conn = await asyncpg.connect(stack.settings.database_url.get_secret_value())
+        try:
+            row = await conn.fetchrow(
+                "SELECT * FROM unmatched_funds WHERE provider = 'stripe'"
+                " AND provider_object_id = $1",
+                intent,
+            )
+        finally:
+            await conn.close()
+        return dict(row) if row is not None and row["status"] == status else None
+
+    return asyncio.run(eventually(reached, 60))
+
+
+def funds_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**stack.env, "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    return subprocess.run(
+        [sys.executable, "-m", "escrow_stream.cli", "funds", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def refunds_sent(proxy: StripeProxy, intent: str) -> list[Any]:
+    return [
+        e
+        for e in proxy.requests("/v1/refunds", f"unmatched:stripe:{intent}")
+        if e.action == "forwarded" and e.status == 200
+    ]
+
+
+def test_cancel_before_funding_cancels_the_intent_and_a_late_payment_is_refunded_once(
+    worker: tuple[Stack, WorkerProcess], proxy: StripeProxy
+) -> None:
+    stack, process = worker
+    buyer, seller = parties(stack, process)
+    escrow_id, intent = intent_of(stack, process, buyer, seller)
+
+    status, _, cancelled = call(
+        process, "POST", f"/api/escrow/{escrow_id}/cancel", token(stack, buyer), {}, WAIT
+    )
+    assert status == 200 and cancelled["status"] == "CANCELLED", cancelled
+    cancel_path = f"/v1/payment_intents/{intent}/cancel"
+
+    def cancelled_at_stripe() -> list[Any]:
+        return [
+            e
+            for e in proxy.requests(cancel_path, f"escrow-payment-intent-cancel:{escrow_id}")
+            if e.action == "forwarded" and e.status == 200
+        ]
+
+    assert len(asyncio.run(eventually(cancelled_at_stripe, 30))) == 1, process.log_tail()
+
+    # the buyer's bank completed the payment anyway: Stripe says so three times, then once
+    # more as another event
+    body = succeeded_event(escrow_id, intent, f"evt_{uuid.uuid4().hex}")
+    for _ in range(3):
+        pay_webhook(stack, process, body)
+    pay_webhook(stack, process, succeeded_event(escrow_id, intent, f"evt_{uuid.uuid4().hex}"))
+    returned = unmatched_row(stack, intent, "RETURNED")
+    assert returned is not None, process.log_tail()
+    assert (returned["escrow_id"], returned["reason"]) == (escrow_id, "INVALID_TRANSITION")
+    assert (returned["amount"], returned["currency"]) == (10_000, "USD")
+    time.sleep(1.5)  # a second refund would have been sent by now
+    sent = refunds_sent(proxy, intent)
+    assert len(sent) == 1, sent
+    assert returned["return_reference"].startswith("re_")
+    assert len(cancelled_at_stripe()) == 1  # the cancellation too was made once
+
+    admin = token(stack, f"admin-{buyer}", Role.ADMIN)
+    status, _, listing = call(
+        process, "GET", f"/api/admin/unmatched-funds?escrowId={escrow_id}", admin
+    )
+    assert status == 200, listing
+    assert [(i["fundsId"], i["status"], i["amount"]) for i in listing["items"]] == [
+        (f"stripe:{intent}", "RETURNED", "10000")
+    ]
+    assert call(process, "GET", "/api/admin/unmatched-funds", token(stack, buyer))[0] == 403
+    bad = call(process, "GET", "/api/admin/unmatched-funds?status=LOST", admin)
+    assert bad[0] == 422 and bad[2]["code"] == "VALIDATION_FAILED", bad
+
+    listed = funds_cli(stack, "list", "--json", "--escrow-id", escrow_id)
+    assert listed.returncode == 0, listed.stderr
+    assert [json.loads(line)["status"] for line in listed.stdout.splitlines()] == ["RETURNED"]
+    again = funds_cli(stack, "retry", f"stripe:{intent}")
+    assert again.returncode == 1 and "RETURNED" in again.stderr, again
+
+
+def test_a_refused_refund_waits_for_review_and_an_operator_retry_returns_it(
+    worker: tuple[Stack, WorkerProcess], proxy: StripeProxy
+) -> None:
+    stack, process = worker
+    buyer, seller = parties(stack, process)
+    escrow_id, intent = intent_of(stack, process, buyer, seller)
+    status, _, _ = call(
+        process, "POST", f"/api/escrow/{escrow_id}/cancel", token(stack, buyer), {}, WAIT
+    )
+    assert status == 200
+    proxy.fail(
+        "/v1/refunds",
+        1,
+        status=400,
+        key_contains=f"unmatched:stripe:{intent}",
+        error_type="invalid_request_error",
+        code="charge_disputed",
+    )
+    pay_webhook(stack, process, succeeded_event(escrow_id, intent, f"evt_{uuid.uuid4().hex}"))
+    review = unmatched_row(stack, intent, "NEEDS_REVIEW")
+    assert review is not None, process.log_tail()
+    assert "charge_disputed" in (review["last_error"] or ""), review
+    assert refunds_sent(proxy, intent) == []
+
+    table = funds_cli(stack, "list", "--status", "NEEDS_REVIEW")
+    assert table.returncode == 0 and f"stripe:{intent}" in table.stdout, table
+    retried = funds_cli(stack, "retry", f"stripe:{intent}")
+    assert retried.returncode == 0, retried.stderr
+    assert unmatched_row(stack, intent, "RETURNED") is not None, process.log_tail()
+    assert len(refunds_sent(proxy, intent)) == 1

@@ -255,6 +255,8 @@ def test_sanctioned_sender_cancels_and_freezes(usdc: Usdc) -> None:
     screening = json.loads(row["screening"])  # jsonb as text: this connection has no codec
     assert screening["passed"] is False
     assert [p["provider"] for p in screening["providers"] if not p["passed"]] == ["trm"]
+    frozen = unmatched_when(u, f"dpt_{escrow_id}", "FROZEN")
+    assert frozen is not None and frozen["reason"] == "SENDER_FLAGGED"
     time.sleep(1)
     assert u.custodian.transfers_for(escrow_id) == []  # nothing sent back automatically
 
@@ -284,25 +286,116 @@ def test_deposit_below_the_confirmations_is_not_counted(usdc: Usdc) -> None:
     funded(u, buyer, escrow_id, sender)  # the same deposit, now deep enough
 
 
-def test_partial_deposit_does_not_hold_funds(usdc: Usdc) -> None:
+async def fetch_unmatched(u: Usdc, deposit_id: str) -> asyncpg.Record | None:
+    conn = await asyncpg.connect(u.stack.settings.database_url.get_secret_value())
+    try:
+        return await conn.fetchrow(
+            "SELECT * FROM unmatched_funds"
+            " WHERE provider = 'custodian' AND provider_object_id = $1",
+            deposit_id,
+        )
+    finally:
+        await conn.close()
+
+
+def unmatched_when(u: Usdc, deposit_id: str, status: str) -> asyncpg.Record | None:
+    async def reached() -> asyncpg.Record | None:
+        row = await fetch_unmatched(u, deposit_id)
+        return row if row is not None and row["status"] == status else None
+
+    return asyncio.run(eventually(reached, 60))
+
+
+def test_short_deposit_is_returned_and_the_exact_one_funds(usdc: Usdc) -> None:
+    """SPEC §10: one deposit of exactly the amount funds a USDC escrow; a short one is refused
+    AMOUNT_MISMATCH, recorded as unmatched funds and sent back to its sender, once."""
     u = usdc
     buyer, seller, wallet = parties()
+    sender = address_for(f"buyer-wallet:{buyer}")
     escrow_id = usdc_escrow(u, buyer, seller, wallet)["escrowId"]
-    code, _ = u.custodian.pay(escrow_id, AMOUNT - 1, address_for(f"buyer-wallet:{buyer}"))
+    short_id = f"dpt-short-{escrow_id}"
+    code, _ = u.custodian.pay(escrow_id, AMOUNT - 1, sender, deposit_id=short_id)
     assert code == 200
 
-    async def cleared() -> bool:
-        row = await fetch_deposit(u, escrow_id)
-        return row is not None and row["status"] == "CLEARED"
+    command_id = f"custodian:deposit:{short_id}"
+    refused = asyncio.run(
+        u.stack.rejections(lambda rs: any(r["commandId"] == command_id for r in rs))
+    )
+    mine = [r for r in refused if r["commandId"] == command_id]
+    assert [r["code"] for r in mine][:1] == ["AMOUNT_MISMATCH"]
+    assert mine[0]["payment"]["amount"] == str(AMOUNT - 1)
+    returned = unmatched_when(u, short_id, "RETURNED")
+    assert returned is not None, u.worker.log_tail()
+    assert (returned["escrow_id"], returned["reason"]) == (escrow_id, "AMOUNT_MISMATCH")
+    assert (returned["amount"], returned["sender_address"]) == (AMOUNT - 1, sender)
+    back = [
+        t for t in u.custodian.transfers_for(escrow_id) if t["reference"].startswith("unmatched:")
+    ]
+    assert len(back) == 1, back
+    assert back[0]["destination"]["address"] == sender
+    assert back[0]["amount"] == str(AMOUNT - 1)
+    assert back[0]["reference"] == f"unmatched:custodian:{short_id}"
+    assert returned["return_reference"] == back[0]["id"]
+    status, _, escrow = call(u.worker, "GET", f"/api/escrow/{escrow_id}", token(u.stack, buyer))
+    assert status == 200 and escrow["status"] == "AWAIT_FUNDS", escrow
 
-    assert asyncio.run(eventually(cleared, 30))
-    command_id = f"custodian:deposit:dpt_{escrow_id}"
+    code, _ = u.custodian.pay(escrow_id, AMOUNT, sender, deposit_id=f"dpt-exact-{escrow_id}")
+    assert code == 200
+    held = escrow_when(u.stack, u.worker, buyer, escrow_id, status_is("FUNDS_HELD"), 60)
+    assert held is not None, u.worker.log_tail()
+    assert held["payment"]["fundedProviderPaymentId"] == f"dpt-exact-{escrow_id}"
+    time.sleep(1)  # the held deposit is no unmatched money: nothing else went back
+    assert len(u.custodian.transfers_for(escrow_id)) == 1
+
+
+def test_a_second_deposit_after_funding_is_returned(usdc: Usdc) -> None:
+    u = usdc
+    buyer, seller, wallet = parties()
+    sender = address_for(f"buyer-wallet:{buyer}")
+    escrow_id = usdc_escrow(u, buyer, seller, wallet)["escrowId"]
+    funded(u, buyer, escrow_id, sender)
+    again = f"dpt-again-{escrow_id}"
+    code, _ = u.custodian.pay(escrow_id, AMOUNT, sender, deposit_id=again)
+    assert code == 200
+    returned = unmatched_when(u, again, "RETURNED")
+    assert returned is not None, u.worker.log_tail()
+    assert returned["reason"] == "INVALID_TRANSITION"
+    back = u.custodian.transfers_for(escrow_id)
+    assert [(t["amount"], t["destination"]["address"]) for t in back] == [(str(AMOUNT), sender)]
+
+
+def test_flagged_dust_freezes_itself_and_the_escrow_still_funds(usdc: Usdc) -> None:
+    """Anyone who sees a deposit address can send it 1 base unit from a flagged wallet: that
+    deposit is FROZEN (never moved, listed for compliance) and the escrow is not cancelled."""
+    u = usdc
+    buyer, seller, wallet = parties()
+    griefer = address_for(f"griefer:{buyer}")
+    u.trm.flag(griefer)
+    escrow_id = usdc_escrow(u, buyer, seller, wallet)["escrowId"]
+    dust = f"dpt-dust-{escrow_id}"
+    code, _ = u.custodian.pay(escrow_id, 1, griefer, deposit_id=dust)
+    assert code == 200
+    frozen = unmatched_when(u, dust, "FROZEN")
+    assert frozen is not None, u.worker.log_tail()
+    assert (frozen["reason"], frozen["amount"], frozen["sender_address"]) == (
+        "SENDER_FLAGGED",
+        1,
+        griefer,
+    )
+    command_id = f"custodian:compliance:{dust}"
     refused = asyncio.run(
         u.stack.rejections(lambda rs: any(r["commandId"] == command_id for r in rs))
     )
     assert [r["code"] for r in refused if r["commandId"] == command_id][:1] == ["AMOUNT_MISMATCH"]
     status, _, escrow = call(u.worker, "GET", f"/api/escrow/{escrow_id}", token(u.stack, buyer))
     assert status == 200 and escrow["status"] == "AWAIT_FUNDS", escrow
+
+    sender = address_for(f"buyer-wallet:{buyer}")
+    code, _ = u.custodian.pay(escrow_id, AMOUNT, sender, deposit_id=f"dpt-real-{escrow_id}")
+    assert code == 200
+    held = escrow_when(u.stack, u.worker, buyer, escrow_id, status_is("FUNDS_HELD"), 60)
+    assert held is not None, u.worker.log_tail()
+    assert u.custodian.transfers_for(escrow_id) == []  # the frozen dust never moves
 
 
 # -- webhook attacks ----------------------------------------------------------------------

@@ -16,6 +16,7 @@ from escrow_stream.db import deposits
 from escrow_stream.db.deposits import Deposit, DepositStatus
 from tests.support import stack_environ
 
+TOPIC = "deposits-cli.commands"
 SENDER = "0x" + "12" * 20
 
 
@@ -34,8 +35,8 @@ async def _seed(settings: Settings, escrow_id: str) -> None:
                 asset="USDC",
                 confirmations=12,
             )
-            assert await deposits.record(conn, deposit, now) is True
-            assert await deposits.record(conn, deposit, now) is False  # once per deposit
+            assert await deposits.record(conn, deposit, TOPIC, now) is True
+            assert await deposits.record(conn, deposit, TOPIC, now) is False  # once per deposit
             await conn.execute(
                 "UPDATE custodian_deposits SET status = $2 WHERE deposit_id = $1",
                 deposit.deposit_id,

@@ -90,7 +90,7 @@ async def test_up_down_up(stack_settings: Settings, scratch_db: str) -> None:
     await asyncio.to_thread(migrate.upgrade, stack_settings, database_url=scratch_db)
     assert await _tables(scratch_db) >= SEED_TABLES | {"custodian_deposits"} | PAYOUT_TABLES
     status = await asyncio.to_thread(migrate.status, stack_settings, database_url=scratch_db)
-    assert "current: 0005 (head)" in status
+    assert "current: 0006 (head)" in status
 
     indexes = await _indexes(scratch_db)
     single_column = {

@@ -11,6 +11,12 @@ through ``CUSTODIAN_API_URL``.  Like a real custodian it
 
 Faults for the tests: :meth:`fail_next` answers the next transfers with 500 without creating
 anything; :meth:`lose_next` creates the transfer and then drops the connection unanswered.
+
+For reconciliation it lists what it holds (``GET /v1/deposits``, ``GET /v1/transfers``, the
+cursor pages ``escrow_stream.payments.custodian`` documents): the deposits a test paid with
+:meth:`pay` (``CONFIRMED`` at ``min_confirmations`` or more, else ``PENDING``) and the
+transfers it made (``COMPLETED`` once its webhook went out).  :meth:`inject_deposit` puts a
+deposit at the custodian that nobody reported; :meth:`forget` removes a deposit or transfer.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import hmac
 import json
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -55,10 +62,72 @@ class CustodianStandin(ThreadedServer):
         self.webhooks_sent: list[dict[str, Any]] = []
         self._fail = 0
         self._lose = 0
+        self.deposits: dict[str, dict[str, Any]] = {}  # by deposit id, in arrival order
+        self.min_confirmations = 12
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/deposit-addresses", self._deposit_address)
         app.router.add_post("/v1/transfers", self._transfer)
+        app.router.add_get("/v1/deposits", self._list_deposits)
+        app.router.add_get("/v1/transfers", self._list_transfers)
+
+    # -- listing (reconciliation) ----------------------------------------------------
+
+    def inject_deposit(self, reference: str, amount: int, sender: str) -> dict[str, Any]:
+        """A confirmed deposit at the custodian that no webhook reported."""
+        deposit = self._deposit(f"dpt_injected_{uuid.uuid4().hex[:12]}", reference, amount)
+        deposit.update(fromAddress=sender, confirmations=self.min_confirmations)
+        with self.lock:
+            self.deposits[deposit["id"]] = deposit
+        return deposit
+
+    def forget(self, object_id: str) -> dict[str, Any]:
+        """Remove a deposit or a transfer: it is not listed any more."""
+        with self.lock:
+            if object_id in self.deposits:
+                return self.deposits.pop(object_id)
+            for key, transfer in list(self.transfers.items()):
+                if transfer["id"] == object_id:
+                    return self.transfers.pop(key)
+        raise KeyError(object_id)
+
+    def _deposit(self, deposit_id: str, reference: str, amount: int) -> dict[str, Any]:
+        return {
+            "id": deposit_id,
+            "address": address_for(f"deposit:{reference}"),
+            "reference": reference,
+            "amount": str(amount),
+            "asset": "USDC",
+            "network": "base",
+            "status": "CONFIRMED",
+            "txHash": "0x" + hashlib.sha256(f"tx:{deposit_id}".encode()).hexdigest(),
+            "createdAt": _now_iso(),
+        }
+
+    async def _list_deposits(self, request: web.Request) -> web.Response:
+        with self.lock:
+            items = [dict(d) for d in self.deposits.values()]
+        return self._page(request, items)
+
+    async def _list_transfers(self, request: web.Request) -> web.Response:
+        with self.lock:
+            items = [dict(t) for t in self.transfers.values()]
+        return self._page(request, items)
+
+    def _page(self, request: web.Request, items: list[dict[str, Any]]) -> web.Response:
+        """Oldest first from ``created_after``; ``cursor`` = the index of the next item."""
+        if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return _error(401, "unauthorized", "invalid API key")
+        after = request.query.get("created_after")
+        if after:
+            bound = datetime.fromisoformat(after.replace("Z", "+00:00"))
+            items = [i for i in items if datetime.fromisoformat(i["createdAt"]) >= bound]
+        start = int(request.query.get("cursor") or 0)
+        limit = max(1, min(100, int(request.query.get("limit", "100"))))
+        page = items[start : start + limit]
+        more = start + limit < len(items)
+        pagination = {"nextCursor": str(start + limit) if more else None, "hasNext": more}
+        return web.json_response({"data": page, "pagination": pagination})
 
     # -- the test's side -------------------------------------------------------------
 
@@ -94,6 +163,11 @@ class CustodianStandin(ThreadedServer):
             address = next(
                 a for a in self.deposit_addresses.values() if a["reference"] == escrow_id
             )
+            deposit = self._deposit(deposit_id or f"dpt_{escrow_id}", escrow_id, amount)
+            deposit.update(fromAddress=sender, confirmations=confirmations)
+            if confirmations < self.min_confirmations:
+                deposit["status"] = "PENDING"
+            self.deposits[deposit["id"]] = {**self.deposits.get(deposit["id"], {}), **deposit}
         return self.send_webhook(
             "deposit.confirmed",
             {
@@ -193,6 +267,7 @@ class CustodianStandin(ThreadedServer):
                     "network": "base",
                     "destination": {"address": destination},
                     "metadata": body["metadata"],
+                    "createdAt": _now_iso(),
                 }
             transfer = self.transfers[key]
             lose = self._lose > 0
@@ -213,7 +288,13 @@ class CustodianStandin(ThreadedServer):
         """On chain: the transfer completes and the custodian tells the platform."""
         await asyncio.sleep(0.2)
         data = {**transfer, "status": "COMPLETED", "txHash": address_for(transfer["id"]) + "ab"}
+        with self.lock:
+            transfer.update(status="COMPLETED", txHash=data["txHash"])
         await asyncio.to_thread(self.send_webhook, "transfer.completed", data)
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat()
 
 
 def _error(status: int, code: str, message: str) -> web.Response:

@@ -40,7 +40,7 @@ from tests.standins.server import ThreadedServer
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: Where the middleware leaves the parsed body for the handlers; NOT_JSON if it is not.
-BODY = "standin.body"
+BODY: web.RequestKey[Any] = web.RequestKey("standin.body", object)
 NOT_JSON = object()
 
 #: TRM's score for each level label.

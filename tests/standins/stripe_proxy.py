@@ -20,15 +20,34 @@ and used up one per matching request, in the order programmed:
   e.g. 400 ``invalid_request_error`` with a ``code``: a refusal) unforwarded;
 * :meth:`StripeProxy.delay` — forward, store, then answer only after ``seconds`` (longer than
   the client's timeout, so the client gives up first).
+
+stripe-mock also keeps no objects: its list endpoints answer one fixed fixture without our
+metadata, and its created objects echo neither ``metadata`` nor ``transfer_group`` and all
+carry ``created`` = 1234567890.  Reconciliation (``escrow-stream reconcile --providers``)
+lists PaymentIntents, Transfers and Refunds, so the proxy fills that gap: every object
+created through it (``POST /v1/payment_intents``, ``/v1/transfers``, ``/v1/refunds``) is
+remembered, with the request's ``amount``, ``currency``, ``metadata``, ``transfer_group`` and
+``payment_intent`` laid over stripe-mock's answer and ``created`` = now (a replayed key gives
+the same object), and ``GET`` on those three paths is answered from memory in Stripe's list
+shape (``object: "list"``, ``data`` newest first, ``has_more``, ``url``; ``limit``,
+``starting_after``, ``created[gte|gt|lte|lt]``, ``transfer_group``, ``payment_intent``).
+For the tests: :meth:`StripeProxy.inject` puts an object at "the provider" that nobody
+created through the API, :meth:`StripeProxy.forget` removes one (ours, not at the provider),
+and :meth:`StripeProxy.mark_succeeded` pays a PaymentIntent (``status``,
+``amount_received``), as the buyer's card would.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import time
+import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import parse_qsl
 
 import aiohttp
 from aiohttp import web
@@ -49,6 +68,15 @@ _DROPPED_HEADERS = frozenset(
         "content-encoding",
     }
 )
+
+#: The resources the proxy remembers and lists: path -> Stripe object name.
+LISTED = {
+    "/v1/payment_intents": "payment_intent",
+    "/v1/transfers": "transfer",
+    "/v1/refunds": "refund",
+}
+#: Request parameters laid over stripe-mock's answer.
+OVERLAID = ("amount", "currency", "transfer_group", "payment_intent")
 
 FaultKind = Literal["lose", "fail", "delay"]
 Action = Literal["forwarded", "replayed", "failed", "conflict"]
@@ -94,6 +122,115 @@ class StripeProxy(ThreadedServer):
         self._faults: dict[tuple[str, str], deque[Fault]] = {}
         self._key_locks: dict[str, asyncio.Lock] = {}  # one request at a time per key
         self._session: aiohttp.ClientSession | None = None
+        #: what "Stripe" holds, per listed path: object id -> object, in creation order
+        self.objects: dict[str, dict[str, dict[str, Any]]] = {path: {} for path in LISTED}
+
+    # -- the test's side: objects at the provider ------------------------------------
+
+    def inject(
+        self,
+        path: str,
+        amount: int,
+        metadata: dict[str, str],
+        currency: str = "usd",
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """Put an object at the provider that no API call created (``path``: a LISTED one)."""
+        name = LISTED[path]
+        prefix = {"payment_intent": "pi", "transfer": "tr", "refund": "re"}[name]
+        obj: dict[str, Any] = {
+            "id": f"{prefix}_injected{uuid.uuid4().hex[:14]}",
+            "object": name,
+            "amount": amount,
+            "currency": currency,
+            "metadata": dict(metadata),
+            "created": int(time.time()),
+            "status": {"payment_intent": "succeeded", "refund": "succeeded"}.get(name),
+            **fields,
+        }
+        if name == "payment_intent":
+            obj.setdefault("amount_received", amount if obj["status"] == "succeeded" else 0)
+        with self.lock:
+            self.objects[path][obj["id"]] = obj
+        return obj
+
+    def forget(self, object_id: str) -> dict[str, Any]:
+        """Remove an object from the provider (it will not be listed any more)."""
+        with self.lock:
+            for objects in self.objects.values():
+                if object_id in objects:
+                    return objects.pop(object_id)
+        raise KeyError(object_id)
+
+    def find(self, object_id: str) -> dict[str, Any] | None:
+        with self.lock:
+            for objects in self.objects.values():
+                if object_id in objects:
+                    return dict(objects[object_id])
+        return None
+
+    def mark_succeeded(self, intent_id: str, amount_received: int | None = None) -> None:
+        """The buyer paid the PaymentIntent (all of it unless told)."""
+        with self.lock:
+            intent = self.objects["/v1/payment_intents"][intent_id]
+            intent["status"] = "succeeded"
+            intent["amount_received"] = (
+                intent["amount"] if amount_received is None else amount_received
+            )
+
+    def _remember(self, path: str, body: bytes, answer: bytes) -> bytes:
+        """A created object of a LISTED path, with the request's parameters laid over
+        stripe-mock's answer, remembered; the answer the caller gets."""
+        params = parse_qsl(body.decode(), keep_blank_values=True)
+        obj: dict[str, Any] = json.loads(answer)
+        metadata = {k[len("metadata[") : -1]: v for k, v in params if k.startswith("metadata[")}
+        obj["metadata"] = metadata
+        for name, value in params:
+            if name in OVERLAID:
+                obj[name] = int(value) if name == "amount" else value
+        obj["created"] = int(time.time())
+        if LISTED[path] == "payment_intent":
+            obj["status"], obj["amount_received"] = "requires_payment_method", 0
+        with self.lock:
+            self.objects[path][obj["id"]] = obj
+        return json.dumps(obj).encode()
+
+    def _list(self, request: web.Request) -> web.Response:
+        """Stripe's list shape, newest first, from what the proxy remembers."""
+        query = request.query
+        limit = max(1, min(100, int(query.get("limit", "10"))))
+        bounds = {
+            op: int(query[f"created[{op}]"])
+            for op in ("gte", "gt", "lte", "lt")
+            if f"created[{op}]" in query
+        }
+        with self.lock:
+            found = [dict(o) for o in self.objects[request.path].values()]
+        found.sort(key=lambda o: (o["created"], o["id"]), reverse=True)
+        tests = {
+            "gte": lambda c, b: c >= b,
+            "gt": lambda c, b: c > b,
+            "lte": lambda c, b: c <= b,
+            "lt": lambda c, b: c < b,
+        }
+        found = [
+            o
+            for o in found
+            if all(tests[op](o["created"], bound) for op, bound in bounds.items())
+            and all(
+                query[name] == o.get(name)
+                for name in ("transfer_group", "payment_intent")
+                if name in query
+            )
+        ]
+        after = query.get("starting_after")
+        if after:
+            ids = [o["id"] for o in found]
+            found = found[ids.index(after) + 1 :] if after in ids else []
+        page = found[:limit]
+        return web.json_response(
+            {"object": "list", "data": page, "has_more": len(found) > limit, "url": request.path}
+        )
 
     # -- the test's side -------------------------------------------------------------
 
@@ -213,6 +350,9 @@ class StripeProxy(ThreadedServer):
             self._record(Entry(method, path, key, "failed", "fail", fault.status))
             error = _error(fault.status, fault.error_type, "injected by the test proxy", fault.code)
             return error, None
+        if method == "GET" and path in LISTED:
+            self._record(Entry(method, path, key, "forwarded", None, 200))
+            return self._list(request), None
 
         with self.lock:
             stored = self._stored.get(key) if key is not None else None
@@ -227,6 +367,8 @@ class StripeProxy(ThreadedServer):
         else:
             action = "forwarded"
             status, headers, answer = await self._forward(request, session, body)
+            if method == "POST" and path in LISTED and 200 <= status < 300:
+                answer = self._remember(path, body, answer)
             if key is not None and 200 <= status < 300:
                 with self.lock:
                     self._stored[key] = _Stored(body, status, headers, answer)

@@ -76,6 +76,11 @@ def _all_events() -> list[Event]:
         "ConfirmSettlement", "system", payload_for("ConfirmSettlement", "", milestones.state)
     )
     events += milestones.events
+    charged_back = reach("RELEASED")
+    dispute = {"provider": "stripe", "disputeId": "dp_1", "amount": "10000", "currency": "USD"}
+    charged_back.ok("OpenChargeback", "system", {**dispute, "reason": "fraudulent"})
+    charged_back.ok("CloseChargeback", "system", {"disputeId": "dp_1", "outcome": "WON"})
+    events += charged_back.events
     return events
 
 
