@@ -57,8 +57,6 @@ The effect runner, a task in every worker (woken by step 3, else every ``POLL_S`
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import json
 import logging
@@ -67,6 +65,7 @@ from typing import Any, Protocol
 
 import faust
 
+from escrow_stream.agents.leased import LeasedWork
 from escrow_stream.agents.processor import encode_command, make_command
 from escrow_stream.clock import Clock
 from escrow_stream.config import Settings
@@ -154,8 +153,11 @@ class PaymentEffects:
         self._lease = timedelta(
             seconds=rounds * settings.provider_timeout_ms / 1000 + LEASE_MARGIN_S
         )
-        self._in_flight: set[asyncio.Task[None]] = set()
-        self.wake = asyncio.Event()
+        self._work = LeasedWork("payment effect", self._claim, self.perform, _key, IN_FLIGHT_MAX)
+        self.wake = self._work.wake
+        self.run_due = self._work.run_due
+        self.drain = self._work.drain
+        self.run_forever = self._work.run_forever
 
     # -- steps 1-3: the stream -----------------------------------------------------------
 
@@ -209,29 +211,12 @@ class PaymentEffects:
 
     # -- steps 4-7: the runner -----------------------------------------------------------
 
-    async def run_due(self) -> int:
-        """Lease the due effects there is room for and start each in its own task."""
+    async def _claim(self, room: int) -> list[Effect]:
+        """Step 4: lease the deployment's due effects there is room for."""
         now = self._clock()
         pool = await self._database.pool()
-        room = IN_FLIGHT_MAX - len(self._in_flight)
         topic = self._settings.kafka_commands_topic
-        claimed = await effects.claim_due(pool, topic, now, now + self._lease, room)
-        for effect in claimed:
-            task = asyncio.create_task(self._perform_logged(effect))
-            self._in_flight.add(task)
-            task.add_done_callback(self._in_flight.discard)
-        return len(claimed)
-
-    async def drain(self) -> None:
-        """Wait for the effects in flight (tests, shutdown)."""
-        while self._in_flight:
-            await asyncio.gather(*list(self._in_flight), return_exceptions=True)
-
-    async def _perform_logged(self, effect: Effect) -> None:
-        try:
-            await self.perform(effect)
-        except Exception:  # the database is down, say: the lease runs out, it is due again
-            log.exception("payment effect %s not recorded; due again after its lease", effect.key)
+        return await effects.claim_due(pool, topic, now, now + self._lease, room)
 
     async def perform(self, effect: Effect) -> None:
         """Steps 5-6 for one leased effect."""
@@ -355,6 +340,10 @@ def is_chargeback_refund(event: dict[str, Any]) -> bool:
     """An EscrowRefunded by a lost chargeback (the card network refunded the buyer)."""
     data: dict[str, Any] = event.get("data") or {}
     return event.get("type") == "EscrowRefunded" and data.get("reason") == CHARGEBACK_REASON
+
+
+def _key(effect: Effect) -> str:
+    return effect.key
 
 
 def nothing_to_move(effect: Effect) -> dict[str, Any] | None:
@@ -489,11 +478,4 @@ def register(app: faust.App, payments: PaymentEffects, events_topic: faust.Topic
 
     @app.task  # type: ignore[untyped-decorator]
     async def payment_effects_runner() -> None:
-        while not app.should_stop:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(payments.wake.wait(), POLL_S)
-            payments.wake.clear()
-            try:
-                await payments.run_due()
-            except Exception:  # the database is down, say: the next round tries again
-                log.exception("payment effects runner failed; retrying")
+        await payments.run_forever(lambda: bool(app.should_stop), POLL_S)

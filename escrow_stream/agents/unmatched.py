@@ -33,8 +33,6 @@ custodian's signed webhook reported it), never a figure from a Kafka message.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import json
 import logging
@@ -43,6 +41,7 @@ from typing import Any, Protocol
 
 import faust
 
+from escrow_stream.agents.leased import LeasedWork
 from escrow_stream.clock import Clock
 from escrow_stream.config import Settings
 from escrow_stream.db import unmatched
@@ -108,8 +107,13 @@ class UnmatchedReturns:
         self._stripe = stripe
         self._custodian = custodian
         self._first_delay_s = settings.escrow_retry_delay_ms / 1000
-        self._in_flight: set[asyncio.Task[None]] = set()
-        self.wake = asyncio.Event()
+        self._work = LeasedWork(
+            "unmatched funds", self._claim, self.perform, _funds_id, IN_FLIGHT_MAX
+        )
+        self.wake = self._work.wake
+        self.run_due = self._work.run_due
+        self.drain = self._work.drain
+        self.run_forever = self._work.run_forever
 
     # -- recording -----------------------------------------------------------------------
 
@@ -184,29 +188,11 @@ class UnmatchedReturns:
 
     # -- returning -----------------------------------------------------------------------
 
-    async def run_due(self) -> int:
-        """Lease the due rows there is room for and return each in its own task."""
+    async def _claim(self, room: int) -> list[UnmatchedFunds]:
         now = self._clock()
         pool = await self._database.pool()
-        room = IN_FLIGHT_MAX - len(self._in_flight)
         topic = self._settings.kafka_commands_topic
-        lease = now + timedelta(seconds=LEASE_S)
-        claimed = await unmatched.claim_due(pool, topic, now, lease, room)
-        for funds in claimed:
-            task = asyncio.create_task(self._perform_logged(funds))
-            self._in_flight.add(task)
-            task.add_done_callback(self._in_flight.discard)
-        return len(claimed)
-
-    async def drain(self) -> None:
-        while self._in_flight:
-            await asyncio.gather(*list(self._in_flight), return_exceptions=True)
-
-    async def _perform_logged(self, funds: UnmatchedFunds) -> None:
-        try:
-            await self.perform(funds)
-        except Exception:  # the database is down, say: the lease runs out, it is due again
-            log.exception("return of unmatched funds %s not recorded", funds.funds_id)
+        return await unmatched.claim_due(pool, topic, now, now + timedelta(seconds=LEASE_S), room)
 
     async def perform(self, funds: UnmatchedFunds) -> None:
         pool = await self._database.pool()
@@ -274,6 +260,10 @@ class UnmatchedReturns:
         await unmatched.return_sent(pool, funds.funds_id, str(answer["id"]), None, self._clock())
 
 
+def _funds_id(funds: UnmatchedFunds) -> str:
+    return funds.funds_id
+
+
 async def confirm_return(
     database: Database,
     clock: Clock,
@@ -321,11 +311,4 @@ def register(app: faust.App, returns: UnmatchedReturns, rejections_topic: faust.
 
     @app.task  # type: ignore[untyped-decorator]
     async def unmatched_funds_runner() -> None:
-        while not app.should_stop:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(returns.wake.wait(), POLL_S)
-            returns.wake.clear()
-            try:
-                await returns.run_due()
-            except Exception:  # the database is down, say: the next round tries again
-                log.exception("unmatched funds runner failed; retrying")
+        await returns.run_forever(lambda: bool(app.should_stop), POLL_S)

@@ -17,6 +17,11 @@ from typing import Any
 
 import asyncpg
 
+from escrow_stream.db.leases import WorkTable, lease_due
+
+#: Due: recorded, not yet answered, and not held back by an open chargeback.
+WORK = WorkTable("payment_effects", "effect_key", "state = 'STARTED' AND NOT held")
+
 
 class EffectKind(StrEnum):
     INSTRUCTIONS = "INSTRUCTIONS"  # a PaymentIntent or a deposit address
@@ -125,26 +130,7 @@ async def claim_due(
     """Lease up to ``limit`` due STARTED effects of the deployment (its commands topic) to
     the caller until ``lease_until``; other workers skip them meanwhile, and take them over
     only if the lease runs out."""
-    if limit <= 0:
-        return []
-    rows = await conn.fetch(
-        """
-        UPDATE payment_effects e
-           SET next_attempt_at = $2, attempts = e.attempts + 1, updated_at = $1
-         WHERE e.effect_key IN (
-               SELECT effect_key FROM payment_effects
-                WHERE state = 'STARTED' AND commands_topic = $4 AND next_attempt_at <= $1
-                  AND NOT held
-                ORDER BY next_attempt_at
-                LIMIT $3
-                  FOR UPDATE SKIP LOCKED)
-        RETURNING e.*
-        """,
-        now,
-        lease_until,
-        limit,
-        commands_topic,
-    )
+    rows = await lease_due(conn, WORK, commands_topic, now, lease_until, limit)
     return [Effect.of(r) for r in rows]
 
 

@@ -25,7 +25,11 @@ from typing import Any
 
 import asyncpg
 
+from escrow_stream.db.leases import WorkTable, lease_due
 from escrow_stream.metrics import UNMATCHED_FUNDS
+
+#: Due: to be sent back, or a Stripe refund to read again (NULL: waiting for a webhook).
+WORK = WorkTable("unmatched_funds", "funds_id", "status = 'RETURNING'")
 
 
 class FundsStatus(StrEnum):
@@ -141,25 +145,7 @@ async def claim_due(
     limit: int,
 ) -> list[UnmatchedFunds]:
     """Lease up to ``limit`` due RETURNING rows of the deployment until ``lease_until``."""
-    if limit <= 0:
-        return []
-    rows = await conn.fetch(
-        """
-        UPDATE unmatched_funds u
-           SET next_attempt_at = $2, attempts = u.attempts + 1, updated_at = $1
-         WHERE u.funds_id IN (
-               SELECT funds_id FROM unmatched_funds
-                WHERE status = 'RETURNING' AND commands_topic = $4 AND next_attempt_at <= $1
-                ORDER BY next_attempt_at
-                LIMIT $3
-                  FOR UPDATE SKIP LOCKED)
-        RETURNING u.*
-        """,
-        now,
-        lease_until,
-        limit,
-        commands_topic,
-    )
+    rows = await lease_due(conn, WORK, commands_topic, now, lease_until, limit)
     return [UnmatchedFunds.of(r) for r in rows]
 
 

@@ -144,55 +144,41 @@ class CustodianClient:
         raise CustodianUnavailable(f"GET {path}: more than {LIST_PAGES_MAX} pages")
 
     async def _get(self, path: str, params: dict[str, str]) -> dict[str, Any]:
-        delay_s = self._delay_s
-        for attempt in range(self._retries + 1):
-            last = attempt == self._retries
-            try:
-                response = await self._http.get(path, params=params)
-            except httpx.HTTPError as exc:
-                if last:
-                    raise CustodianUnavailable(f"GET {path}: {type(exc).__name__}") from exc
-            else:
-                status = response.status_code
-                if 200 <= status < 300:
-                    try:
-                        answer = response.json()
-                    except ValueError:
-                        raise CustodianUnavailable(f"GET {path}: not JSON") from None
-                    if not isinstance(answer, dict):
-                        raise CustodianUnavailable(f"GET {path}: not a JSON object")
-                    return answer
-                if (400 <= status < 500 and status not in RETRYABLE_STATUS) or last:
-                    code, message = _error(response)
-                    raise CustodianUnavailable(f"GET {path}: HTTP {status} {code} {message}")
-            await asyncio.sleep(delay_s)
-            delay_s = min(RETRY_CAP_S, max(delay_s * 2, 0.01))
-        raise AssertionError("unreachable")
+        """A listing page; a refusal too is "no answer" for the caller (reconciliation)."""
+        try:
+            return await self._request("GET", path, params=params)
+        except CustodianRefused as exc:
+            raise CustodianUnavailable(f"GET {path}: HTTP {exc}") from None
 
     async def _post(self, path: str, body: dict[str, Any], key: str) -> dict[str, Any]:
+        return await self._request("POST", path, json=body, headers={"Idempotency-Key": key})
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        """The JSON object answered, retried (module docstring); raises CustodianRefused or
+        CustodianUnavailable."""
         delay_s = self._delay_s
         for attempt in range(self._retries + 1):
             last = attempt == self._retries
             try:
-                response = await self._http.post(path, json=body, headers={"Idempotency-Key": key})
+                response = await self._http.request(method, path, **kwargs)
             except httpx.HTTPError as exc:  # timeout, connection refused or lost
                 if last:
-                    raise CustodianUnavailable(f"POST {path}: {type(exc).__name__}") from exc
+                    raise CustodianUnavailable(f"{method} {path}: {type(exc).__name__}") from exc
             else:
                 status = response.status_code
                 if 200 <= status < 300:
                     try:
                         answer = response.json()
                     except ValueError:
-                        raise CustodianUnavailable(f"POST {path}: not JSON") from None
+                        raise CustodianUnavailable(f"{method} {path}: not JSON") from None
                     if not isinstance(answer, dict):
-                        raise CustodianUnavailable(f"POST {path}: not a JSON object")
+                        raise CustodianUnavailable(f"{method} {path}: not a JSON object")
                     return answer
                 if 400 <= status < 500 and status not in RETRYABLE_STATUS:
                     code, message = _error(response)
                     raise CustodianRefused(status, code, message)
                 if last:
-                    raise CustodianUnavailable(f"POST {path}: HTTP {status}")
+                    raise CustodianUnavailable(f"{method} {path}: HTTP {status}")
             await asyncio.sleep(delay_s)
             delay_s = min(RETRY_CAP_S, max(delay_s * 2, 0.01))
         raise AssertionError("unreachable")

@@ -40,13 +40,6 @@ SETTLED_WAIT_S = 60.0
 
 
 @pytest.fixture(scope="module")
-def proxy() -> Iterator[StripeProxy]:
-    proxy = StripeProxy().start()
-    yield proxy
-    proxy.stop()
-
-
-@pytest.fixture(scope="module")
 def worker(
     tmp_path_factory: pytest.TempPathFactory, stack_settings: Settings, proxy: StripeProxy
 ) -> Iterator[tuple[Stack, WorkerProcess]]:
@@ -61,13 +54,6 @@ def worker(
         PROVIDER_TIMEOUT_MS="1500",
     ) as running:
         yield running
-
-
-@pytest.fixture(autouse=True)
-def no_faults_left(proxy: StripeProxy) -> Iterator[None]:
-    proxy.clear_faults()
-    yield
-    proxy.clear_faults()
 
 
 # -- helpers ------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from escrow_stream.web.auth import Role
 from tests.e2e.test_http_flow import create_body
 from tests.e2e.test_http_reads import call, escrow_when, token
 from tests.e2e.test_stripe_payment_intent import funded_escrow
-from tests.e2e.test_webhooks_stripe import deliver, sign
+from tests.e2e.test_webhooks_stripe import deliver, deliver_signed, intent_succeeded, sign
 from tests.harness import (
     Stack,
     WorkerProcess,
@@ -60,13 +60,6 @@ USDC_MAX = 5_000_000  # 5 USDC
 
 
 @pytest.fixture(scope="module")
-def proxy() -> Iterator[StripeProxy]:
-    proxy = StripeProxy().start()
-    yield proxy
-    proxy.stop()
-
-
-@pytest.fixture(scope="module")
 def worker(
     tmp_path_factory: pytest.TempPathFactory, stack_settings: Settings, proxy: StripeProxy
 ) -> Iterator[tuple[Stack, WorkerProcess]]:
@@ -83,13 +76,6 @@ def worker(
         ESCROW_MAX_AMOUNT_USDC_MINOR=str(USDC_MAX),
     ) as running:
         yield running
-
-
-@pytest.fixture(autouse=True)
-def no_faults_left(proxy: StripeProxy) -> Iterator[None]:
-    proxy.clear_faults()
-    yield
-    proxy.clear_faults()
 
 
 def verified(stack: Stack, process: WorkerProcess, *users: str) -> None:
@@ -496,30 +482,8 @@ def intent_of(stack: Stack, process: WorkerProcess, buyer: str, seller: str) -> 
     return escrow_id, instructed["payment"]["providerPaymentId"]
 
 
-def succeeded_event(escrow_id: str, intent: str, event_id: str) -> bytes:
-    return json.dumps(
-        {
-            "id": event_id,
-            "object": "event",
-            "type": "payment_intent.succeeded",
-            "data": {
-                "object": {
-                    "id": intent,
-                    "object": "payment_intent",
-                    "amount": 10_000,
-                    "amount_received": 10_000,
-                    "currency": "usd",
-                    "status": "succeeded",
-                    "metadata": {"escrow_id": escrow_id},
-                }
-            },
-        }
-    ).encode()
-
-
 def pay_webhook(stack: Stack, process: WorkerProcess, body: bytes) -> None:
-    secret = stack.env["STRIPE_WEBHOOK_SECRET"]
-    status, answer = deliver(process, body, sign(secret, body, int(time.time())))
+    status, answer = deliver_signed(stack, process, body)
     assert status == 200, answer
 
 
@@ -582,10 +546,10 @@ def test_cancel_before_funding_cancels_the_intent_and_a_late_payment_is_refunded
 
     # the buyer's bank completed the payment anyway: Stripe says so three times, then once
     # more as another event
-    body = succeeded_event(escrow_id, intent, f"evt_{uuid.uuid4().hex}")
+    body = intent_succeeded(escrow_id, intent)
     for _ in range(3):
         pay_webhook(stack, process, body)
-    pay_webhook(stack, process, succeeded_event(escrow_id, intent, f"evt_{uuid.uuid4().hex}"))
+    pay_webhook(stack, process, intent_succeeded(escrow_id, intent))
     returned = unmatched_row(stack, intent, "RETURNED")
     assert returned is not None, process.log_tail()
     assert (returned["escrow_id"], returned["reason"]) == (escrow_id, "INVALID_TRANSITION")
@@ -633,7 +597,7 @@ def test_a_refused_refund_waits_for_review_and_an_operator_retry_returns_it(
         error_type="invalid_request_error",
         code="charge_disputed",
     )
-    pay_webhook(stack, process, succeeded_event(escrow_id, intent, f"evt_{uuid.uuid4().hex}"))
+    pay_webhook(stack, process, intent_succeeded(escrow_id, intent))
     review = unmatched_row(stack, intent, "NEEDS_REVIEW")
     assert review is not None, process.log_tail()
     assert "charge_disputed" in (review["last_error"] or ""), review

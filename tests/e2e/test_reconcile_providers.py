@@ -26,7 +26,7 @@ import pytest
 from escrow_stream.config import Settings
 from tests.e2e.test_http_flow import create_body
 from tests.e2e.test_http_reads import call, escrow_when, token
-from tests.e2e.test_webhooks_stripe import deliver, sign
+from tests.e2e.test_webhooks_stripe import deliver_signed, intent_succeeded
 from tests.harness import TEST_PAYOUTS, Stack, WorkerProcess, activate_payouts, deployment
 from tests.standins.custodian import CustodianStandin, address_for
 from tests.standins.risk import ChainalysisStandin, TrmStandin
@@ -130,25 +130,7 @@ def stripe_escrow(
     assert instructed is not None, worker.log_tail()
     intent = instructed["payment"]["providerPaymentId"]
     proxy.mark_succeeded(intent)
-    body = json.dumps(
-        {
-            "id": f"evt_{uuid.uuid4().hex}",
-            "object": "event",
-            "type": "payment_intent.succeeded",
-            "data": {
-                "object": {
-                    "id": intent,
-                    "object": "payment_intent",
-                    "amount": USD,
-                    "amount_received": USD,
-                    "currency": "usd",
-                    "metadata": {"escrow_id": escrow_id},
-                }
-            },
-        }
-    ).encode()
-    secret = stack.settings.stripe_webhook_secret.get_secret_value()
-    assert deliver(worker, body, sign(secret, body, int(time.time())))[0] == 200
+    assert deliver_signed(stack, worker, intent_succeeded(escrow_id, intent, USD))[0] == 200
     held = escrow_when(stack, worker, buyer, escrow_id, lambda e: e["status"] == "FUNDS_HELD")
     assert held is not None, worker.log_tail()
     if outcome == "release":

@@ -36,13 +36,6 @@ WAIT = {"Prefer": "wait=30"}
 
 
 @pytest.fixture(scope="module")
-def proxy() -> Iterator[StripeProxy]:
-    proxy = StripeProxy().start()
-    yield proxy
-    proxy.stop()
-
-
-@pytest.fixture(scope="module")
 def worker(
     tmp_path_factory: pytest.TempPathFactory, stack_settings: Settings, proxy: StripeProxy
 ) -> Iterator[tuple[Stack, WorkerProcess]]:
@@ -56,13 +49,6 @@ def worker(
         PROVIDER_TIMEOUT_MS=str(CLIENT_TIMEOUT_MS),
     ) as running:
         yield running
-
-
-@pytest.fixture(autouse=True)
-def no_faults_left(proxy: StripeProxy) -> Iterator[None]:
-    proxy.clear_faults()
-    yield
-    proxy.clear_faults()
 
 
 def parties() -> tuple[str, str]:

@@ -4,8 +4,6 @@ its id on the escrow and its client secret from ``GET /api/escrow/{id}/payment``
 from __future__ import annotations
 
 import asyncio
-import json
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,7 +14,7 @@ from escrow_stream.config import Settings
 from escrow_stream.web.auth import Role
 from tests.e2e.test_http_flow import create_body
 from tests.e2e.test_http_reads import call, escrow_when, token
-from tests.e2e.test_webhooks_stripe import deliver, sign
+from tests.e2e.test_webhooks_stripe import deliver_signed, intent_succeeded
 from tests.harness import Stack, WorkerProcess, activate_payouts, deployment
 
 pytestmark = pytest.mark.integration
@@ -89,25 +87,7 @@ def funded_escrow(stack: Stack, process: WorkerProcess, buyer: str, seller: str)
     instructed = escrow_when(stack, process, buyer, escrow_id, paid_by_stripe("AWAIT_FUNDS"), 60)
     assert instructed is not None
     intent = instructed["payment"]["providerPaymentId"]
-    body = json.dumps(
-        {
-            "id": f"evt_{uuid.uuid4().hex}",
-            "object": "event",
-            "type": "payment_intent.succeeded",
-            "data": {
-                "object": {
-                    "id": intent,
-                    "object": "payment_intent",
-                    "amount": 10000,
-                    "amount_received": 10000,
-                    "currency": "usd",
-                    "metadata": {"escrow_id": escrow_id},
-                }
-            },
-        }
-    ).encode()
-    secret = stack.settings.stripe_webhook_secret.get_secret_value()
-    assert deliver(process, body, sign(secret, body, int(time.time())))[0] == 200
+    assert deliver_signed(stack, process, intent_succeeded(escrow_id, intent))[0] == 200
     assert escrow_when(stack, process, buyer, escrow_id, paid_by_stripe("FUNDS_HELD")) is not None
     return escrow_id
 

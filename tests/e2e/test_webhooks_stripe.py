@@ -59,10 +59,37 @@ def deliver(
             return err.code, json.loads(err.read())
 
 
-def event(kind: str, obj: dict[str, Any]) -> bytes:
+def event(kind: str, obj: dict[str, Any], event_id: str | None = None) -> bytes:
     return json.dumps(
-        {"id": f"evt_{uuid.uuid4().hex}", "object": "event", "type": kind, "data": {"object": obj}}
+        {
+            "id": event_id or f"evt_{uuid.uuid4().hex}",
+            "object": "event",
+            "type": kind,
+            "data": {"object": obj},
+        }
     ).encode()
+
+
+def intent_succeeded(
+    escrow_id: str, intent: str, amount: int = 10_000, event_id: str | None = None
+) -> bytes:
+    """Stripe's ``payment_intent.succeeded`` for the escrow's PaymentIntent."""
+    obj = {
+        "id": intent,
+        "object": "payment_intent",
+        "amount": amount,
+        "amount_received": amount,
+        "currency": "usd",
+        "status": "succeeded",
+        "metadata": {"escrow_id": escrow_id},
+    }
+    return event("payment_intent.succeeded", obj, event_id)
+
+
+def deliver_signed(stack: Stack, process: WorkerProcess, body: bytes) -> tuple[int, dict[str, Any]]:
+    """``body`` as Stripe sends it: signed now with the deployment's webhook secret."""
+    secret = stack.settings.stripe_webhook_secret.get_secret_value()
+    return deliver(process, body, sign(secret, body, int(time.time())))
 
 
 def test_webhooks_drive_the_escrow_once_and_refuse_bad_signatures(
