@@ -1,12 +1,14 @@
 """The faust.App and its settings: the one composition root.
 
 ``faust -A escrow_stream.app …`` and ``escrow-stream worker`` both load ``app`` from here.
-Configuration is read from the environment once, at import; a production start-up with
-missing variables stops here with the deployment document's message, before anything else.
+Nothing is built at import: the first use of ``app`` (or ``settings``) reads the environment
+once and builds the app; a production start-up with missing variables stops there with the
+deployment document's message, before anything else.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import ssl
 import sys
@@ -31,14 +33,17 @@ from escrow_stream.agents import (
 from escrow_stream.agents import outbox as outbox_agent
 from escrow_stream.agents import reconcile as reconcile_agent
 from escrow_stream.clock import Clock, utc_now
-from escrow_stream.config import ConfigError, Settings, load_settings
+from escrow_stream.config import ConfigError, Settings, domain_settings, load_settings
 from escrow_stream.db.kyc import KycDirectory
 from escrow_stream.db.outbox import OutboxPublisher
 from escrow_stream.db.payouts import PayoutDirectory
 from escrow_stream.db.pool import Database
+from escrow_stream.db.unit_of_work import PostgresUnits
 from escrow_stream.idempotency import build_idempotency_store
+from escrow_stream.intake import Intake
 from escrow_stream.kafka import SharedAdmin
 from escrow_stream.liveness import ProgressMonitor
+from escrow_stream.messages import Topics
 from escrow_stream.payments.custodian import CustodianClient, CustodianRail
 from escrow_stream.payments.screening import RiskScreener
 from escrow_stream.payments.stripe_connect import StripeConnect
@@ -47,7 +52,17 @@ from escrow_stream.redisconn import redis_client
 from escrow_stream.storage import EvidenceStore
 from escrow_stream.tables import escrows as escrow_table
 from escrow_stream.tables import outcomes as outcome_table
-from escrow_stream.web import admin, evidence, gateway, health, operations, webhooks
+from escrow_stream.web import (
+    admin,
+    custodian_webhook,
+    evidence,
+    gateway,
+    health,
+    operations,
+    reads,
+    webhooks,
+)
+from escrow_stream.web import escrows as escrow_views
 from escrow_stream.web import payment as payment_view
 from escrow_stream.web import payouts as payout_views
 from escrow_stream.web.middleware import make_middleware
@@ -103,7 +118,7 @@ def create_app(
         producer_max_request_size=1_048_576,
         broker_session_timeout=settings.kafka_session_timeout_ms / 1000,
         broker_heartbeat_interval=min(3.0, settings.kafka_session_timeout_ms / 3000),
-        autodiscover=["escrow_stream.commands"],
+        autodiscover=["escrow_stream.faust_cli"],
         origin="escrow_stream.app",
         web_cors_options=cors_options(settings),
         web_application_options={
@@ -112,7 +127,7 @@ def create_app(
         },
     )
     database = Database(settings)
-    topics = processor.Topics(app, settings)
+    topics = Topics(app, settings)
     escrows = escrow_table.define(app, TABLE_PARTITIONS)
     recorded_outcomes = outcome_table.define(app, TABLE_PARTITIONS)
     kyc = KycDirectory(database)
@@ -133,9 +148,7 @@ def create_app(
         payout_lookup=PayoutDirectory(database).active,
     )
     liveness.register(app, progress)
-    timeouts.register(
-        app, settings, clock, topics.commands, escrows, processor.domain_settings(settings)
-    )
+    timeouts.register(app, settings, clock, topics.commands, escrows, domain_settings(settings))
     mirror.register(app, topics.events, database)
     publisher = OutboxPublisher(settings, database, clock)
     screener = RiskScreener(settings)
@@ -167,25 +180,50 @@ def create_app(
     if settings.metrics_enabled:
         operations.serve_metrics_alone(app, settings.metrics_port)
 
-    reader = gateway.EscrowReader(
-        app,
-        topics,
+    idempotency = build_idempotency_store(settings, database, shared_redis)
+    internal_secret = settings.internal_command_secret.get_secret_value()
+    reader = reads.EscrowReader(
+        reads.partition_owner(app, topics.commands),
         escrows,
         recorded_outcomes,
-        settings.internal_command_secret.get_secret_value(),
+        reads.signed_fetch(internal_secret, clock),
+    )
+    intake = Intake(
+        PostgresUnits(database),
+        idempotency,
         clock,
+        settings.kafka_commands_topic,
+        internal_secret,
+        publisher.notify,
     )
-    idempotency = build_idempotency_store(settings, database, shared_redis)
-    api = gateway.Gateway(
-        app, settings, clock, new_id, reader, database, idempotency, publisher, limiter, kyc
+    front = gateway.Gateway(settings, clock, limiter)
+    evidence_store = EvidenceStore.from_settings(settings, new_id)
+    escrow_api = escrow_views.EscrowApi(
+        front,
+        reader,
+        intake,
+        database,
+        kyc,
+        domain_settings(settings),
+        settings.feature_kyc_gating,
+        new_id,
+        check_evidence=functools.partial(evidence.check_evidence, evidence_store),
     )
-    gateway.register(app, api, topics)
-    webhooks.register(app, api)
-    webhooks.register_custodian(app, api)
-    evidence.register(app, api, EvidenceStore.from_settings(settings, new_id))
-    payment_view.register(app, api)
-    payout_views.register(app, api, payout_service)
-    admin.register(app, api)
+    escrow_views.register(app, escrow_api)
+    hooks = webhooks.WebhookServices(
+        settings,
+        clock,
+        intake,
+        database,
+        confirm_return=functools.partial(unmatched.confirm_return, database, clock),
+        account_updated=payout_views.account_updated_handler(payout_service, clock),
+    )
+    webhooks.register(app, hooks)
+    custodian_webhook.register(app, hooks)
+    evidence.register(app, front, reader, evidence_store)
+    payment_view.register(app, front, database)
+    payout_views.register(app, front, payout_service)
+    admin.register(app, front, database)
     outbox_agent.register(app, publisher, idempotency, clock)
 
     async def _close_database(sender: object, *args: object, **kwargs: object) -> None:
@@ -279,5 +317,17 @@ def _load() -> Settings:
         raise SystemExit(1) from None
 
 
-settings = _load()
-app = create_app(settings)
+_built: dict[str, Any] = {}
+
+
+def __getattr__(name: str) -> Any:
+    """``app`` and ``settings``, built on first use (PEP 562), not at import: importing this
+    module (tests, tools) reads no environment and builds nothing; ``faust -A
+    escrow_stream.app`` and ``escrow-stream worker`` ask for ``app`` and get it built once."""
+    if name not in ("app", "settings"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if not _built:
+        loaded = _load()
+        _built["settings"] = loaded
+        _built["app"] = create_app(loaded)
+    return _built[name]

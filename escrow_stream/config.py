@@ -28,6 +28,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_core.core_schema import ValidationInfo
 
+from escrow_stream.domain import Currency, DomainSettings
+
 JWT_SECRET_LENGTH_MIN = 64
 
 #: Secrets checked in production: none may be its development default or shorter than this
@@ -485,3 +487,21 @@ def _describe(exc: ValidationError) -> str:
 
 def dump_json(settings: Settings, reveal: bool = False) -> str:
     return json.dumps(settings.masked(reveal=reveal), indent=2, sort_keys=True)
+
+
+def domain_settings(settings: Settings) -> DomainSettings:
+    """The domain's rules as this deployment configures them."""
+    return DomainSettings(
+        payment_deadline_days=settings.escrow_payment_deadline_days,
+        auto_refund_deadline_days=settings.escrow_auto_refund_deadline_days,
+        delivered_timeout_action=settings.escrow_delivered_timeout_action,
+        feature_milestone_escrows=settings.feature_milestone_escrows,
+        feature_auto_refund=settings.feature_auto_refund,
+        feature_kyc_gating=settings.feature_kyc_gating,
+        max_amount_minor={
+            Currency.USD: settings.escrow_max_amount_usd_minor or settings.escrow_max_amount_minor,
+            Currency.USDC: settings.escrow_max_amount_usdc_minor,
+        },
+        fee_bps=settings.escrow_fee_bps,
+        recent_commands_max=settings.escrow_recent_commands_max,
+    )

@@ -7,13 +7,15 @@ Protocol of one keyed request (the gateway):
    hash, completed: the stored status and body), MISMATCH (other hash: 422
    ``IDEMPOTENCY_KEY_REUSED``) or CONFLICT_IN_FLIGHT (same hash, not completed: 409).
    Concurrent begins of one (user, key) yield exactly one NEW.
-2. The request does its work.  With the database store, ``complete_in(conn, …)`` stores the
-   response in the *same* transaction as the outbox row, so the accepted command and its
-   replayable response commit together.  Other stores: the outbox transaction commits
-   first, then ``complete`` stores the response.
-3. ``complete`` makes the record live for ``IDEMPOTENCY_TTL_HOURS`` from its ``begin``;
+2. The request does its work and, in the unit of work that writes the outbox row
+   (``db.unit_of_work``), calls ``complete_in(unit, …)``: every store completes the key with
+   that unit, so the accepted command and its replayable response commit together.  The
+   database store writes on the unit's connection (the same transaction); a store outside
+   PostgreSQL (Redis, memory) completes once the unit has committed (``after_commit``), and
+   never if it rolls back.
+3. Completing makes the record live for ``IDEMPOTENCY_TTL_HOURS`` from its ``begin``;
    ``abandon`` instead drops an in-flight reservation (the request failed before anything
-   was accepted).
+   was accepted).  ``complete`` is step 2 without a unit (its own transaction).
 
 Why the reservation is a short lease, not the full TTL: a process that dies between steps
 1 and 3 (before the outbox commit, or — Redis — between the outbox commit and
@@ -40,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from functools import partial
 from typing import Any, Protocol
 
 import asyncpg
@@ -49,6 +52,7 @@ from prometheus_client import Counter
 
 from escrow_stream.config import Settings
 from escrow_stream.db.pool import Database
+from escrow_stream.db.unit_of_work import UnitOfWork
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +93,10 @@ class IdempotencyStore(Protocol):
     async def complete(self, user_id: str, key: str, status: int, body: Any) -> None: ...
 
     async def complete_in(
-        self, conn: asyncpg.Connection, user_id: str, key: str, status: int, body: Any
-    ) -> bool:
-        """Step 3 inside the caller's outbox transaction when this store can (True);
-        False: the caller calls ``complete`` once that transaction has committed."""
+        self, unit: UnitOfWork, user_id: str, key: str, status: int, body: Any
+    ) -> None:
+        """Step 2: complete the key with the caller's unit of work (it commits with the
+        outbox row, or not at all)."""
         ...
 
     async def abandon(self, user_id: str, key: str) -> None: ...
@@ -164,15 +168,18 @@ class DatabaseIdempotencyStore:
     async def complete(self, user_id: str, key: str, status: int, body: Any) -> None:
         pool = await self._database.pool()
         async with pool.acquire() as conn:
-            await self.complete_in(conn, user_id, key, status, body)
+            await self._complete_on(conn, user_id, key, status, body)
 
     async def complete_in(
-        self, conn: asyncpg.Connection, user_id: str, key: str, status: int, body: Any
-    ) -> bool:
-        """Step 3 inside the caller's transaction (the one that writes the outbox row).
+        self, unit: UnitOfWork, user_id: str, key: str, status: int, body: Any
+    ) -> None:
+        """Step 2 in the unit's own transaction (the one that writes the outbox row)."""
+        await self._complete_on(unit.connection, user_id, key, status, body)
 
-        ``conn`` must come from a pool made by ``db.pool.create_pool`` (its jsonb codec).
-        """
+    async def _complete_on(
+        self, conn: asyncpg.Connection, user_id: str, key: str, status: int, body: Any
+    ) -> None:
+        """``conn`` must come from a pool made by ``db.pool.create_pool`` (its jsonb codec)."""
         updated = await conn.execute(
             """
             UPDATE command_idempotency
@@ -188,7 +195,6 @@ class DatabaseIdempotencyStore:
         )
         if updated.endswith(" 0"):
             log.warning("idempotency: no reservation left to complete for user %s", user_id)
-        return True
 
     async def abandon(self, user_id: str, key: str) -> None:
         pool = await self._database.pool()
@@ -302,9 +308,10 @@ class RedisIdempotencyStore:
             log.warning("idempotency: no reservation left to complete for user %s", user_id)
 
     async def complete_in(
-        self, conn: asyncpg.Connection, user_id: str, key: str, status: int, body: Any
-    ) -> bool:
-        return False  # Redis is outside the outbox transaction: complete() after it
+        self, unit: UnitOfWork, user_id: str, key: str, status: int, body: Any
+    ) -> None:
+        """Redis is outside the outbox transaction: completes once the unit has committed."""
+        unit.after_commit(partial(self.complete, user_id, key, status, body))
 
     async def abandon(self, user_id: str, key: str) -> None:
         await self._abandon(keys=[self.key(user_id, key)])
@@ -353,9 +360,10 @@ class MemoryIdempotencyStore:
             record.expires_at = record.created_at + self._ttl
 
     async def complete_in(
-        self, conn: asyncpg.Connection, user_id: str, key: str, status: int, body: Any
-    ) -> bool:
-        return False
+        self, unit: UnitOfWork, user_id: str, key: str, status: int, body: Any
+    ) -> None:
+        """Completes once the unit has committed, as Redis does."""
+        unit.after_commit(partial(self.complete, user_id, key, status, body))
 
     async def abandon(self, user_id: str, key: str) -> None:
         record = self._records.get((user_id, key))
@@ -418,12 +426,19 @@ class FallbackIdempotencyStore:
             log.warning("idempotency: could not complete in Redis (%r)", exc)
 
     async def complete_in(
-        self, conn: asyncpg.Connection, user_id: str, key: str, status: int, body: Any
-    ) -> bool:
+        self, unit: UnitOfWork, user_id: str, key: str, status: int, body: Any
+    ) -> None:
+        """A key begun in the database completes in the unit's transaction; one begun in
+        Redis after the commit, through :meth:`complete` (which tolerates Redis failing)."""
         if (user_id, key) not in self._in_fallback:
-            return False
-        self._in_fallback.discard((user_id, key))
-        return await self._fallback.complete_in(conn, user_id, key, status, body)
+            unit.after_commit(partial(self.complete, user_id, key, status, body))
+            return
+        await self._fallback.complete_in(unit, user_id, key, status, body)
+
+        async def finished() -> None:  # only once committed: a rollback still abandons here
+            self._in_fallback.discard((user_id, key))
+
+        unit.after_commit(finished)
 
     async def abandon(self, user_id: str, key: str) -> None:
         if (user_id, key) in self._in_fallback:

@@ -33,27 +33,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import faust
-from prometheus_client import Gauge
+
+from escrow_stream.metrics import CONSUMER_LAG, LAST_PROGRESS, STALLED
 
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL_S = 5.0
 #: Bound on one broker round trip of a check (end offsets, fetch position).
 CHECK_CALL_TIMEOUT_S = 10.0
-
-CONSUMER_LAG = Gauge(
-    "escrow_consumer_lag",
-    "Messages on an assigned command partition not yet processed by this worker.",
-    ["topic", "partition"],
-)
-LAST_PROGRESS = Gauge(
-    "escrow_processor_last_progress_timestamp",
-    "Unix time at which this worker last finished processing a command.",
-)
-STALLED = Gauge(
-    "escrow_processor_stalled",
-    "1 while an assigned command partition has had lag and no progress for STALL_TIMEOUT_S.",
-)
 
 
 @dataclass

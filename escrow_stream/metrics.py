@@ -72,3 +72,33 @@ RECONCILE_LAST_RUN = Gauge(
     "escrow_reconcile_last_run_timestamp",
     "Unix time of the last completed provider reconciliation in this worker (0: none yet).",
 )
+
+# -- liveness (escrow_stream/liveness.py) --
+
+CONSUMER_LAG = Gauge(
+    "escrow_consumer_lag",
+    "Messages on an assigned command partition not yet processed by this worker.",
+    ["topic", "partition"],
+)
+LAST_PROGRESS = Gauge(
+    "escrow_processor_last_progress_timestamp",
+    "Unix time at which this worker last finished processing a command.",
+)
+STALLED = Gauge(
+    "escrow_processor_stalled",
+    "1 while an assigned command partition has had lag and no progress for STALL_TIMEOUT_S.",
+)
+
+# -- the outbox relay (escrow_stream/db/outbox.py) --
+
+OUTBOX_PUBLISHED = Counter("escrow_outbox_published_total", "Outbox rows sent to Kafka.")
+OUTBOX_DEAD_LETTERS = Counter(
+    "escrow_outbox_dead_letters_total",
+    "Outbox rows given up after their last failed attempt (see `outbox replay`).",
+)
+OUTBOX_PENDING = Gauge(
+    "escrow_outbox_pending", "Outbox rows neither published nor dead-lettered (last batch)."
+)
+OUTBOX_LAG = Gauge(
+    "escrow_outbox_lag_seconds", "Age of the oldest pending outbox row (0 when none)."
+)

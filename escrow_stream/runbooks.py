@@ -14,8 +14,10 @@ consumer of the events dedupes by eventId.  Steps:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -23,6 +25,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from escrow_stream.config import Settings
 from escrow_stream.kafka import client_kwargs, topic_partitions
+from escrow_stream.tables import escrows as escrow_table
 
 
 class GroupActive(Exception):
@@ -95,5 +98,42 @@ async def execute_reset(
         }
         consumer.assign(list(offsets))  # commit() needs the partitions assigned
         await consumer.commit(offsets)
+    finally:
+        await consumer.stop()
+
+
+READ_BATCH_MAX = 1000
+READ_TIMEOUT_MS = 1000
+
+
+async def read_table_from_changelog(settings: Settings, app_id: str) -> dict[str, dict[str, Any]]:
+    """The table's latest value per key, folded from its changelog (tombstones delete)."""
+    topic = escrow_table.changelog_topic_name(app_id)
+    consumer = AIOKafkaConsumer(enable_auto_commit=False, **client_kwargs(settings))
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in await topic_partitions(settings, topic)]
+        if not tps:
+            return {}
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        state: dict[str, dict[str, Any]] = {}
+        remaining = {tp for tp in tps if end[tp] > 0}
+        while remaining:
+            batches = await consumer.getmany(
+                *remaining, timeout_ms=READ_TIMEOUT_MS, max_records=READ_BATCH_MAX
+            )
+            for records in batches.values():
+                for record in records:
+                    key = json.loads(record.key) if record.key is not None else ""
+                    if record.value is None:
+                        state.pop(key, None)
+                    else:
+                        state[key] = json.loads(record.value)
+            for tp in list(remaining):
+                if await consumer.position(tp) >= end[tp]:
+                    remaining.discard(tp)
+        return state
     finally:
         await consumer.stop()

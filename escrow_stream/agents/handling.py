@@ -102,11 +102,6 @@ def command_escrow_id(value: bytes) -> str | None:
     return escrow_id if isinstance(escrow_id, str) else None
 
 
-def record_key(command: Command) -> str:
-    """Identity of a command in the outcomes table: its id and who sent it."""
-    return f"{command.command_id}|{command.actor.role}|{command.actor.id}"
-
-
 def handle(
     key: bytes | None,
     value: bytes | None,
@@ -172,7 +167,7 @@ def _handle(
                 trace_id=command.trace_id,
             ),
         )
-    found = outcomes.find(recorded, record_key(command))
+    found = outcomes.find(recorded, outcomes.record_key(command))
     if found is not None and found.fingerprint not in (None, command_fingerprint(command)):
         return Outcome(command=command, state=state, rejection=_reused(command, now))
     if found is not None:

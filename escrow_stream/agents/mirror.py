@@ -43,6 +43,7 @@ from faust.types import EventT
 from escrow_stream.db.mirror import DEFAULT_CONSUMER, Mirror, MirrorRecord, MirrorResult
 from escrow_stream.db.pool import Database
 from escrow_stream.metrics import MIRROR_EVENTS
+from escrow_stream.retry import delays
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ async def apply_with_retry(
     sleep: Sleep = asyncio.sleep,
 ) -> MirrorResult | None:
     """:meth:`Mirror.apply`, retried with capped backoff while ``consuming()``; else None."""
-    delay = RETRY_INITIAL_S
+    waits = delays(RETRY_INITIAL_S, RETRY_MAX_S)
     attempt = 1
     while True:
         try:
@@ -134,6 +135,7 @@ async def apply_with_retry(
                     exc,
                 )
                 return None
+            delay = next(waits)
             log.error(
                 "mirror: attempt %d to apply %s failed: %r; retrying in %.1fs",
                 attempt,
@@ -147,7 +149,6 @@ async def apply_with_retry(
             step = min(RETRY_POLL_S, delay - waited)
             await sleep(step)
             waited += step
-        delay = min(delay * 2, RETRY_MAX_S)
         attempt += 1
 
 

@@ -66,17 +66,17 @@ from typing import Any, Protocol
 import faust
 
 from escrow_stream.agents.leased import LeasedWork
-from escrow_stream.agents.processor import encode_command, make_command
 from escrow_stream.clock import Clock
 from escrow_stream.config import Settings
 from escrow_stream.db import effects, outbox
-from escrow_stream.db.deposits import backoff
-from escrow_stream.db.effects import Effect, EffectKind, EffectState, Outcome
+from escrow_stream.db.effects import Effect, EffectKind, EffectResult, EffectState
 from escrow_stream.db.outbox import OutboxPublisher
 from escrow_stream.db.pool import Database
+from escrow_stream.domain import SHORT_TEXT_LENGTH_MAX, fitted
 from escrow_stream.domain import Rail as RailName
 from escrow_stream.domain.commands import CHARGEBACK_REASON
 from escrow_stream.domain.money import RAIL_PROVIDER
+from escrow_stream.messages import make_command
 from escrow_stream.metrics import PAYMENT_EFFECTS
 from escrow_stream.payments.common import (
     PermanentSettlementError,
@@ -84,8 +84,7 @@ from escrow_stream.payments.common import (
     settled_command_id,
 )
 from escrow_stream.payments.screening import RiskScreener
-from escrow_stream.retry import until_answered
-from escrow_stream.signing import signature_headers
+from escrow_stream.retry import SCHEDULED_FLOOR_S, backoff_s, until_answered
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +238,10 @@ class PaymentEffects:
         except Exception as exc:  # the outcome is unknown: same key, later
             PAYMENT_EFFECTS.labels(label, "retry").inc()
             now = self._clock()
-            at = now + backoff(effect.attempts - 1, self._first_delay_s, RETRY_CAP_S)
+            wait_s = backoff_s(
+                effect.attempts - 1, self._first_delay_s, RETRY_CAP_S, floor_s=SCHEDULED_FLOOR_S
+            )
+            at = now + timedelta(seconds=wait_s)
             log.warning(
                 "payment effect %s (attempt %d) outcome unknown, again at %s: %s",
                 effect.key,
@@ -294,7 +296,7 @@ class PaymentEffects:
                 f"the buyer's refund wallet failed screening: {'; '.join(verdict.reasons())}",
             )
 
-    async def _finish(self, effect: Effect, outcome: Outcome) -> None:
+    async def _finish(self, effect: Effect, outcome: EffectResult) -> None:
         """Step 6: the outcome and its command commit together (step 7: signed, outbox)."""
         now = self._clock()
         pool = await self._database.pool()
@@ -313,15 +315,7 @@ class PaymentEffects:
                 causation_id=effect.event.get("eventId"),
                 correlation_id=effect.event.get("correlationId"),
             )
-            body = encode_command(command)
-            await outbox.enqueue(
-                conn,
-                effect.commands_topic,
-                effect.escrow_id,
-                body,
-                signature_headers(self._secret, body),
-                effect.escrow_id,
-            )
+            await outbox.enqueue_command(conn, effect.commands_topic, command, self._secret)
         self._publisher.notify()
 
 
@@ -392,12 +386,12 @@ def is_current(
     return settlement.get("settlementId") == key and settlement.get("status", PENDING) == PENDING
 
 
-def succeeded(effect: Effect, answer: dict[str, Any] | None) -> Outcome:
+def succeeded(effect: Effect, answer: dict[str, Any] | None) -> EffectResult:
     """The outcome of an answered call, and its result command (step 6)."""
     if effect.kind is EffectKind.INSTRUCTIONS:
         assert answer is not None
         payload = {k: v for k, v in answer.items() if k != "clientSecret"}
-        return Outcome(
+        return EffectResult(
             state=EffectState.SUCCEEDED,
             provider_object_id=str(payload.get("providerPaymentId")),
             result_type="RecordPaymentInstructions",
@@ -406,10 +400,10 @@ def succeeded(effect: Effect, answer: dict[str, Any] | None) -> Outcome:
         )
     if effect.kind is EffectKind.CANCEL_INSTRUCTIONS:  # nothing for the escrow to apply
         reference = (answer or {}).get("providerReference")
-        return Outcome(state=EffectState.SUCCEEDED, provider_object_id=reference)
+        return EffectResult(state=EffectState.SUCCEEDED, provider_object_id=reference)
     if answer is None:  # the custodian confirms by webhook
-        return Outcome(state=EffectState.SUCCEEDED)
-    return Outcome(
+        return EffectResult(state=EffectState.SUCCEEDED)
+    return EffectResult(
         state=EffectState.SUCCEEDED,
         provider_object_id=str(answer.get("providerReference")),
         result_type="ConfirmSettlement",
@@ -417,11 +411,11 @@ def succeeded(effect: Effect, answer: dict[str, Any] | None) -> Outcome:
     )
 
 
-def refused(effect: Effect, code: str, message: str) -> Outcome:
+def refused(effect: Effect, code: str, message: str) -> EffectResult:
     """The outcome of a permanent refusal, and the command that records it (step 6)."""
-    code, message = code[:200] or "refused", message[:2000]
+    code, message = fitted(code, SHORT_TEXT_LENGTH_MAX) or "refused", fitted(message)
     if effect.kind is EffectKind.CANCEL_INSTRUCTIONS:  # paid meanwhile: unmatched funds
-        return Outcome(state=EffectState.FAILED, error_code=code, error_message=message)
+        return EffectResult(state=EffectState.FAILED, error_code=code, error_message=message)
     if effect.kind is EffectKind.INSTRUCTIONS:
         payload: dict[str, Any] = {
             "provider": effect.provider,
@@ -437,7 +431,7 @@ def refused(effect: Effect, code: str, message: str) -> Outcome:
             "retryable": False,
         }
         result_type = "RecordSettlementFailure"
-    return Outcome(
+    return EffectResult(
         state=EffectState.FAILED,
         result_type=result_type,
         result_payload=payload,

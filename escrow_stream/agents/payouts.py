@@ -29,25 +29,25 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
 import faust
 from faust.types import TableT
 
-from escrow_stream.agents.processor import encode_command, make_command
 from escrow_stream.clock import Clock
 from escrow_stream.config import Settings
-from escrow_stream.db import deposits, outbox, payouts
+from escrow_stream.db import outbox, payouts
 from escrow_stream.db.outbox import OutboxPublisher
 from escrow_stream.db.payouts import AwaitingRelease, PayoutAccount, PayoutStatus
 from escrow_stream.db.pool import Database
 from escrow_stream.domain import Rail, SettlementStatus
+from escrow_stream.messages import make_command
 from escrow_stream.metrics import SETTLEMENTS_AWAITING_PAYOUT
 from escrow_stream.payments.screening import RiskScreener, ScreeningUnavailable
-from escrow_stream.payments.stripe_connect import StripeConnect
-from escrow_stream.signing import signature_headers
+from escrow_stream.payments.stripe_connect import AccountNotFound, StripeConnect
+from escrow_stream.retry import SCHEDULED_FLOOR_S, backoff_s
 from escrow_stream.tables import escrows as escrow_table
 
 log = logging.getLogger(__name__)
@@ -56,10 +56,9 @@ ACTOR = {"id": "payout-accounts", "role": "system"}
 INTERVAL_S = 2.0
 SCREEN_BATCH_MAX = 20
 RESUME_BATCH_MAX = 100
-
-
-class AccountNotFound(Exception):
-    """The provider has no such account (an admin named a Connect account that is not ours)."""
+#: A wallet left PENDING by a screening error is screened again after a backoff from
+#: ``ESCROW_RETRY_DELAY_MS`` that never waits longer than this.
+SCREEN_RETRY_CAP_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -178,6 +177,13 @@ class PayoutService:
         """An admin blocks an account: it is never paid."""
         return await self._store(user_id, rail, destination, PayoutStatus.REJECTED, updated_by)
 
+    def _screen_retry_delay(self, attempt: int) -> timedelta:
+        """How long a wallet left PENDING waits before it is screened again."""
+        wait_s = backoff_s(
+            attempt, self._first_retry_s, SCREEN_RETRY_CAP_S, floor_s=SCHEDULED_FLOOR_S
+        )
+        return timedelta(seconds=wait_s)
+
     async def _store(
         self,
         user_id: str,
@@ -191,7 +197,7 @@ class PayoutService:
         now = self._clock()
         retry_at = None
         if verdict is not None and verdict.status is PayoutStatus.PENDING:
-            retry_at = now + deposits.backoff(0, self._first_retry_s)
+            retry_at = now + self._screen_retry_delay(0)
         pool = await self._database.pool()
         async with pool.acquire() as conn, conn.transaction():
             account = await payouts.put(
@@ -236,7 +242,7 @@ class PayoutService:
             user_id, address = row["user_id"], row["destination"]
             verdict = await self.screen_wallet(address, reference=f"payout:{user_id}")
             if verdict.status is PayoutStatus.PENDING:
-                at = self._clock() + deposits.backoff(row["attempts"] + 1, self._first_retry_s)
+                at = self._clock() + self._screen_retry_delay(row["attempts"] + 1)
                 log.warning("screening of payout wallet of %s deferred: %s", user_id, verdict.error)
                 await payouts.screening_failed(conn, user_id, verdict.error or "", at, now)
                 return True
@@ -278,14 +284,8 @@ class PayoutService:
                 command_id,
                 now,
             )
-            body = encode_command(command)
-            await outbox.enqueue(
-                conn,
-                self._settings.kafka_commands_topic,
-                release.escrow_id,
-                body,
-                signature_headers(self._secret, body),
-                release.escrow_id,
+            await outbox.enqueue_command(
+                conn, self._settings.kafka_commands_topic, command, self._secret
             )
             enqueued += 1
         if enqueued:

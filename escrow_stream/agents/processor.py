@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from datetime import datetime
 from typing import Any, TypeVar
 
 import faust
@@ -32,13 +31,10 @@ from faust.types import EventT, TableT
 
 from escrow_stream.agents import handling
 from escrow_stream.clock import Clock
-from escrow_stream.config import Settings
+from escrow_stream.config import Settings, domain_settings
 from escrow_stream.domain import (
-    Command,
     CreateEscrow,
-    Currency,
     DecisionContext,
-    DomainSettings,
     Escrow,
     Event,
     PayoutDestination,
@@ -47,7 +43,6 @@ from escrow_stream.domain import (
     ResumeSettlement,
     command_fingerprint,
     is_release_path,
-    parse_command,
 )
 from escrow_stream.domain.commands import CHARGEBACK_REASON
 from escrow_stream.domain.events import (
@@ -57,6 +52,7 @@ from escrow_stream.domain.events import (
 )
 from escrow_stream.liveness import ProgressMonitor
 from escrow_stream.logs import correlation_id_var, trace_id_var
+from escrow_stream.messages import Topics, encode_event, event_headers
 from escrow_stream.metrics import (
     CHARGEBACKS,
     COMMAND_OUTCOMES,
@@ -84,78 +80,6 @@ LOOKUP_RETRY_FIRST_S = 0.1
 LOOKUP_RETRY_CAP_S = 5.0
 
 T = TypeVar("T")
-
-
-def domain_settings(settings: Settings) -> DomainSettings:
-    return DomainSettings(
-        payment_deadline_days=settings.escrow_payment_deadline_days,
-        auto_refund_deadline_days=settings.escrow_auto_refund_deadline_days,
-        delivered_timeout_action=settings.escrow_delivered_timeout_action,
-        feature_milestone_escrows=settings.feature_milestone_escrows,
-        feature_auto_refund=settings.feature_auto_refund,
-        feature_kyc_gating=settings.feature_kyc_gating,
-        max_amount_minor={
-            Currency.USD: settings.escrow_max_amount_usd_minor or settings.escrow_max_amount_minor,
-            Currency.USDC: settings.escrow_max_amount_usdc_minor,
-        },
-        fee_bps=settings.escrow_fee_bps,
-        recent_commands_max=settings.escrow_recent_commands_max,
-    )
-
-
-def make_command(
-    actor: Mapping[str, str],
-    type_: str,
-    escrow_id: str,
-    payload: Mapping[str, Any],
-    command_id: str,
-    issued_at: datetime,
-    causation_id: str | None = None,
-    correlation_id: str | None = None,
-) -> Command:
-    """A command this service itself issues (gateway, webhooks, payments), validated like
-    any other; raises ``CommandInvalid``."""
-    return parse_command(
-        {
-            "schemaVersion": 1,
-            "commandId": command_id,
-            "type": type_,
-            "escrowId": escrow_id,
-            "actor": dict(actor),
-            "payload": dict(payload),
-            "issuedAt": issued_at.isoformat(),
-            "causationId": causation_id,
-            "correlationId": correlation_id or command_id,
-        }
-    )
-
-
-def encode_command(command: Command) -> bytes:
-    """A command as producers put it on ``escrow-commands`` (what the HMAC signs)."""
-    return command.model_dump_json(by_alias=True, exclude_none=True).encode()
-
-
-def encode_event(event: Event) -> bytes:
-    return event.model_dump_json(by_alias=True).encode()
-
-
-def event_headers(event: Event) -> list[tuple[str, bytes]]:
-    return [
-        ("x-event-id", str(event.event_id).encode()),
-        ("x-event-type", event.type.encode()),
-        ("x-escrow-version", str(event.version).encode()),
-    ]
-
-
-class Topics:
-    """The topics the processor reads and writes, as raw bytes."""
-
-    def __init__(self, app: faust.App, settings: Settings) -> None:
-        raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
-        self.commands = app.topic(settings.kafka_commands_topic, **raw)
-        self.events = app.topic(settings.kafka_events_topic, **raw)
-        self.rejections = app.topic(settings.kafka_rejections_topic, **raw)
-        self.dlq = app.topic(settings.kafka_dlq_topic, **raw)
 
 
 def register(
@@ -246,7 +170,7 @@ def register(
         if outcome.record:  # written before the rejection is sent (step 3)
             recorded_outcomes[outcome.command.escrow_id] = outcome_table.record(
                 recorded,
-                handling.record_key(outcome.command),
+                outcome_table.record_key(outcome.command),
                 outcome.rejection,
                 rules.recent_commands_max,
                 command_fingerprint(outcome.command),

@@ -24,11 +24,11 @@ deposit either unscreened (screened again) or decided with its command on the wa
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from typing import Any
 
 import faust
 
-from escrow_stream.agents.processor import encode_command, make_command
 from escrow_stream.clock import Clock
 from escrow_stream.config import Settings
 from escrow_stream.db import deposits, outbox, unmatched
@@ -36,14 +36,17 @@ from escrow_stream.db.deposits import DepositStatus
 from escrow_stream.db.outbox import OutboxPublisher
 from escrow_stream.db.pool import Database
 from escrow_stream.db.unmatched import FundsStatus, UnmatchedFunds
+from escrow_stream.messages import make_command
 from escrow_stream.payments.screening import RiskScreener, ScreeningUnavailable
-from escrow_stream.signing import signature_headers
+from escrow_stream.retry import SCHEDULED_FLOOR_S, backoff_s
 
 log = logging.getLogger(__name__)
 
 ACTOR = {"id": "deposit-screening", "role": "system"}
 INTERVAL_S = 1.0
 BATCH = 20
+#: Step 4's backoff, from ``ESCROW_RETRY_DELAY_MS``, never waits longer than this.
+RETRY_CAP_S = 300.0
 
 
 class DepositScreening:
@@ -84,7 +87,8 @@ class DepositScreening:
                 )
             except (ScreeningUnavailable, ValueError) as exc:  # step 4
                 first_s = self._settings.escrow_retry_delay_ms / 1000
-                at = self._clock() + deposits.backoff(row["attempts"], first_s)
+                wait_s = backoff_s(row["attempts"], first_s, RETRY_CAP_S, floor_s=SCHEDULED_FLOOR_S)
+                at = self._clock() + timedelta(seconds=wait_s)
                 log.warning("screening of deposit %s deferred: %s", row["deposit_id"], exc)
                 await deposits.retry_later(conn, row["deposit_id"], str(exc), at)
                 return True
@@ -134,14 +138,8 @@ class DepositScreening:
                     row["escrow_id"],
                     "; ".join(verdict.reasons()),
                 )
-            body = encode_command(command)
-            await outbox.enqueue(
-                conn,
-                self._settings.kafka_commands_topic,
-                command.escrow_id,
-                body,
-                signature_headers(self._secret, body),
-                command.escrow_id,
+            await outbox.enqueue_command(
+                conn, self._settings.kafka_commands_topic, command, self._secret
             )
             await deposits.decide(conn, row["deposit_id"], status, record, now)
             return True

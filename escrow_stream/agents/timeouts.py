@@ -18,13 +18,12 @@ from typing import Any
 import faust
 from faust.types import TableT
 
-from escrow_stream.agents.processor import encode_command
 from escrow_stream.clock import Clock
 from escrow_stream.config import Settings
 from escrow_stream.domain import Command, DomainSettings, timeout_command_for
 from escrow_stream.domain.timeouts import holds_card_funds_past
+from escrow_stream.messages import encode_command, signed_headers
 from escrow_stream.metrics import STRIPE_HOLDS_PAST_WARNING, TIMEOUT_COMMANDS
-from escrow_stream.signing import signature_headers
 from escrow_stream.tables import escrows as escrow_table
 
 log = logging.getLogger(__name__)
@@ -75,7 +74,7 @@ def register(
             await commands_topic.send(
                 key=command.escrow_id.encode(),
                 value=body,
-                headers=signature_headers(secret, body),
+                headers=signed_headers(command, body, secret),
             )
             TIMEOUT_COMMANDS.labels(command.type).inc()
         if due:

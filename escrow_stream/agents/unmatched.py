@@ -45,14 +45,14 @@ from escrow_stream.agents.leased import LeasedWork
 from escrow_stream.clock import Clock
 from escrow_stream.config import Settings
 from escrow_stream.db import unmatched
-from escrow_stream.db.deposits import DepositStatus, backoff
+from escrow_stream.db.deposits import DepositStatus
 from escrow_stream.db.pool import Database
 from escrow_stream.db.unmatched import FundsStatus, UnmatchedFunds
 from escrow_stream.domain import RejectionCode
 from escrow_stream.payments.common import PermanentSettlementError
 from escrow_stream.payments.custodian import CustodianClient, CustodianRefused
 from escrow_stream.payments.stripe_rail import REFUND_DONE, REFUND_UNDER_WAY
-from escrow_stream.retry import until_answered
+from escrow_stream.retry import SCHEDULED_FLOOR_S, backoff_s, until_answered
 
 log = logging.getLogger(__name__)
 
@@ -209,13 +209,20 @@ class UnmatchedReturns:
             )
         except Exception as exc:  # no answer: the same key, later
             now = self._clock()
-            at = now + backoff(funds.attempts - 1, self._first_delay_s, RETRY_CAP_S)
+            at = now + self._retry_delay(funds)
             log.warning(
                 "return of unmatched funds %s: no answer (%s), again later", funds.funds_id, exc
             )
             await unmatched.retry_later(
                 pool, funds.funds_id, f"{type(exc).__name__}: {exc}", at, now
             )
+
+    def _retry_delay(self, funds: UnmatchedFunds) -> timedelta:
+        """How long a return without an answer (or still under way) waits for its next try."""
+        wait_s = backoff_s(
+            funds.attempts - 1, self._first_delay_s, RETRY_CAP_S, floor_s=SCHEDULED_FLOOR_S
+        )
+        return timedelta(seconds=wait_s)
 
     async def _refund(self, pool: Any, funds: UnmatchedFunds) -> None:
         if self._stripe is None:
@@ -235,7 +242,7 @@ class UnmatchedReturns:
                 pool, funds.funds_id, FundsStatus.RETURNED, now, reference=reference
             )
         elif status in REFUND_UNDER_WAY:
-            at = now + backoff(funds.attempts - 1, self._first_delay_s, RETRY_CAP_S)
+            at = now + self._retry_delay(funds)
             await unmatched.return_sent(pool, funds.funds_id, reference, at, now)
         else:
             raise PermanentSettlementError(f"refund_{status}", f"Refund {reference} is {status}")

@@ -9,11 +9,13 @@ it, whose screening loop alone screens it (several deployments may share one dat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
 import asyncpg
+
+from escrow_stream.domain import fitted
 
 
 class DepositStatus(StrEnum):
@@ -90,7 +92,7 @@ async def retry_later(conn: asyncpg.Connection, deposit_id: str, error: str, at:
          WHERE deposit_id = $1
         """,
         deposit_id,
-        error[:2000],
+        fitted(error),
         at,
     )
 
@@ -123,11 +125,6 @@ async def decide(
             deposit_id,
             now,
         )
-
-
-def backoff(attempts: int, first_s: float, cap_s: float = 300.0) -> timedelta:
-    """Delay before screening attempt ``attempts + 1``: exponential from ``first_s``."""
-    return timedelta(seconds=min(cap_s, max(first_s, 0.05) * 2 ** min(attempts, 16)))
 
 
 async def listing(

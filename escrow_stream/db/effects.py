@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 
 from escrow_stream.db.leases import WorkTable, lease_due
+from escrow_stream.domain import fitted
 
 #: Due: recorded, not yet answered, and not held back by an open chargeback.
 WORK = WorkTable("payment_effects", "effect_key", "state = 'STARTED' AND NOT held")
@@ -73,7 +74,7 @@ class Effect:
 
 
 @dataclass(frozen=True)
-class Outcome:
+class EffectResult:
     """What the provider answered, and the command that reports it (None: none to send)."""
 
     state: EffectState
@@ -134,7 +135,7 @@ async def claim_due(
     return [Effect.of(r) for r in rows]
 
 
-async def finish(conn: asyncpg.Connection, key: str, outcome: Outcome, now: datetime) -> bool:
+async def finish(conn: asyncpg.Connection, key: str, outcome: EffectResult, now: datetime) -> bool:
     """Record the outcome of a STARTED effect; False when it was already finished."""
     updated = await conn.fetchval(
         """
@@ -169,7 +170,7 @@ async def retry_later(
          WHERE effect_key = $1 AND state = 'STARTED'
         """,
         key,
-        error[:2000],
+        fitted(error),
         at,
         now,
     )

@@ -18,10 +18,10 @@ Relaying (:class:`OutboxPublisher`), one batch per transaction:
    in the batch are not attempted (and not charged an attempt).
 3. In the same transaction, which still holds the row locks: sent rows get
    ``published_at``; a failed row gets ``attempts + 1``, ``last_error`` and
-   ``next_attempt_at = now + backoff_s(attempts)`` (``min(BACKOFF_MAX_S, BACKOFF_BASE_S *
-   2**attempts)``); at ``ATTEMPTS_MAX`` failures it is dead-lettered (``dead_lettered_at``).
-   A dead-lettered row no longer holds back its aggregate's later rows;
-   :func:`replay` makes it due again.
+   ``next_attempt_at = now + backoff_s(attempts, BACKOFF_BASE_S, BACKOFF_MAX_S)`` (1 s
+   doubling, at most 5 minutes: :func:`escrow_stream.retry.backoff_s`); at
+   ``ATTEMPTS_MAX`` failures it is dead-lettered (``dead_lettered_at``).  A dead-lettered
+   row no longer holds back its aggregate's later rows; :func:`replay` makes it due again.
 4. Commit, releasing the locks.  A crash between steps 2 and 4 sends those rows again
    later: harmless, because the command processor applies a commandId once and answers a
    repeat with the recorded outcome (SPEC §3, rule 1).
@@ -42,12 +42,20 @@ from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
-from prometheus_client import Counter, Gauge
 
 from escrow_stream.clock import Clock
 from escrow_stream.config import Settings
 from escrow_stream.db.pool import Database
+from escrow_stream.domain import Command
 from escrow_stream.kafka import client_kwargs
+from escrow_stream.messages import encode_command, signed_headers
+from escrow_stream.metrics import (
+    OUTBOX_DEAD_LETTERS,
+    OUTBOX_LAG,
+    OUTBOX_PENDING,
+    OUTBOX_PUBLISHED,
+)
+from escrow_stream.retry import backoff_s
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +71,6 @@ SEND_WAIT_S = SEND_TIMEOUT_S + 5.0
 LAST_ERROR_CHARS_MAX = 1000
 #: After an unexpected error the relay loop waits this long before trying again.
 ERROR_PAUSE_S = 1.0
-
-OUTBOX_PUBLISHED = Counter("escrow_outbox_published_total", "Outbox rows sent to Kafka.")
-OUTBOX_DEAD_LETTERS = Counter(
-    "escrow_outbox_dead_letters_total",
-    f"Outbox rows given up after {ATTEMPTS_MAX} failed attempts (see `outbox replay`).",
-)
-OUTBOX_PENDING = Gauge(
-    "escrow_outbox_pending", "Outbox rows neither published nor dead-lettered (last batch)."
-)
-OUTBOX_LAG = Gauge(
-    "escrow_outbox_lag_seconds", "Age of the oldest pending outbox row (0 when none)."
-)
 
 Headers = Sequence[tuple[str, bytes]]
 
@@ -122,6 +118,16 @@ async def enqueue(
     return row_id
 
 
+async def enqueue_command(
+    conn: asyncpg.Connection, topic: str, command: Command, secret: str
+) -> int:
+    """Add ``command`` to the outbox inside the caller's transaction, encoded and (a system
+    command) signed as :mod:`escrow_stream.messages` says; keyed and grouped by its escrow."""
+    body = encode_command(command)
+    headers = signed_headers(command, body, secret)
+    return await enqueue(conn, topic, command.escrow_id, body, headers, command.escrow_id)
+
+
 def encode_headers(headers: Headers) -> list[dict[str, str]]:
     """Kafka headers as JSON: ``{"name", "value"}`` for text, ``{"name", "base64"}`` else."""
     encoded: list[dict[str, str]] = []
@@ -150,11 +156,6 @@ def decode_headers(stored: Any) -> list[tuple[str, bytes]]:
         else:
             decoded.append((item["name"], item["value"].encode("utf-8")))
     return decoded
-
-
-def backoff_s(attempts: int) -> float:
-    """Seconds before the next try of a row that has failed ``attempts`` times."""
-    return float(min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**attempts))
 
 
 class OutboxPublisher:
@@ -290,7 +291,7 @@ class OutboxPublisher:
                 row["id"],
                 attempts,
                 error[:LAST_ERROR_CHARS_MAX],
-                now + timedelta(seconds=backoff_s(attempts)),
+                now + timedelta(seconds=backoff_s(attempts, BACKOFF_BASE_S, BACKOFF_MAX_S)),
                 dead,
                 now,
             )

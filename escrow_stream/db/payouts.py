@@ -21,6 +21,7 @@ from escrow_stream.domain import (
     Rail,
     StripeAccountDestination,
     WalletDestination,
+    fitted,
 )
 
 
@@ -224,7 +225,7 @@ async def screening_failed(
          WHERE user_id = $1 AND rail = 'USDC_BASE'
         """,
         user_id,
-        error[:2000],
+        fitted(error),
         at,
         now,
     )

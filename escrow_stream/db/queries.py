@@ -1,17 +1,112 @@
-"""Read-only queries over the PostgreSQL mirror: stuck escrows, the escrow of a PaymentIntent
-and ledger reconciliation."""
+"""Read-only queries over the PostgreSQL mirror: the API's escrow list and history, stuck
+escrows, the escrow of a PaymentIntent and ledger reconciliation."""
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 
 from escrow_stream.domain import TERMINAL_STATUSES
 
 _TERMINAL = sorted(s.value for s in TERMINAL_STATUSES)
+
+
+class InvalidCursor(ValueError):
+    """A list cursor this API did not issue."""
+
+
+def encode_cursor(created_at: datetime, escrow_id: str) -> str:
+    """The opaque cursor after the row (created_at, id) of :func:`escrow_page`."""
+    raw = json.dumps([created_at.isoformat(), escrow_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        stamp, escrow_id = json.loads(raw)
+        return datetime.fromisoformat(stamp), str(escrow_id)
+    except (ValueError, TypeError, RecursionError):
+        raise InvalidCursor(cursor) from None
+
+
+@dataclass(frozen=True)
+class EscrowFilter:
+    """Which escrows a list shows: ``viewer`` (None: everyone's, for admins) as buyer, seller
+    or either (``role`` None); optionally one status and one rail."""
+
+    viewer: str | None = None
+    role: Literal["buyer", "seller"] | None = None
+    status: str | None = None
+    rail: str | None = None
+
+
+async def escrow_page(
+    pool: asyncpg.Pool, where: EscrowFilter, limit: int, cursor: str | None = None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Up to ``limit`` stored snapshots, newest first (created_at, then id), after
+    ``cursor``; and the cursor of the next page, None on the last (:class:`InvalidCursor`)."""
+    conditions: list[str] = []
+    args: list[Any] = []
+
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    if where.viewer is not None:
+        me = arg(where.viewer)
+        conditions.append(
+            {"buyer": f"buyer_id = {me}", "seller": f"seller_id = {me}"}.get(
+                where.role or "", f"(buyer_id = {me} OR seller_id = {me})"
+            )
+        )
+    for column, value in (("status", where.status), ("rail", where.rail)):
+        if value:
+            conditions.append(f"{column} = {arg(value)}")
+    if cursor:
+        created_at, escrow_id = decode_cursor(cursor)
+        conditions.append(f"(created_at, id) < ({arg(created_at)}, {arg(escrow_id)})")
+    clause = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+    rows = await pool.fetch(
+        f"SELECT id, created_at, snapshot FROM escrows {clause} "
+        f"ORDER BY created_at DESC, id DESC LIMIT {arg(limit + 1)}",
+        *args,
+    )
+    page = rows[:limit]
+    following = encode_cursor(page[-1]["created_at"], page[-1]["id"]) if len(rows) > limit else None
+    return [r["snapshot"] for r in page], following
+
+
+async def escrow_parties(pool: asyncpg.Pool, escrow_id: str) -> dict[str, str] | None:
+    """``{"buyerId", "sellerId"}`` of a mirrored escrow, None when it is not mirrored."""
+    row = await pool.fetchrow("SELECT buyer_id, seller_id FROM escrows WHERE id = $1", escrow_id)
+    return None if row is None else {"buyerId": row["buyer_id"], "sellerId": row["seller_id"]}
+
+
+async def escrow_history(pool: asyncpg.Pool, escrow_id: str) -> list[dict[str, Any]]:
+    """The escrow's mirrored events in version order, as the API shows them."""
+    rows = await pool.fetch(
+        "SELECT event_id, event_type, version, occurred_at, causation_id, data "
+        "FROM escrow_events WHERE escrow_id = $1 ORDER BY version",
+        escrow_id,
+    )
+    return [
+        {
+            "eventId": str(r["event_id"]),
+            "type": r["event_type"],
+            "version": r["version"],
+            "occurredAt": r["occurred_at"].isoformat(),
+            "causationId": r["causation_id"],
+            "data": r["data"],
+        }
+        for r in rows
+    ]
 
 
 async def stuck_escrows(

@@ -26,6 +26,7 @@ from typing import Any
 import asyncpg
 
 from escrow_stream.db.leases import WorkTable, lease_due
+from escrow_stream.domain import fitted
 from escrow_stream.metrics import UNMATCHED_FUNDS
 
 #: Due: to be sent back, or a Stripe refund to read again (NULL: waiting for a webhook).
@@ -126,7 +127,7 @@ async def record(
         funds.amount,
         funds.currency,
         funds.reason,
-        (funds.detail or "")[:2000] or None,
+        fitted(funds.detail or "") or None,
         funds.status.value,
         funds.sender_address,
         screening,
@@ -194,7 +195,7 @@ async def settle(
         funds_id,
         status.value,
         reference,
-        error[:2000] if error else None,
+        fitted(error) if error else None,
         now,
     )
     if row is None:
@@ -213,7 +214,7 @@ async def retry_later(
          WHERE funds_id = $1 AND status = 'RETURNING'
         """,
         funds_id,
-        error[:2000],
+        fitted(error),
         at,
         now,
     )

@@ -17,9 +17,10 @@ Design notes
   escrow's *current* snapshot (for the newest command, the common crash-redelivery case,
   that is byte-for-byte the original event; for older commands it keeps the compacted
   events topic from moving backwards).
-  Rejections and no-ops produce no event, so they are *not* recorded: a duplicate of a
-  rejected command is decided again, which yields the same rejection while nothing changed
-  (and the right answer if something did). An evicted commandId is decided afresh.
+  Rejections and no-ops produce no event, so the escrow does not record them: the
+  processor keeps them in the ``command-outcomes`` table (``tables/outcomes.py``), and a
+  redelivered rejected command gets its recorded rejection back, never a new decision
+  against a state that may have moved on. An evicted commandId is decided afresh.
 * **Check precedence** is documented in ``escrow_stream.domain.decide``.
 * **Timeouts** are system commands with reason TIMEOUT: CancelEscrow in AWAIT_FUNDS past
   expiresAt; in DELIVERED past autoRefundAt, RefundEscrow (``delivered_timeout_action=
@@ -49,6 +50,7 @@ Design notes
   reason, openedAt, closedAt, receivable) are decided as documented in ``decide``.
 """
 
+from ._model import SHORT_TEXT_LENGTH_MAX, TEXT_LENGTH_MAX, fitted
 from .commands import (
     COMMAND_TYPES,
     CancelEscrow,
@@ -112,7 +114,9 @@ from .timeouts import timeout_command_for
 __all__ = [
     "COMMAND_TYPES",
     "EVENT_TYPES",
+    "SHORT_TEXT_LENGTH_MAX",
     "TERMINAL_STATUSES",
+    "TEXT_LENGTH_MAX",
     "TRANSITIONS",
     "Actor",
     "ActorRole",
@@ -161,6 +165,7 @@ __all__ = [
     "decide",
     "event_id_for",
     "evolve",
+    "fitted",
     "is_allowed_transition",
     "is_release_path",
     "json_schemas",

@@ -53,6 +53,16 @@ def no_control_characters(value: str, allowed: frozenset[str] = frozenset()) -> 
     return value
 
 
+def fitted(value: str, length_max: int = TEXT_LENGTH_MAX) -> str:
+    """Outside words (a provider's error message or code) made to fit a text field: C0
+    controls other than tab and newline become spaces, and at most ``length_max``
+    characters are kept (``SHORT_TEXT_LENGTH_MAX`` for codes and reasons)."""
+    cleaned = "".join(
+        " " if (c < " " or c == "\x7f") and c not in FREE_TEXT_CONTROLS else c for c in value
+    )
+    return cleaned[:length_max]
+
+
 def _free_text(value: str) -> str:
     return no_control_characters(value, FREE_TEXT_CONTROLS)
 

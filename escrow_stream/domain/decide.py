@@ -374,8 +374,8 @@ def _decide_create(
 
 # --- rules per command (status, authorization and pending settlement already checked) ---
 
-Outcome = EventData | Refusal
-Rule = Callable[[Escrow, Any, datetime, DomainSettings, DecisionContext | None], Outcome]
+RuleResult = EventData | Refusal
+Rule = Callable[[Escrow, Any, datetime, DomainSettings, DecisionContext | None], RuleResult]
 
 
 def _record_instructions(
@@ -384,7 +384,7 @@ def _record_instructions(
     now: datetime,
     settings: DomainSettings,
     context: DecisionContext | None,
-) -> Outcome:
+) -> RuleResult:
     p = cmd.payload
     return check_provider_matches_rail(state, p.provider) or PaymentInstructionsRecordedData(
         provider=p.provider,
@@ -399,7 +399,7 @@ def _confirm_funds(
     now: datetime,
     settings: DomainSettings,
     context: DecisionContext | None,
-) -> Outcome:
+) -> RuleResult:
     p = cmd.payload
     return (
         check_provider_matches_rail(state, p.provider)
@@ -420,7 +420,7 @@ def _record_payment_failure(
     now: datetime,
     settings: DomainSettings,
     context: DecisionContext | None,
-) -> Outcome:
+) -> RuleResult:
     p = cmd.payload
     return check_provider_matches_rail(state, p.provider) or PaymentFailedData(
         provider=p.provider,
@@ -436,7 +436,7 @@ def _cancel(
     now: datetime,
     settings: DomainSettings,
     context: DecisionContext | None,
-) -> Outcome:
+) -> RuleResult:
     if is_system_timeout(cmd):
         refusal = check_deadline_reached(state.expires_at, now, "payment deadline")
         if refusal is not None:
@@ -453,7 +453,7 @@ def _mark_delivered(
     now: datetime,
     settings: DomainSettings,
     context: DecisionContext | None,
-) -> Outcome:
+) -> RuleResult:
     return EscrowDeliveredData(
         note=cmd.payload.note,
         evidence_keys=cmd.payload.evidence_keys,
@@ -523,7 +523,7 @@ def _release(
     now: datetime,
     settings: DomainSettings,
     context: DecisionContext | None,
-) -> Outcome:
+) -> RuleResult:
     if is_system_timeout(cmd):
         refusal = _delivered_timeout(state, now, settings, "release")
         if refusal is not None:
@@ -541,7 +541,7 @@ def _raise_dispute(
     now: datetime,
     settings: DomainSettings,
     context: DecisionContext | None,
-) -> Outcome:
+) -> RuleResult:
     return EscrowDisputedData(reason=cmd.payload.reason, evidence_keys=cmd.payload.evidence_keys)
 
 
@@ -551,7 +551,7 @@ def _resolve_dispute(
     now: datetime,
     settings: DomainSettings,
     context: DecisionContext | None,
-) -> Outcome:
+) -> RuleResult:
     p = cmd.payload
     if p.resolution == SettlementKind.RELEASE:
         refusal = check_kyc_verified(settings, context, (state.buyer_id, state.seller_id))
@@ -566,7 +566,7 @@ def _refund(
     now: datetime,
     settings: DomainSettings,
     context: DecisionContext | None,
-) -> Outcome:
+) -> RuleResult:
     if is_system_timeout(cmd):
         refusal = _delivered_timeout(state, now, settings, "refund")
         if refusal is not None:
@@ -580,7 +580,7 @@ def _confirm_settlement(
     now: datetime,
     settings: DomainSettings,
     context: DecisionContext | None,
-) -> Outcome:
+) -> RuleResult:
     p = cmd.payload
     settlement = state.settlement
     assert settlement is not None  # guaranteed by check_settlement_state
@@ -620,7 +620,7 @@ def _record_settlement_failure(
     now: datetime,
     settings: DomainSettings,
     context: DecisionContext | None,
-) -> Outcome:
+) -> RuleResult:
     settlement = state.settlement
     assert settlement is not None  # guaranteed by check_settlement_state
     p = cmd.payload
@@ -640,7 +640,7 @@ def _deliver_milestone(
     now: datetime,
     settings: DomainSettings,
     context: DecisionContext | None,
-) -> Outcome:
+) -> RuleResult:
     found = find_milestone_or_refusal(state, cmd.payload.milestone_id)
     if isinstance(found, Refusal):
         return found
@@ -668,7 +668,7 @@ def _release_milestone(
     now: datetime,
     settings: DomainSettings,
     context: DecisionContext | None,
-) -> Outcome:
+) -> RuleResult:
     refusal = check_kyc_verified(settings, context, (state.buyer_id, state.seller_id))
     if refusal is not None:
         return refusal
@@ -699,7 +699,7 @@ def _resume_settlement(
     now: datetime,
     settings: DomainSettings,
     context: DecisionContext | None,
-) -> Outcome:
+) -> RuleResult:
     """The awaiting release, requested again (same settlement) to the now-ACTIVE account."""
     settlement = state.settlement
     assert settlement is not None  # guaranteed by check_settlement_state
@@ -724,7 +724,7 @@ def _open_chargeback(
     now: datetime,
     settings: DomainSettings,
     context: DecisionContext | None,
-) -> Outcome:
+) -> RuleResult:
     """Record the chargeback; book what the held funds do not cover as a receivable."""
     p = cmd.payload
     refusal = check_provider_matches_rail(state, p.provider)
@@ -761,7 +761,7 @@ def _close_chargeback(
     now: datetime,
     settings: DomainSettings,
     context: DecisionContext | None,
-) -> Outcome:
+) -> RuleResult:
     """WON: the receivable reversed, the escrow continues.  LOST: the network refunded the
     buyer — from the held funds (the escrow ends REFUNDED, reason CHARGEBACK), or, once they
     have left, at the platform's cost (the receivable stays)."""

@@ -41,11 +41,14 @@ import httpx
 
 from escrow_stream.config import Settings
 from escrow_stream.payments.common import PermanentSettlementError, settlement_key
+from escrow_stream.retry import delays
 
 ASSET = "USDC"
 NETWORK = "base"
 ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 RETRY_CAP_S = 10.0
+#: Waits after the first are at least this long, so ``ESCROW_RETRY_DELAY_MS=0`` backs off too.
+RETRY_FLOOR_S = 0.01
 #: Answers whose outcome is unknown or that ask us to come back later.
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
 #: Listing (reconciliation): objects per page, and pages at most (a bound, not a limit hit).
@@ -156,7 +159,7 @@ class CustodianClient:
     async def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         """The JSON object answered, retried (module docstring); raises CustodianRefused or
         CustodianUnavailable."""
-        delay_s = self._delay_s
+        waits = delays(self._delay_s, RETRY_CAP_S, floor_s=RETRY_FLOOR_S)
         for attempt in range(self._retries + 1):
             last = attempt == self._retries
             try:
@@ -179,8 +182,7 @@ class CustodianClient:
                     raise CustodianRefused(status, code, message)
                 if last:
                     raise CustodianUnavailable(f"{method} {path}: HTTP {status}")
-            await asyncio.sleep(delay_s)
-            delay_s = min(RETRY_CAP_S, max(delay_s * 2, 0.01))
+            await asyncio.sleep(next(waits))
         raise AssertionError("unreachable")
 
 

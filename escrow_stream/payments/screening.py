@@ -55,6 +55,7 @@ import httpx
 
 from escrow_stream.config import Settings
 from escrow_stream.payments.custodian import is_address
+from escrow_stream.retry import backoff_s
 
 log = logging.getLogger(__name__)
 
@@ -396,7 +397,8 @@ class RiskScreener:
                 retry_after_s = _retry_after_s(response)
             if attempt + 1 == attempts:
                 raise ScreeningUnavailable(f"{provider}: {problem} ({attempts} attempt(s))")
-            delay_s = min(RETRY_DELAY_CAP_S, max(self._first_delay_s * 2**attempt, retry_after_s))
+            backoff = backoff_s(attempt, self._first_delay_s, RETRY_DELAY_CAP_S)
+            delay_s = min(RETRY_DELAY_CAP_S, max(backoff, retry_after_s))
             log.warning(
                 "%s: %s; retrying in %.3f s (attempt %d of %d)",
                 provider,

@@ -27,6 +27,10 @@ class StripeUnavailable(Exception):
     """Stripe gave no usable answer; the caller answers 503 and the seller tries again."""
 
 
+class AccountNotFound(Exception):
+    """The provider has no such account (an admin named a Connect account that is not ours)."""
+
+
 def account_key(user_id: str) -> str:
     return f"payout-account:{user_id}"
 

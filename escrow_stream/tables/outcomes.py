@@ -12,7 +12,7 @@ Value: ``{"entries": [{"key": ..., "rejection": {...} | null, "fingerprint": ...
 (the fingerprint of the command's type and payload, ``domain.command_fingerprint``: the same
 commandId with another payload is COMMAND_ID_REUSED, not this outcome), oldest first, at
 most ``ESCROW_RECENT_COMMANDS_MAX`` entries (FIFO eviction).  The key is the commandId with
-the sender's role and id (``handling.record_key``): a redelivery has the same sender, and a
+the sender's role and id (:func:`record_key`): a redelivery has the same sender, and a
 forger reusing someone else's commandId cannot pre-empt their command's outcome.
 """
 
@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import faust
 from faust.types import TableT
 
-from escrow_stream.domain import Rejection
+from escrow_stream.domain import Command, Rejection
 
 TABLE_NAME = "command-outcomes"
 TABLE_HELP = "Recent rejected and no-op commands by escrowId, for duplicate detection."
@@ -42,13 +42,40 @@ class Found(NamedTuple):
     fingerprint: str | None
 
 
+def record_key(command: Command) -> str:
+    """A command's key in this table: its commandId, its sender's role and id."""
+    return f"{command.command_id}|{command.actor.role}|{command.actor.id}"
+
+
+def _sent(key: str) -> tuple[str, str]:
+    """(commandId, sender id) of a :func:`record_key`."""
+    command_id, _, rest = key.partition("|")
+    return command_id, rest.partition("|")[2]
+
+
+def _found(entry: dict[str, Any]) -> Found:
+    rejection = entry.get("rejection")
+    outcome = None if rejection is None else Rejection.model_validate(rejection)
+    return Found(outcome, entry.get("fingerprint"))
+
+
 def find(value: dict[str, Any] | None, key: str) -> Found | None:
     """The recorded outcome of the command ``key`` in a stored value, if any."""
     for entry in (value or {}).get("entries", []):
         if entry["key"] == key:
-            rejection = entry.get("rejection")
-            outcome = None if rejection is None else Rejection.model_validate(rejection)
-            return Found(outcome, entry.get("fingerprint"))
+            return _found(entry)
+    return None
+
+
+def find_command(
+    value: dict[str, Any] | None, command_id: str, sender_id: str | None = None
+) -> Found | None:
+    """The first recorded outcome of commandId ``command_id`` whoever sent it, or (with
+    ``sender_id``) only one that user sent."""
+    for entry in (value or {}).get("entries", []):
+        recorded_id, sender = _sent(entry["key"])
+        if recorded_id == command_id and sender_id in (None, sender):
+            return _found(entry)
     return None
 
 

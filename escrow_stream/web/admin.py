@@ -18,6 +18,7 @@ from faust.web import Request, Response, View
 from pydantic import BaseModel, ConfigDict
 
 from escrow_stream.db import unmatched
+from escrow_stream.db.pool import Database
 from escrow_stream.db.unmatched import FundsStatus
 from escrow_stream.web.auth import Role
 from escrow_stream.web.gateway import Gateway, json_response
@@ -75,7 +76,7 @@ def _invalid(field: str, message: str) -> Problem:
     return Problem(422, "VALIDATION_FAILED", message, errors=errors)
 
 
-def register(app: faust.App, gateway: Gateway) -> None:
+def register(app: faust.App, gateway: Gateway, database: Database) -> None:
     @app.page("/api/admin/unmatched-funds")
     class UnmatchedFundsView(View):
         async def get(self, request: Request) -> Response:
@@ -93,7 +94,7 @@ def register(app: faust.App, gateway: Gateway) -> None:
             raw_limit = query.get("limit", str(LIMIT_DEFAULT))
             if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= LIMIT_MAX:
                 raise _invalid("limit", f"limit must be 1 to {LIMIT_MAX}")
-            pool = await gateway.database.pool()
+            pool = await database.pool()
             rows = await unmatched.listing(
                 pool, status=status, escrow_id=query.get("escrowId") or None, limit=int(raw_limit)
             )

@@ -13,7 +13,7 @@ that a delivery's or dispute's ``evidenceKeys`` name objects uploaded for that e
    headers the upload must carry (:mod:`escrow_stream.storage`, steps 1-2).
 
 MarkDelivered and RaiseDispute are checked before acceptance by :func:`check_evidence`,
-which the gateway calls once :func:`register` has installed it.
+which the composition root (``app.py``) hands to the escrow views (``web/escrows.py``).
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ from escrow_stream.storage import (
     is_evidence_key,
 )
 from escrow_stream.web.auth import Role
-from escrow_stream.web.gateway import Gateway, json_response, may_read
+from escrow_stream.web.gateway import Gateway, authorization, json_response, may_read
 from escrow_stream.web.problems import Problem
+from escrow_stream.web.reads import EscrowReader
 
 
 class _In(BaseModel):
@@ -118,13 +119,8 @@ async def check_evidence(store: EvidenceStore, command: Command) -> None:
         )
 
 
-def register(app: faust.App, gateway: Gateway, store: EvidenceStore) -> None:
-    """Register the upload views and install the evidence check on the gateway."""
-
-    async def _check(command: Command) -> None:
-        await check_evidence(store, command)
-
-    gateway.check_evidence = _check
+def register(app: faust.App, gateway: Gateway, reader: EscrowReader, store: EvidenceStore) -> None:
+    """Register the upload views."""
 
     @app.page("/api/escrow/{escrow_id}/evidence")
     class EvidenceUpload(View):
@@ -132,7 +128,7 @@ def register(app: faust.App, gateway: Gateway, store: EvidenceStore) -> None:
             principal = await gateway.principal(request)
             body, _ = await gateway.body(request, EvidenceUploadBody)
             assert isinstance(body, EvidenceUploadBody)
-            escrow = await gateway.existing(request, escrow_id)
+            escrow = await reader.existing(escrow_id, authorization(request))
             if not may_read(principal, escrow):
                 raise Problem(
                     403, "NOT_AUTHORIZED", "only the escrow's parties and admins upload evidence"
@@ -150,6 +146,6 @@ def register(app: faust.App, gateway: Gateway, store: EvidenceStore) -> None:
                 )
             body, _ = await gateway.body(request, ContractUploadBody)
             assert isinstance(body, ContractUploadBody)
-            await gateway.existing(request, escrow_id)
+            await reader.existing(escrow_id, authorization(request))
             upload = await store.contract_upload(escrow_id, body.file_name)
             return json_response(self, ticket(upload), 201)

@@ -210,8 +210,8 @@ def _admin_paths() -> dict[str, Any]:
 
 def openapi_document() -> dict[str, Any]:
     from escrow_stream.storage import EVIDENCE_SIZE_MAX_BYTES
+    from escrow_stream.web.escrows import ACTIONS, MILESTONE_ACTIONS
     from escrow_stream.web.evidence import ContractUploadBody, EvidenceUploadBody, UploadTicket
-    from escrow_stream.web.gateway import ACTIONS, MILESTONE_ACTIONS
 
     id_param = {"name": "escrow_id", "in": "path", "required": True, "schema": {"type": "string"}}
     paths: dict[str, Any] = {

@@ -8,18 +8,19 @@ from faust.web import Request, Response, View
 
 from escrow_stream.db import effects
 from escrow_stream.db.effects import EffectState
+from escrow_stream.db.pool import Database
 from escrow_stream.web.auth import Role
 from escrow_stream.web.gateway import Gateway, json_response
 from escrow_stream.web.problems import Problem
 from escrow_stream.web.schemas import PaymentInstructions
 
 
-def register(app: faust.App, gateway: Gateway) -> None:
+def register(app: faust.App, gateway: Gateway, database: Database) -> None:
     @app.page("/api/escrow/{escrow_id}/payment")
     class EscrowPayment(View):
         async def get(self, request: Request, escrow_id: str) -> Response:
             principal = await gateway.principal(request)
-            pool = await gateway.database.pool()
+            pool = await database.pool()
             row = await effects.get(pool, effects.instructions_key(escrow_id))
             if row is None:
                 raise Problem(404, "NOT_FOUND", f"no payment instructions for escrow {escrow_id}")

@@ -22,18 +22,19 @@ account resumes the seller's releases that waited for it (``agents/payouts.py``)
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import faust
 from faust.web import Request, Response, View
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
-from escrow_stream.agents.payouts import AccountNotFound, PayoutService
+from escrow_stream.clock import Clock
 from escrow_stream.db.payouts import PayoutAccount, PayoutStatus
 from escrow_stream.domain import Rail
 from escrow_stream.payments.addresses import address_problem
-from escrow_stream.payments.stripe_connect import StripeUnavailable
+from escrow_stream.payments.stripe_connect import AccountNotFound, StripeUnavailable
 from escrow_stream.web.auth import Principal, Role
 from escrow_stream.web.gateway import Gateway, json_response
 from escrow_stream.web.problems import Problem
@@ -127,6 +128,26 @@ class PayoutAccountList(BaseModel):
     accounts: list[PayoutAccountOut]
 
 
+class PayoutAccounts(Protocol):
+    """What the views ask of the payout-account service (``agents/payouts.PayoutService``)."""
+
+    async def accounts(self, user_id: str) -> list[PayoutAccount]: ...
+
+    async def onboard_stripe(self, user_id: str) -> tuple[PayoutAccount, str]: ...
+
+    async def set_stripe(self, user_id: str, account_id: str, updated_by: str) -> PayoutAccount: ...
+
+    async def set_wallet(self, user_id: str, address: str, updated_by: str) -> PayoutAccount: ...
+
+    async def reject(
+        self, user_id: str, rail: Rail, destination: str, updated_by: str
+    ) -> PayoutAccount: ...
+
+    async def stripe_account_updated(
+        self, account_id: str, payouts_enabled: bool, event_at: datetime
+    ) -> list[PayoutAccount]: ...
+
+
 def _listing(user_id: str, accounts: list[PayoutAccount]) -> dict[str, Any]:
     return {"userId": user_id, "accounts": [a.as_json() for a in accounts]}
 
@@ -141,8 +162,11 @@ def _unavailable(exc: Exception) -> Problem:
     return Problem(503, "PROVIDER_UNAVAILABLE", str(exc), headers={"Retry-After": "5"})
 
 
-def register(app: faust.App, gateway: Gateway, service: PayoutService) -> None:
-    """Register the views and install the ``account.updated`` handler on the gateway."""
+def account_updated_handler(
+    service: PayoutAccounts, clock: Clock
+) -> Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]:
+    """What the Stripe webhook does with ``account.updated`` (wired in ``app.py``): the
+    seller's payout account ACTIVE with ``payouts_enabled``, else back to PENDING."""
 
     async def account_updated(event: dict[str, Any]) -> dict[str, Any]:
         account = (event.get("data") or {}).get("object") or {}
@@ -150,12 +174,16 @@ def register(app: faust.App, gateway: Gateway, service: PayoutService) -> None:
         if not isinstance(account_id, str) or not account_id.startswith("acct_"):
             raise Problem(400, "INVALID_EVENT", "account.updated without an account id")
         created = event.get("created")
-        at = datetime.fromtimestamp(created, UTC) if isinstance(created, int) else gateway.clock()
+        at = datetime.fromtimestamp(created, UTC) if isinstance(created, int) else clock()
         enabled = account.get("payouts_enabled") is True
         changed = await service.stripe_account_updated(account_id, enabled, at)
         return {"received": True, "accounts": [a.as_json()["status"] for a in changed]}
 
-    gateway.on_account_updated = account_updated
+    return account_updated
+
+
+def register(app: faust.App, gateway: Gateway, service: PayoutAccounts) -> None:
+    """Register the payout-account views."""
 
     async def user_only(request: Request) -> Principal:
         principal = await gateway.principal(request)

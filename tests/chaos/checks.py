@@ -16,10 +16,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from escrow_stream.commands import read_table_from_changelog
 from escrow_stream.db.pool import create_pool
 from escrow_stream.db.queries import reconcile
 from escrow_stream.domain import Escrow, check_invariants, is_allowed_transition
+from escrow_stream.runbooks import read_table_from_changelog
 from tests.chaos.scenario import Expected
 from tests.harness import Stack, mirrored_snapshots
 

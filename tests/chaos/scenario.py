@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from escrow_stream.agents.handling import record_key
 from escrow_stream.domain import (
     DecisionContext,
     DomainSettings,
@@ -24,6 +23,7 @@ from escrow_stream.domain import (
     decide,
     parse_command,
 )
+from escrow_stream.tables.outcomes import record_key
 from tests.harness import TEST_PAYOUTS, wire_command
 
 BUYER = {"id": "buyer-c", "role": "user"}

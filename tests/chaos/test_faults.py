@@ -25,8 +25,7 @@ from typing import Any
 
 import pytest
 
-from escrow_stream.agents.processor import domain_settings
-from escrow_stream.config import Settings
+from escrow_stream.config import Settings, domain_settings
 from tests.chaos.checks import check, collect, produce_slowly
 from tests.chaos.scenario import SELLER, Expected, escrow_script, expected_outcomes, interleave
 from tests.e2e.test_http_flow import create_body

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from escrow_stream.agents.processor import domain_settings
-from escrow_stream.config import Settings
+from escrow_stream.config import Settings, domain_settings
 from tests.chaos.checks import check, collect, produce_slowly
 from tests.chaos.scenario import SELLER, escrow_script, expected_outcomes, interleave
 from tests.harness import Stack, WorkerProcess, activate_payouts

@@ -20,9 +20,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from escrow_stream.agents.processor import make_command
 from escrow_stream.config import Settings
 from escrow_stream.db.queries import reconcile, stuck_escrows
+from escrow_stream.messages import make_command
 from escrow_stream.web.auth import Role
 from tests.e2e.test_http_reads import call, escrow_when, token
 from tests.e2e.test_webhooks_stripe import deliver, sign

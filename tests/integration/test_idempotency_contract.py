@@ -13,6 +13,7 @@ from pydantic import SecretStr
 
 from escrow_stream.config import Settings
 from escrow_stream.db.pool import Database
+from escrow_stream.db.unit_of_work import PostgresUnits
 from escrow_stream.idempotency import (
     BeginKind,
     DatabaseIdempotencyStore,
@@ -44,6 +45,26 @@ class IdempotencyContract:
     @pytest.fixture
     def user(self) -> str:
         return f"idem-{uuid.uuid4().hex[:12]}"
+
+    @pytest.fixture
+    async def units(self, stack_settings: Settings) -> AsyncIterator[PostgresUnits]:
+        database = Database(stack_settings)
+        yield PostgresUnits(database)
+        await database.close()
+
+    async def test_complete_in_commits_with_the_callers_unit_of_work(
+        self, store: IdempotencyStore, units: PostgresUnits, user: str
+    ) -> None:
+        await store.begin(user, "k", "h", NOW)
+        with pytest.raises(RuntimeError):
+            async with units.begin() as unit:
+                await store.complete_in(unit, user, "k", 202, BODY)
+                raise RuntimeError("the outbox insert failed")
+        assert (await store.begin(user, "k", "h", NOW)).kind is BeginKind.CONFLICT_IN_FLIGHT
+        async with units.begin() as unit:
+            await store.complete_in(unit, user, "k", 202, BODY)
+        replay = await store.begin(user, "k", "h", NOW)
+        assert (replay.kind, replay.body) == (BeginKind.REPLAY, BODY)
 
     async def test_new_then_replay(self, store: IdempotencyStore, user: str) -> None:
         assert (await store.begin(user, "k", "hash-1", NOW)).kind is BeginKind.NEW
@@ -156,21 +177,6 @@ class TestDatabaseStore(IdempotencyContract):
         pool = await database.pool()
         await pool.execute("DELETE FROM command_idempotency WHERE user_id LIKE $1", f"{user}%")
 
-    async def test_complete_in_commits_with_the_callers_transaction(
-        self, store: DatabaseIdempotencyStore, database: Database, user: str
-    ) -> None:
-        await store.begin(user, "k", "h", NOW)
-        pool = await database.pool()
-        with pytest.raises(RuntimeError):
-            async with pool.acquire() as conn, conn.transaction():
-                await store.complete_in(conn, user, "k", 202, BODY)
-                raise RuntimeError("the outbox insert failed")
-        assert (await store.begin(user, "k", "h", NOW)).kind is BeginKind.CONFLICT_IN_FLIGHT
-        async with pool.acquire() as conn, conn.transaction():
-            await store.complete_in(conn, user, "k", 202, BODY)
-        replay = await store.begin(user, "k", "h", NOW)
-        assert (replay.kind, replay.body) == (BeginKind.REPLAY, BODY)
-
 
 class TestRedisStore(IdempotencyContract):
     purge_deletes = False
@@ -230,9 +236,16 @@ class TestFallbackStoreWithRedisDown(IdempotencyContract):
         assert (await store.begin(user, "k", "h", NOW)).kind is BeginKind.NEW
         database = Database(stack_settings)
         try:
+            async with PostgresUnits(database).begin() as unit:
+                await store.complete_in(unit, user, "k", 202, BODY)
+                # in the unit's own transaction, not after it
+                assert (
+                    await unit.connection.fetchval(
+                        "SELECT state FROM command_idempotency WHERE user_id = $1", user
+                    )
+                    == "completed"
+                )
             pool = await database.pool()
-            async with pool.acquire() as conn, conn.transaction():
-                assert await store.complete_in(conn, user, "k", 202, BODY)
             state = await pool.fetchval(
                 "SELECT state FROM command_idempotency WHERE user_id = $1", user
             )

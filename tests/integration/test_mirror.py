@@ -18,7 +18,6 @@ import asyncpg
 import pytest
 
 from escrow_stream.agents.mirror import apply_with_retry
-from escrow_stream.agents.processor import encode_event
 from escrow_stream.config import Settings, load_settings
 from escrow_stream.db import migrate
 from escrow_stream.db.mirror import Mirror, MirrorRecord, MirrorResult
@@ -35,6 +34,7 @@ from escrow_stream.domain import (
     decide,
     parse_command,
 )
+from escrow_stream.messages import encode_event
 from tests.support import free_port, stack_environ, unique
 
 pytestmark = pytest.mark.integration

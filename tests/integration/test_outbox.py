@@ -24,8 +24,9 @@ from escrow_stream.agents.outbox import OutboxRelay
 from escrow_stream.clock import utc_now
 from escrow_stream.config import Settings
 from escrow_stream.db import migrate, outbox
-from escrow_stream.db.outbox import ATTEMPTS_MAX, OutboxPublisher, backoff_s
+from escrow_stream.db.outbox import ATTEMPTS_MAX, BACKOFF_BASE_S, BACKOFF_MAX_S, OutboxPublisher
 from escrow_stream.db.pool import Database
+from escrow_stream.retry import backoff_s
 from escrow_stream.signing import signature_headers, verify
 from tests.harness import Stack
 from tests.support import unique
@@ -247,7 +248,8 @@ async def test_unreachable_broker_backs_off_then_dead_letters_and_replay_recover
     assert row["dead_lettered_at"] is not None
     assert metric("escrow_outbox_dead_letters_total") - dead_before == 1
     assert metric("escrow_outbox_pending") == 0
-    assert backoffs == [backoff_s(a) for a in range(1, ATTEMPTS_MAX + 1)]
+    expected = [backoff_s(a, BACKOFF_BASE_S, BACKOFF_MAX_S) for a in range(1, ATTEMPTS_MAX + 1)]
+    assert backoffs == expected
     assert backoffs[:3] == [2.0, 4.0, 8.0] and backoffs[-1] == 300.0  # capped
 
     pool = await database.pool()

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from escrow_stream.commands import read_table_from_changelog
 from escrow_stream.config import Settings
+from escrow_stream.runbooks import read_table_from_changelog
 from tests.chaos.scenario import escrow_script
 from tests.harness import Stack
 

@@ -7,13 +7,13 @@ import hmac
 
 import pytest
 
-from escrow_stream.web.problems import Problem
-from escrow_stream.web.webhooks import (
+from escrow_stream.web.custodian_webhook import (
     custodian_command,
     custodian_deposit,
     custodian_signature,
     verify_custodian,
 )
+from escrow_stream.web.problems import Problem
 
 SECRET = "whsec_unit_test_only"
 BODY = b'{"id":"evt_1","type":"deposit.confirmed"}'

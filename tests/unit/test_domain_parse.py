@@ -133,3 +133,11 @@ def test_several_problems_are_all_reported_with_the_command_id() -> None:
     assert {"payload.amount", "payload.rail"} <= set(fields)
     assert caught.value.command_id == "c1"
     assert caught.value.command_type == "CreateEscrow"
+
+
+def test_outside_words_are_fitted_to_text_fields() -> None:
+    from escrow_stream.domain import SHORT_TEXT_LENGTH_MAX, fitted
+
+    assert fitted("card\x00declined\r\n\tbank") == "card declined \n\tbank"
+    assert fitted("x" * 5000) == "x" * 2000
+    assert fitted("c" * 300, SHORT_TEXT_LENGTH_MAX) == "c" * 200

@@ -8,13 +8,14 @@ from pathlib import Path
 from click.testing import CliRunner
 from domain_support import T0, days, reach
 
-from escrow_stream.agents.handling import handle, record_key
+from escrow_stream.agents.handling import handle
 from escrow_stream.agents.timeouts import due_timeouts
 from escrow_stream.cli import main
 from escrow_stream.domain import DomainSettings, RejectionCode, command_fingerprint, parse_command
 from escrow_stream.signing import signature_headers
 from escrow_stream.tables import escrows as escrow_table
 from escrow_stream.tables import outcomes
+from escrow_stream.tables.outcomes import record_key
 
 RULES = DomainSettings()
 SECRET = "unit-test-secret"

@@ -17,8 +17,7 @@ from escrow_stream.agents.payments import (
     succeeded,
     wanted_effect,
 )
-from escrow_stream.agents.processor import domain_settings
-from escrow_stream.config import ConfigError, load_settings
+from escrow_stream.config import ConfigError, domain_settings, load_settings
 from escrow_stream.db.effects import Effect, EffectKind, EffectState
 from escrow_stream.domain import (
     DecisionContext,
