@@ -26,8 +26,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from escrow_stream.kafka import client_kwargs, topic_partitions
 from escrow_stream.topics import TopicSpec, create_topics
-from tests.harness import Stack, wire_command
-from tests.support import unique
+from tests.builders import wire_command
+from tests.harness import Stack, unique
 
 BUYER = {"id": "bench-buyer", "role": "user"}
 SELLER = {"id": "bench-seller", "role": "user"}

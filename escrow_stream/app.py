@@ -14,38 +14,39 @@ import ssl
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
-import aiohttp_cors
 import faust
 import redis.asyncio
+from faust.types import TableT
 
 from escrow_stream import liveness, transport
 from escrow_stream.agents import (
+    deposit_screening,
     mirror,
-    payments,
+    payment_effects,
     payouts,
     processor,
-    screening,
+    relay,
     timeouts,
     unmatched,
 )
-from escrow_stream.agents import outbox as outbox_agent
 from escrow_stream.agents import reconcile as reconcile_agent
+from escrow_stream.agents.relay import OutboxPublisher
 from escrow_stream.clock import Clock, utc_now
 from escrow_stream.config import ConfigError, Settings, domain_settings, load_settings
 from escrow_stream.db.kyc import KycDirectory
-from escrow_stream.db.outbox import OutboxPublisher
 from escrow_stream.db.payouts import PayoutDirectory
 from escrow_stream.db.pool import Database
 from escrow_stream.db.unit_of_work import PostgresUnits
-from escrow_stream.idempotency import build_idempotency_store
+from escrow_stream.idempotency import IdempotencyStore, build_idempotency_store
 from escrow_stream.intake import Intake
 from escrow_stream.kafka import SharedAdmin
 from escrow_stream.liveness import ProgressMonitor
 from escrow_stream.messages import Topics
 from escrow_stream.payments.custodian import CustodianClient, CustodianRail
-from escrow_stream.payments.screening import RiskScreener
+from escrow_stream.payments.risk import RiskScreener
 from escrow_stream.payments.stripe_connect import StripeConnect
 from escrow_stream.payments.stripe_rail import StripeRail
 from escrow_stream.redisconn import redis_client
@@ -65,6 +66,7 @@ from escrow_stream.web import (
 from escrow_stream.web import escrows as escrow_views
 from escrow_stream.web import payment as payment_view
 from escrow_stream.web import payouts as payout_views
+from escrow_stream.web.cors import cors_options
 from escrow_stream.web.middleware import make_middleware
 from escrow_stream.web.ratelimit import MemoryCounter, RateLimiter, RedisCounter
 
@@ -90,13 +92,48 @@ def new_uuid() -> str:
     return str(uuid.uuid4())
 
 
+#: Something to close when the worker stops (a client, a pool).
+Closer = Callable[[], Awaitable[None]]
+
+
 def create_app(
     settings: Settings, clock: Clock = utc_now, new_id: Callable[[], str] = new_uuid
 ) -> faust.App:
-    """Build the application and register everything on it."""
+    """Build the application and register everything on it: the Faust app, the command
+    processor and its tables, payouts, payments effects, reconciliation, health and
+    readiness, the web layer, the outbox relay, and closing the clients at shutdown."""
     shared_redis = redis_client(settings)
     limiter = rate_limiter(settings, shared_redis)
-    app = transport.App(
+    app = faust_app(settings, clock, limiter)
+    database = Database(settings)
+    core = register_processing(app, settings, clock, database)
+    publisher = OutboxPublisher(settings, database, clock)
+    screener = RiskScreener(settings)
+    closers: list[Closer] = [database.close, screener.aclose]
+    payout_service = payouts.PayoutService(
+        settings, clock, database, screener, StripeConnect(settings), publisher
+    )
+    payouts.register(app, payout_service, core.escrows)
+    if settings.payments_effects_enabled:
+        closers += register_payments(app, settings, clock, database, core, publisher, screener)
+    if settings.reconcile_interval_minutes > 0:
+        reconciler = reconcile_agent.ProviderReconciler(settings, clock, database)
+        reconcile_agent.register(app, reconciler)
+    health.register(app, clock, core.progress)
+    operations.register(app, readiness_checks(app, settings, database, shared_redis, closers))
+    if settings.metrics_enabled:
+        operations.serve_metrics_alone(app, settings.metrics_port)
+    idempotency = build_idempotency_store(settings, database, shared_redis)
+    services = WebServices(database, core, limiter, publisher, payout_service, idempotency)
+    register_web(app, settings, clock, new_id, services)
+    relay.register(app, publisher, idempotency, clock)
+    close_at_shutdown(app, closers, shared_redis)
+    return app
+
+
+def faust_app(settings: Settings, clock: Clock, limiter: RateLimiter) -> faust.App:
+    """The Faust app and its settings (broker, tables, web server, its middleware)."""
+    return transport.App(
         settings.kafka_group_id,
         broker=settings.broker_urls,
         broker_client_id=settings.kafka_client_id,
@@ -126,7 +163,24 @@ def create_app(
             "client_max_size": settings.http_body_max_bytes,
         },
     )
-    database = Database(settings)
+
+
+@dataclass(frozen=True)
+class Processing:
+    """What the command processor's side gives the rest of the app."""
+
+    topics: Topics
+    escrows: TableT[str, Any]
+    recorded_outcomes: TableT[str, Any]
+    kyc: KycDirectory
+    progress: ProgressMonitor
+
+
+def register_processing(
+    app: faust.App, settings: Settings, clock: Clock, database: Database
+) -> Processing:
+    """The topics and tables, the command processor, its liveness, the timeouts and the
+    PostgreSQL mirror of the events."""
     topics = Topics(app, settings)
     escrows = escrow_table.define(app, TABLE_PARTITIONS)
     recorded_outcomes = outcome_table.define(app, TABLE_PARTITIONS)
@@ -150,60 +204,81 @@ def create_app(
     liveness.register(app, progress)
     timeouts.register(app, settings, clock, topics.commands, escrows, domain_settings(settings))
     mirror.register(app, topics.events, database)
-    publisher = OutboxPublisher(settings, database, clock)
-    screener = RiskScreener(settings)
-    closers: list[Callable[[], Awaitable[None]]] = [database.close, screener.aclose]
-    payout_service = payouts.PayoutService(
-        settings, clock, database, screener, StripeConnect(settings), publisher
-    )
-    payouts.register(app, payout_service, escrows)
-    if settings.payments_effects_enabled:
-        custodian = CustodianClient(settings)
-        stripe_rail = StripeRail(settings)
-        rails: dict[str, payments.Rail] = {
-            "STRIPE": stripe_rail,
-            "USDC_BASE": CustodianRail(custodian),
-        }
-        effects = payments.PaymentEffects(settings, clock, database, rails, publisher, screener)
-        payments.register(app, effects, topics.events)
-        closers += [custodian.aclose]
-        screening.register(
-            app, screening.DepositScreening(settings, clock, database, screener, publisher)
-        )
-        returns = unmatched.UnmatchedReturns(settings, clock, database, stripe_rail, custodian)
-        unmatched.register(app, returns, topics.rejections)
-    if settings.reconcile_interval_minutes > 0:
-        reconciler = reconcile_agent.ProviderReconciler(settings, clock, database)
-        reconcile_agent.register(app, reconciler)
-    health.register(app, clock, progress)
-    operations.register(app, readiness_checks(app, settings, database, shared_redis, closers))
-    if settings.metrics_enabled:
-        operations.serve_metrics_alone(app, settings.metrics_port)
+    return Processing(topics, escrows, recorded_outcomes, kyc, progress)
 
-    idempotency = build_idempotency_store(settings, database, shared_redis)
+
+def register_payments(
+    app: faust.App,
+    settings: Settings,
+    clock: Clock,
+    database: Database,
+    core: Processing,
+    publisher: OutboxPublisher,
+    screener: RiskScreener,
+) -> list[Closer]:
+    """The payments effects on both rails, deposit screening and unmatched funds returns
+    (``PAYMENTS_EFFECTS_ENABLED``); what they need closed at shutdown."""
+    custodian = CustodianClient(settings)
+    stripe_rail = StripeRail(settings)
+    rails: dict[str, payment_effects.Rail] = {
+        "STRIPE": stripe_rail,
+        "USDC_BASE": CustodianRail(custodian),
+    }
+    effects = payment_effects.PaymentEffects(settings, clock, database, rails, publisher, screener)
+    payment_effects.register(app, effects, core.topics.events)
+    deposit_screening.register(
+        app,
+        deposit_screening.DepositScreening(settings, clock, database, screener, publisher),
+    )
+    returns = unmatched.UnmatchedReturns(settings, clock, database, stripe_rail, custodian)
+    unmatched.register(app, returns, core.topics.rejections)
+    return [custodian.aclose]
+
+
+@dataclass(frozen=True)
+class WebServices:
+    """The adapters and services the web layer is built on."""
+
+    database: Database
+    core: Processing
+    limiter: RateLimiter
+    publisher: OutboxPublisher
+    payout_service: payouts.PayoutService
+    idempotency: IdempotencyStore
+
+
+def register_web(
+    app: faust.App,
+    settings: Settings,
+    clock: Clock,
+    new_id: Callable[[], str],
+    services: WebServices,
+) -> None:
+    """The HTTP API: escrows, evidence, payment and payouts, the webhooks, admin."""
+    database, core = services.database, services.core
     internal_secret = settings.internal_command_secret.get_secret_value()
     reader = reads.EscrowReader(
-        reads.partition_owner(app, topics.commands),
-        escrows,
-        recorded_outcomes,
+        reads.partition_owner(app, core.topics.commands),
+        core.escrows,
+        core.recorded_outcomes,
         reads.signed_fetch(internal_secret, clock),
     )
     intake = Intake(
         PostgresUnits(database),
-        idempotency,
+        services.idempotency,
         clock,
         settings.kafka_commands_topic,
         internal_secret,
-        publisher.notify,
+        services.publisher.notify,
     )
-    front = gateway.Gateway(settings, clock, limiter)
+    front = gateway.Gateway(settings, clock, services.limiter)
     evidence_store = EvidenceStore.from_settings(settings, new_id)
     escrow_api = escrow_views.EscrowApi(
         front,
         reader,
         intake,
         database,
-        kyc,
+        core.kyc,
         domain_settings(settings),
         settings.feature_kyc_gating,
         new_id,
@@ -216,15 +291,20 @@ def create_app(
         intake,
         database,
         confirm_return=functools.partial(unmatched.confirm_return, database, clock),
-        account_updated=payout_views.account_updated_handler(payout_service, clock),
+        account_updated=payout_views.account_updated_handler(services.payout_service, clock),
     )
     webhooks.register(app, hooks)
     custodian_webhook.register(app, hooks)
     evidence.register(app, front, reader, evidence_store)
     payment_view.register(app, front, database)
-    payout_views.register(app, front, payout_service)
+    payout_views.register(app, front, services.payout_service)
     admin.register(app, front, database)
-    outbox_agent.register(app, publisher, idempotency, clock)
+
+
+def close_at_shutdown(
+    app: faust.App, closers: list[Closer], shared_redis: redis.asyncio.Redis | None
+) -> None:
+    """Close ``closers`` (as the list stands then) and the shared Redis client at shutdown."""
 
     async def _close_database(sender: object, *args: object, **kwargs: object) -> None:
         for close in closers:
@@ -233,8 +313,6 @@ def create_app(
             await shared_redis.aclose()
 
     app.on_before_shutdown.connect(cast(Any, _close_database))
-
-    return app
 
 
 def rate_limiter(settings: Settings, client: redis.asyncio.Redis | None) -> RateLimiter:
@@ -247,37 +325,12 @@ def rate_limiter(settings: Settings, client: redis.asyncio.Redis | None) -> Rate
     )
 
 
-def cors_options(settings: Settings) -> dict[str, aiohttp_cors.ResourceOptions]:
-    """CORS for the origins in CORS_ORIGINS (none: browsers on other origins are refused)."""
-    return {
-        origin: aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
-            allow_credentials=False,
-            allow_headers=(
-                "Authorization",
-                "Content-Type",
-                "Idempotency-Key",
-                "Prefer",
-                "X-Request-Id",
-            ),
-            expose_headers=(
-                "X-Request-Id",
-                "Retry-After",
-                "Preference-Applied",
-                "Idempotent-Replayed",
-            ),
-            allow_methods=("GET", "POST"),
-            max_age=600,
-        )
-        for origin in settings.cors_origins
-    }
-
-
 def readiness_checks(
     app: faust.App,
     settings: Settings,
     database: Database,
     shared_redis: redis.asyncio.Redis | None,
-    closers: list[Callable[[], Awaitable[None]]],
+    closers: list[Closer],
 ) -> operations.Readiness:
     """What ``/ready`` asks, reusing the process's clients: the processor has joined its
     group and recovered its tables, the broker answers, the database, Redis when configured."""

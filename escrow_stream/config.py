@@ -13,6 +13,10 @@ Startup order (numbered because it matters):
 3. In development any variable left out gets a safe local default (local broker, local
    database, obviously fake test keys, a development-only JWT secret that is announced as
    such on start-up).
+
+This module is longer than the others on purpose: :class:`Settings` is one flat,
+declarative list of every variable (the operator's contract, read top to bottom beside the
+deployment document); split up, that contract would have no single place.
 """
 
 from __future__ import annotations

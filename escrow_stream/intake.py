@@ -153,6 +153,6 @@ class Intake:
 
     async def record_deposit(self, deposit: Deposit) -> bool:
         """A custodian's confirmed deposit, recorded once per deposit id for risk screening
-        (``agents.screening`` alone may confirm the funds); False when already recorded."""
+        (``agents.deposit_screening`` alone may confirm the funds); False when already recorded."""
         async with self._units.begin() as unit:
             return await deposits.record(unit.connection, deposit, self._topic, self._clock())

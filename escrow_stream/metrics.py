@@ -89,7 +89,7 @@ STALLED = Gauge(
     "1 while an assigned command partition has had lag and no progress for STALL_TIMEOUT_S.",
 )
 
-# -- the outbox relay (escrow_stream/db/outbox.py) --
+# -- the outbox relay (escrow_stream/agents/relay.py) --
 
 OUTBOX_PUBLISHED = Counter("escrow_outbox_published_total", "Outbox rows sent to Kafka.")
 OUTBOX_DEAD_LETTERS = Counter(
@@ -101,4 +101,25 @@ OUTBOX_PENDING = Gauge(
 )
 OUTBOX_LAG = Gauge(
     "escrow_outbox_lag_seconds", "Age of the oldest pending outbox row (0 when none)."
+)
+
+# -- HTTP (escrow_stream/web/middleware.py) --
+
+HTTP_REQUESTS = Counter(
+    "escrow_http_requests_total",
+    "HTTP requests by route and status.",
+    ["method", "route", "status"],
+)
+HTTP_SECONDS = Histogram(
+    "escrow_http_request_seconds",
+    "HTTP request latency by route.",
+    ["method", "route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+
+# -- Idempotency-Key stores (escrow_stream/idempotency/) --
+
+IDEMPOTENCY_FALLBACKS = Counter(
+    "escrow_idempotency_fallbacks_total",
+    "Idempotency-Key requests kept in the database store because Redis was unavailable.",
 )

@@ -8,7 +8,7 @@ import pytest
 
 from escrow_stream.config import Settings, load_settings
 from escrow_stream.db import migrate
-from tests.support import reachable, stack_environ
+from tests.harness import reachable, stack_environ
 
 
 @pytest.fixture(scope="session")

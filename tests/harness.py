@@ -1,4 +1,5 @@
-"""Running real workers against the local stack, and talking to them only through Kafka.
+"""Servers and workers for the tests: the local stack's environment, ports and names, real
+workers run against it, and talking to them only through Kafka.
 
 Each :class:`Stack` gets its own topic names and consumer group, so tests never see
 each other's commands or replay earlier runs' history.
@@ -10,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,31 +32,60 @@ from escrow_stream.kafka import client_kwargs, topic_partitions
 from escrow_stream.signing import signature_headers
 from escrow_stream.storage import EvidenceStore
 from escrow_stream.topics import create_topics
-from tests.support import free_port, stack_environ, unique
+from tests.builders import TEST_PAYOUTS
 
 T = TypeVar("T")
+
+#: The local stack (``make stack-up``); overridable for a stack elsewhere.
+TEST_ENV_DEFAULTS = {
+    "NODE_ENV": "test",
+    "KAFKA_BROKERS": "127.0.0.1:9092",
+    "DATABASE_URL": "postgresql://escrow:escrow@127.0.0.1:5432/escrow_test",
+    "REDIS_URL": "redis://127.0.0.1:6379/15",
+}
+
+
+def stack_environ(**overrides: str) -> dict[str, str]:
+    """The environment a test worker or client gets: the stack's, plus overrides."""
+    env = dict(TEST_ENV_DEFAULTS)
+    for key in TEST_ENV_DEFAULTS:
+        if os.environ.get(f"TEST_{key}"):
+            env[key] = os.environ[f"TEST_{key}"]
+    env.update(overrides)
+    return env
+
+
+def production_env(**overrides: str) -> dict[str, str]:
+    """A complete production environment whose secrets are unique, long enough and fake."""
+    from escrow_stream.config import REQUIRED_IN_PRODUCTION
+
+    env = {name: f"value-{name.lower()}-{'x' * 16}" for name in REQUIRED_IN_PRODUCTION}
+    env.update(NODE_ENV="production", PORT="3000", JWT_SECRET="s" * 64)
+    env.update(overrides)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
 
 HEALTH_WAIT_S = 90.0
 STOP_WAIT_S = 60.0
 COLLECT_WAIT_S = 60.0
-
-
-def wire_command(
-    type_: str,
-    escrow_id: str,
-    actor: dict[str, str],
-    payload: dict[str, Any] | None = None,
-    command_id: str | None = None,
-) -> dict[str, Any]:
-    return {
-        "schemaVersion": 1,
-        "commandId": command_id or f"cmd-{uuid.uuid4().hex}",
-        "type": type_,
-        "escrowId": escrow_id,
-        "actor": actor,
-        "payload": payload or {},
-        "issuedAt": datetime.now(UTC).isoformat(),
-    }
 
 
 @dataclass
@@ -312,7 +343,6 @@ async def eventually(check: Callable[[], Any], timeout_s: float = COLLECT_WAIT_S
 
 
 #: The payout destinations :func:`activate_payouts` gives a seller by default.
-TEST_PAYOUTS = {"STRIPE": "acct_test_seller", "USDC_BASE": "0x" + "5e" * 20}
 
 
 async def activate_payouts(

@@ -133,8 +133,32 @@ def _handle(
     internal_secret: str,
     context: DecisionContext | None,
 ) -> Outcome:
+    """Steps 1-6: reading the command (1-3, ``_read``), trust and the recorded outcome (4-5),
+    the decision (6, ``_decided``)."""
     if not value:
         return _dead(DeadLetterReason.INVALID_JSON, "empty message value")
+    read = _read(key, value)
+    if isinstance(read, Outcome):
+        return read
+    command = read
+    if command.actor.role is ActorRole.SYSTEM and not verify(internal_secret, value, headers):
+        refusal = _refusal(
+            command,
+            now,
+            RejectionCode.NOT_AUTHORIZED,
+            "system commands need a valid x-escrow-signature header",
+        )
+        return Outcome(command=command, state=state, rejection=refusal)
+    found = outcomes.find(recorded, outcomes.record_key(command))
+    if found is not None and found.fingerprint not in (None, command_fingerprint(command)):
+        return Outcome(command=command, state=state, rejection=_reused(command, now))
+    if found is not None:
+        return Outcome(command=command, state=state, rejection=found.outcome, duplicate=True)
+    return _decided(state, command, now, settings, context)
+
+
+def _read(key: bytes | None, value: bytes) -> Command | Outcome:
+    """Steps 1-3: the command a non-empty value holds, or the dead letter it is."""
     try:
         data = json.loads(value)
     except (ValueError, RecursionError) as exc:  # incl. invalid UTF-8 and deep nesting
@@ -152,26 +176,17 @@ def _handle(
             DeadLetterReason.KEY_MISMATCH,
             f"message key {key!r} is not the command's escrowId {command.escrow_id!r}",
         )
-    if command.actor.role is ActorRole.SYSTEM and not verify(internal_secret, value, headers):
-        return Outcome(
-            command=command,
-            state=state,
-            rejection=Rejection(
-                command_id=command.command_id,
-                type=command.type,
-                escrow_id=command.escrow_id,
-                code=RejectionCode.NOT_AUTHORIZED,
-                message="system commands need a valid x-escrow-signature header",
-                rejected_at=now,
-                correlation_id=command.correlation_id,
-                trace_id=command.trace_id,
-            ),
-        )
-    found = outcomes.find(recorded, outcomes.record_key(command))
-    if found is not None and found.fingerprint not in (None, command_fingerprint(command)):
-        return Outcome(command=command, state=state, rejection=_reused(command, now))
-    if found is not None:
-        return Outcome(command=command, state=state, rejection=found.outcome, duplicate=True)
+    return command
+
+
+def _decided(
+    state: Escrow | None,
+    command: Command,
+    now: datetime,
+    settings: DomainSettings,
+    context: DecisionContext | None,
+) -> Outcome:
+    """Step 6: the domain core's decision as an outcome."""
     decision = decide(state, command, now, settings, context)
     if decision.rejection is not None:
         # a reused commandId is refused without being recorded: recording it under the
@@ -191,12 +206,22 @@ def _handle(
 
 
 def _reused(command: Command, now: datetime) -> Rejection:
+    return _refusal(
+        command,
+        now,
+        RejectionCode.COMMAND_ID_REUSED,
+        f"commandId {command.command_id} was used before with another payload",
+    )
+
+
+def _refusal(command: Command, now: datetime, code: RejectionCode, message: str) -> Rejection:
+    """The rejection of ``command`` with ``code``, refused by the handling itself."""
     return Rejection(
         command_id=command.command_id,
         type=command.type,
         escrow_id=command.escrow_id,
-        code=RejectionCode.COMMAND_ID_REUSED,
-        message=f"commandId {command.command_id} was used before with another payload",
+        code=code,
+        message=message,
         rejected_at=now,
         correlation_id=command.correlation_id,
         trace_id=command.trace_id,

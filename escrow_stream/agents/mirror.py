@@ -1,6 +1,6 @@
-"""The PostgreSQL mirror agent: ``escrow.events.v1`` in, :class:`~escrow_stream.db.mirror.Mirror`.
+"""The PostgreSQL mirror agent: ``escrow.events.v1`` in, ``db.projection.Mirror`` out.
 
-Per batch (SPEC §8; the transaction itself is described in :mod:`escrow_stream.db.mirror`):
+Per batch (SPEC §8; the transaction itself is described in :mod:`escrow_stream.db.projection`):
 
 1. Take up to ``BATCH_MAX`` events, or what arrived within ``BATCH_WITHIN_S`` seconds
    (``Stream.take_events``).
@@ -40,8 +40,8 @@ from typing import cast
 import faust
 from faust.types import EventT
 
-from escrow_stream.db.mirror import DEFAULT_CONSUMER, Mirror, MirrorRecord, MirrorResult
 from escrow_stream.db.pool import Database
+from escrow_stream.db.projection import DEFAULT_CONSUMER, Mirror, MirrorRecord, MirrorResult
 from escrow_stream.metrics import MIRROR_EVENTS
 from escrow_stream.retry import delays
 

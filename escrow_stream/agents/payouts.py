@@ -36,16 +36,16 @@ import asyncpg
 import faust
 from faust.types import TableT
 
+from escrow_stream.agents.relay import OutboxPublisher
 from escrow_stream.clock import Clock
 from escrow_stream.config import Settings
 from escrow_stream.db import outbox, payouts
-from escrow_stream.db.outbox import OutboxPublisher
 from escrow_stream.db.payouts import AwaitingRelease, PayoutAccount, PayoutStatus
 from escrow_stream.db.pool import Database
 from escrow_stream.domain import Rail, SettlementStatus
 from escrow_stream.messages import make_command
 from escrow_stream.metrics import SETTLEMENTS_AWAITING_PAYOUT
-from escrow_stream.payments.screening import RiskScreener, ScreeningUnavailable
+from escrow_stream.payments.risk import RiskScreener, ScreeningUnavailable
 from escrow_stream.payments.stripe_connect import AccountNotFound, StripeConnect
 from escrow_stream.retry import SCHEDULED_FLOOR_S, backoff_s
 from escrow_stream.tables import escrows as escrow_table

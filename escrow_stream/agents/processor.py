@@ -33,12 +33,14 @@ from escrow_stream.agents import handling
 from escrow_stream.clock import Clock
 from escrow_stream.config import Settings, domain_settings
 from escrow_stream.domain import (
+    Command,
     CreateEscrow,
     DecisionContext,
     Escrow,
     Event,
     PayoutDestination,
     Rail,
+    Rejection,
     RejectionCode,
     ResumeSettlement,
     command_fingerprint,
@@ -94,108 +96,181 @@ def register(
     payout_lookup: PayoutLookup | None = None,
 ) -> None:
     """Register the command-processor agent on ``app``; it reports to ``progress``."""
-    rules = domain_settings(settings)
-    secret = settings.internal_command_secret.get_secret_value()
-
-    async def looked_up(what: str, call: Callable[[], Awaitable[T]]) -> T:
-        """A fact the decision needs: PostgreSQL being down delays this partition."""
-        return await until_answered(
-            what,
-            call,
-            lambda: bool(app.should_stop),
-            first_s=LOOKUP_RETRY_FIRST_S,
-            cap_s=LOOKUP_RETRY_CAP_S,
-        )
-
-    async def context_for(
-        key: bytes | None, value: bytes, state: Escrow | None
-    ) -> DecisionContext | None:
-        parties, releases = _facts_needed(value, state)
-        verified: frozenset[str] = frozenset()
-        payout: PayoutDestination | None = None
-        if parties and rules.feature_kyc_gating and kyc_lookup is not None:
-            verified = await looked_up("KYC lookup", lambda: kyc_lookup(parties))
-        if releases and state is not None and payout_lookup is not None:
-            seller, rail = state.seller_id, state.rail
-            payout = await looked_up("payout account lookup", lambda: payout_lookup(seller, rail))
-        if not verified and payout is None:
-            return None
-        return DecisionContext(kyc_verified_user_ids=verified, seller_payout=payout)
+    processor = CommandProcessor(
+        app, settings, clock, topics, escrows, recorded_outcomes, kyc_lookup, payout_lookup
+    )
 
     @app.agent(topics.commands, name="escrow-command-processor")
     async def process_commands(stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
-            await _process_one(event)
+            await processor.process(event)
             progress.processed(event.message.partition, event.message.offset)
 
-    async def _process_one(event: EventT[bytes]) -> None:
+
+class CommandProcessor:
+    """Steps 1-4 of the module docstring, one message at a time (step 5 is Faust's)."""
+
+    def __init__(
+        self,
+        app: faust.App,
+        settings: Settings,
+        clock: Clock,
+        topics: Topics,
+        escrows: TableT[str, Any],
+        recorded_outcomes: TableT[str, Any],
+        kyc_lookup: KycLookup | None,
+        payout_lookup: PayoutLookup | None,
+    ) -> None:
+        self._app = app
+        self._clock = clock
+        self._topics = topics
+        self._escrows = escrows
+        self._recorded_outcomes = recorded_outcomes
+        self._kyc_lookup = kyc_lookup
+        self._payout_lookup = payout_lookup
+        self._rules = domain_settings(settings)
+        self._secret = settings.internal_command_secret.get_secret_value()
+
+    async def process(self, event: EventT[bytes]) -> None:
+        """Steps 1-4 for one message from ``escrow-commands``."""
         message = event.message
         trace_id_var.set(None)
         correlation_id_var.set(None)
         key: bytes | None = message.key
         value: bytes = message.value or b""
-        raw_headers = message.headers or []
-        pairs = raw_headers.items() if isinstance(raw_headers, Mapping) else raw_headers
-        headers = [(str(k), v if isinstance(v, bytes) else str(v).encode()) for k, v in pairs]
+        headers = _header_items(message.headers)
         escrow_id = handling.command_escrow_id(value) if value else None
-        state = escrow_table.load(escrows.get(escrow_id)) if escrow_id else None
-        recorded = recorded_outcomes.get(escrow_id) if escrow_id else None
+        state = escrow_table.load(self._escrows.get(escrow_id)) if escrow_id else None
+        recorded = self._recorded_outcomes.get(escrow_id) if escrow_id else None
         with COMMAND_SECONDS.time():
-            context = await context_for(key, value, state)
+            context = await self._context_for(value, state)
             outcome = handling.handle(
-                key, value, headers, state, recorded, clock(), rules, secret, context
+                key,
+                value,
+                headers,
+                state,
+                recorded,
+                self._clock(),
+                self._rules,
+                self._secret,
+                context,
             )
-        if outcome.command is not None:
-            trace_id_var.set(outcome.command.trace_id)
-            correlation_id_var.set(outcome.command.correlation_id or outcome.command.command_id)
-        command_type = outcome.command.type if outcome.command else "unparsed"
-        COMMAND_OUTCOMES.labels(command_type, outcome.outcome_label).inc()
-
+        _observe(outcome)
         if outcome.dead_letter is not None:
-            DEAD_LETTERS.labels(outcome.dead_letter.reason.value).inc()
-            log.warning(
-                "dead-lettered message %s[%s]@%s: %s",
-                message.topic,
-                message.partition,
-                message.offset,
-                outcome.dead_letter.reason,
-            )
-            await topics.dlq.send(
-                key=key,
-                value=value[:DLQ_VALUE_BYTES_MAX],
-                headers=headers + _dlq_headers(message, outcome.dead_letter, len(value)),
-            )
+            await self._dead_letter(message, key, value, headers, outcome.dead_letter)
             return
         assert outcome.command is not None
         if outcome.record:  # written before the rejection is sent (step 3)
-            recorded_outcomes[outcome.command.escrow_id] = outcome_table.record(
-                recorded,
-                outcome_table.record_key(outcome.command),
-                outcome.rejection,
-                rules.recent_commands_max,
-                command_fingerprint(outcome.command),
-            )
+            self._record(outcome.command, recorded, outcome.rejection)
         if outcome.rejection is not None:
-            if outcome.rejection.code == RejectionCode.SETTLEMENT_MISMATCH:
-                SETTLEMENT_MISMATCHES.labels(outcome.command.type).inc()
-                log.warning("settlement result refused: %s", outcome.rejection.message)
-            rejection = outcome.rejection.model_dump(mode="json", by_alias=True)
-            await topics.rejections.send(
-                key=outcome.command.escrow_id.encode(),
-                value=json.dumps(rejection, separators=(",", ":")).encode(),
-                headers=[("x-rejection-code", str(outcome.rejection.code).encode())],
-            )
+            await self._reject(outcome.command, outcome.rejection)
             return
+        await self._apply(outcome)
+
+    async def _looked_up(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """A fact the decision needs: PostgreSQL being down delays this partition."""
+        return await until_answered(
+            what,
+            call,
+            lambda: bool(self._app.should_stop),
+            first_s=LOOKUP_RETRY_FIRST_S,
+            cap_s=LOOKUP_RETRY_CAP_S,
+        )
+
+    async def _context_for(self, value: bytes, state: Escrow | None) -> DecisionContext | None:
+        """The facts deciding this command needs (KYC, the seller's payout account)."""
+        parties, releases = _facts_needed(value, state)
+        verified: frozenset[str] = frozenset()
+        payout: PayoutDestination | None = None
+        kyc_lookup, payout_lookup = self._kyc_lookup, self._payout_lookup
+        if parties and self._rules.feature_kyc_gating and kyc_lookup is not None:
+            verified = await self._looked_up("KYC lookup", lambda: kyc_lookup(parties))
+        if releases and state is not None and payout_lookup is not None:
+            seller, rail = state.seller_id, state.rail
+            payout = await self._looked_up(
+                "payout account lookup", lambda: payout_lookup(seller, rail)
+            )
+        if not verified and payout is None:
+            return None
+        return DecisionContext(kyc_verified_user_ids=verified, seller_payout=payout)
+
+    async def _dead_letter(
+        self,
+        message: Any,
+        key: bytes | None,
+        value: bytes,
+        headers: list[tuple[str, bytes]],
+        dead: handling.DeadLetter,
+    ) -> None:
+        """Step 4: a poison message to ``escrow-commands.dlq``, the reason in headers."""
+        DEAD_LETTERS.labels(dead.reason.value).inc()
+        log.warning(
+            "dead-lettered message %s[%s]@%s: %s",
+            message.topic,
+            message.partition,
+            message.offset,
+            dead.reason,
+        )
+        await self._topics.dlq.send(
+            key=key,
+            value=value[:DLQ_VALUE_BYTES_MAX],
+            headers=headers + _dlq_headers(message, dead, len(value)),
+        )
+
+    def _record(
+        self, command: Command, recorded: dict[str, Any] | None, rejection: Rejection | None
+    ) -> None:
+        """Step 3: a rejection or no-op into the ``command-outcomes`` table."""
+        self._recorded_outcomes[command.escrow_id] = outcome_table.record(
+            recorded,
+            outcome_table.record_key(command),
+            rejection,
+            self._rules.recent_commands_max,
+            command_fingerprint(command),
+        )
+
+    async def _reject(self, command: Command, rejection: Rejection) -> None:
+        """Step 4: the rejection to ``escrow.rejections.v1``."""
+        if rejection.code == RejectionCode.SETTLEMENT_MISMATCH:
+            SETTLEMENT_MISMATCHES.labels(command.type).inc()
+            log.warning("settlement result refused: %s", rejection.message)
+        body = rejection.model_dump(mode="json", by_alias=True)
+        await self._topics.rejections.send(
+            key=command.escrow_id.encode(),
+            value=json.dumps(body, separators=(",", ":")).encode(),
+            headers=[("x-rejection-code", str(rejection.code).encode())],
+        )
+
+    async def _apply(self, outcome: handling.Outcome) -> None:
+        """Steps 3-4: the new state into the table, then its events to ``escrow.events.v1``."""
+        assert outcome.command is not None
+        escrow_id = outcome.command.escrow_id
         if outcome.state is not None and outcome.events:
-            escrows[outcome.command.escrow_id] = escrow_table.dump(outcome.state)
+            self._escrows[escrow_id] = escrow_table.dump(outcome.state)
         for domain_event in outcome.events:
-            await topics.events.send(
-                key=outcome.command.escrow_id.encode(),
+            await self._topics.events.send(
+                key=escrow_id.encode(),
                 value=encode_event(domain_event),
                 headers=event_headers(domain_event),
             )
         if not outcome.duplicate:
             count_chargebacks(outcome.events)
+
+
+def _header_items(raw: Any) -> list[tuple[str, bytes]]:
+    """A message's headers (a mapping or pairs) as (name, bytes) pairs."""
+    raw_headers = raw or []
+    pairs = raw_headers.items() if isinstance(raw_headers, Mapping) else raw_headers
+    return [(str(k), v if isinstance(v, bytes) else str(v).encode()) for k, v in pairs]
+
+
+def _observe(outcome: handling.Outcome) -> None:
+    """The command's trace and correlation ids for the logs, and its outcome counted."""
+    if outcome.command is not None:
+        trace_id_var.set(outcome.command.trace_id)
+        correlation_id_var.set(outcome.command.correlation_id or outcome.command.command_id)
+    command_type = outcome.command.type if outcome.command else "unparsed"
+    COMMAND_OUTCOMES.labels(command_type, outcome.outcome_label).inc()
 
 
 def count_chargebacks(events: Iterable[Event]) -> None:

@@ -10,7 +10,7 @@ Where it comes from (SPEC §10):
   command we cannot trust (NOT_AUTHORIZED, COMMAND_ID_REUSED).  NOT_FOUND, an escrow id this
   deployment does not know (another deployment's, on a shared provider account?), is
   recorded NEEDS_REVIEW and never returned without a person;
-* a **flagged USDC deposit** (``agents.screening``): recorded FROZEN there, never moved.
+* a **flagged USDC deposit** (``agents.deposit_screening``): recorded FROZEN there, never moved.
 
 The return runner, a task in every worker (woken by a new row, else every ``POLL_S``), leases
 due RETURNING rows of this deployment (``FOR UPDATE SKIP LOCKED``), up to ``IN_FLIGHT_MAX``:

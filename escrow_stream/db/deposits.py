@@ -97,7 +97,7 @@ async def retry_later(conn: asyncpg.Connection, deposit_id: str, error: str, at:
     )
 
 
-async def decide(
+async def record_screening(
     conn: asyncpg.Connection,
     deposit_id: str,
     status: DepositStatus,

@@ -195,7 +195,7 @@ def _error(response: httpx.Response) -> tuple[str, str]:
 
 
 class CustodianRail:
-    """The agent's view of the custodian (see ``agents.payments.Rail``)."""
+    """The agent's view of the custodian (see ``agents.payment_effects.Rail``)."""
 
     def __init__(self, client: CustodianClient) -> None:
         self._client = client

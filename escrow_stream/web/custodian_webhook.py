@@ -11,7 +11,7 @@ transfers into commands.
    ``fromAddress``, ``amount``, ``asset``, ``confirmations``, ``txHash``): below
    ``CUSTODIAN_MIN_CONFIRMATIONS`` it is acknowledged and not recorded (the custodian reports
    again with more); else the deposit is recorded once per deposit id for risk screening
-   (``agents.screening``), which alone may confirm the funds.
+   (``agents.deposit_screening``), which alone may confirm the funds.
 3. ``transfer.completed`` → ConfirmSettlement and ``transfer.failed`` →
    RecordSettlementFailure, for the escrow in ``data.metadata.escrow_id`` and the settlement
    the agent made the transfer for (``data.reference`` = the settlement id, which the

@@ -9,11 +9,11 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 from aiohttp import web
-from prometheus_client import Counter, Histogram
 
 from escrow_stream.clock import Clock
 from escrow_stream.config import Settings, parse_networks
 from escrow_stream.logs import request_id_var, trace_id_var
+from escrow_stream.metrics import HTTP_REQUESTS, HTTP_SECONDS
 from escrow_stream.web.internal import (
     INTERNAL_HEADER,
     INTERNAL_REQUEST_KEY,
@@ -24,18 +24,6 @@ from escrow_stream.web.problems import Problem
 from escrow_stream.web.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
-
-HTTP_REQUESTS = Counter(
-    "escrow_http_requests_total",
-    "HTTP requests by route and status.",
-    ["method", "route", "status"],
-)
-HTTP_SECONDS = Histogram(
-    "escrow_http_request_seconds",
-    "HTTP request latency by route.",
-    ["method", "route"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
-)
 
 #: Errors that mean PostgreSQL (or another dependency) cannot be reached right now, not a
 #: bug: the request is answered 503 with Retry-After, never 500.  The outbox write is the

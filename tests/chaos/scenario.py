@@ -24,7 +24,7 @@ from escrow_stream.domain import (
     parse_command,
 )
 from escrow_stream.tables.outcomes import record_key
-from tests.harness import TEST_PAYOUTS, wire_command
+from tests.builders import TEST_PAYOUTS, wire_command
 
 BUYER = {"id": "buyer-c", "role": "user"}
 SELLER = {"id": "seller-c", "role": "user"}

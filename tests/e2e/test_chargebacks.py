@@ -25,10 +25,11 @@ from escrow_stream.config import Settings
 from escrow_stream.db.queries import stuck_escrows
 from escrow_stream.domain import Escrow, check_invariants, ledger_balances
 from escrow_stream.web.auth import Role
+from tests.builders import wire_command
 from tests.e2e.test_http_reads import call, token
 from tests.e2e.test_stripe_payment_intent import funded_escrow
 from tests.e2e.test_webhooks_stripe import deliver, sign
-from tests.harness import Stack, WorkerProcess, deployment, wire_command
+from tests.harness import Stack, WorkerProcess, deployment
 from tests.standins.stripe_proxy import StripeProxy
 
 pytestmark = pytest.mark.integration

@@ -14,15 +14,9 @@ import pytest
 
 from escrow_stream.config import Settings
 from escrow_stream.web.auth import Role
+from tests.builders import TEST_PAYOUTS, wire_command
 from tests.e2e.test_http_reads import call, escrow_when, token
-from tests.harness import (
-    TEST_PAYOUTS,
-    Stack,
-    WorkerProcess,
-    activate_payouts,
-    eventually,
-    wire_command,
-)
+from tests.harness import Stack, WorkerProcess, activate_payouts, eventually
 
 pytestmark = pytest.mark.integration
 

@@ -16,8 +16,8 @@ import pytest
 
 from escrow_stream.config import Settings
 from escrow_stream.web.auth import Role, issue_token
-from tests.harness import Stack, WorkerProcess, eventually, wire_command
-from tests.support import free_port
+from tests.builders import wire_command
+from tests.harness import Stack, WorkerProcess, eventually, free_port
 
 pytestmark = pytest.mark.integration
 

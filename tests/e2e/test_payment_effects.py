@@ -25,27 +25,22 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
-from escrow_stream.agents.payments import PaymentEffects, wanted_effect
+from escrow_stream.agents.effect_rules import wanted_effect
+from escrow_stream.agents.payment_effects import PaymentEffects
+from escrow_stream.agents.relay import OutboxPublisher
 from escrow_stream.clock import utc_now
 from escrow_stream.config import Settings
 from escrow_stream.db import effects
-from escrow_stream.db.outbox import OutboxPublisher
 from escrow_stream.db.pool import Database
 from escrow_stream.kafka import client_kwargs, topic_partitions
 from escrow_stream.payments.stripe_rail import StripeRail
 from escrow_stream.web.auth import Role
+from tests.builders import wire_command
 from tests.e2e.test_http_flow import create_body
 from tests.e2e.test_http_reads import call, escrow_when, token
 from tests.e2e.test_stripe_payment_intent import funded_escrow
 from tests.e2e.test_webhooks_stripe import deliver, deliver_signed, intent_succeeded, sign
-from tests.harness import (
-    Stack,
-    WorkerProcess,
-    deployment,
-    eventually,
-    mirrored_snapshots,
-    wire_command,
-)
+from tests.harness import Stack, WorkerProcess, deployment, eventually, mirrored_snapshots
 from tests.standins.stripe_proxy import StripeProxy
 
 pytestmark = pytest.mark.integration

@@ -24,10 +24,11 @@ import asyncpg
 import pytest
 
 from escrow_stream.config import Settings
+from tests.builders import TEST_PAYOUTS
 from tests.e2e.test_http_flow import create_body
 from tests.e2e.test_http_reads import call, escrow_when, token
 from tests.e2e.test_webhooks_stripe import deliver_signed, intent_succeeded
-from tests.harness import TEST_PAYOUTS, Stack, WorkerProcess, activate_payouts, deployment
+from tests.harness import Stack, WorkerProcess, activate_payouts, deployment
 from tests.standins.custodian import CustodianStandin, address_for
 from tests.standins.risk import ChainalysisStandin, TrmStandin
 from tests.standins.stripe_proxy import StripeProxy

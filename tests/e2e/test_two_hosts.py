@@ -18,8 +18,7 @@ from escrow_stream.web.auth import Role
 from escrow_stream.web.internal import INTERNAL_HEADER
 from tests.e2e.test_http_flow import create_body
 from tests.e2e.test_http_reads import call, token
-from tests.harness import Stack, WorkerProcess
-from tests.support import free_port
+from tests.harness import Stack, WorkerProcess, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 

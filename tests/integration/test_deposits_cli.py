@@ -14,7 +14,7 @@ from escrow_stream.cli import main
 from escrow_stream.config import Settings
 from escrow_stream.db import deposits
 from escrow_stream.db.deposits import Deposit, DepositStatus
-from tests.support import stack_environ
+from tests.harness import stack_environ
 
 TOPIC = "deposits-cli.commands"
 SENDER = "0x" + "12" * 20

@@ -24,7 +24,7 @@ from escrow_stream.idempotency import (
     build_idempotency_store,
 )
 from escrow_stream.redisconn import redis_client
-from tests.support import free_port
+from tests.harness import free_port
 
 pytestmark = pytest.mark.integration
 

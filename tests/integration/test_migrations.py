@@ -10,7 +10,7 @@ import pytest
 
 from escrow_stream.config import Settings
 from escrow_stream.db import migrate
-from tests.support import unique
+from tests.harness import unique
 
 pytestmark = pytest.mark.integration
 

@@ -20,8 +20,8 @@ import pytest
 from escrow_stream.agents.mirror import apply_with_retry
 from escrow_stream.config import Settings, load_settings
 from escrow_stream.db import migrate
-from escrow_stream.db.mirror import Mirror, MirrorRecord, MirrorResult
 from escrow_stream.db.pool import Database, create_pool
+from escrow_stream.db.projection import Mirror, MirrorRecord, MirrorResult
 from escrow_stream.db.queries import reconcile, stuck_escrows
 from escrow_stream.domain import (
     DecisionContext,
@@ -35,7 +35,7 @@ from escrow_stream.domain import (
     parse_command,
 )
 from escrow_stream.messages import encode_event
-from tests.support import free_port, stack_environ, unique
+from tests.harness import free_port, stack_environ, unique
 
 pytestmark = pytest.mark.integration
 

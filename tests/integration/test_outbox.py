@@ -20,16 +20,21 @@ import pytest
 from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
-from escrow_stream.agents.outbox import OutboxRelay
+from escrow_stream.agents import relay
+from escrow_stream.agents.relay import (
+    ATTEMPTS_MAX,
+    BACKOFF_BASE_S,
+    BACKOFF_MAX_S,
+    OutboxPublisher,
+    OutboxRelay,
+)
 from escrow_stream.clock import utc_now
 from escrow_stream.config import Settings
 from escrow_stream.db import migrate, outbox
-from escrow_stream.db.outbox import ATTEMPTS_MAX, BACKOFF_BASE_S, BACKOFF_MAX_S, OutboxPublisher
 from escrow_stream.db.pool import Database
 from escrow_stream.retry import backoff_s
 from escrow_stream.signing import signature_headers, verify
-from tests.harness import Stack
-from tests.support import unique
+from tests.harness import Stack, unique
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -201,7 +206,7 @@ async def test_two_publishers_send_every_row_once_in_order(
 async def test_notify_sends_without_waiting_for_the_poll(
     stack: Stack, database: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(outbox, "POLL_INTERVAL_S", 60.0)
+    monkeypatch.setattr(relay, "POLL_INTERVAL_S", 60.0)
     publisher = OutboxPublisher(stack.settings, database, utc_now)
     stopping = asyncio.Event()
     task = asyncio.create_task(publisher.run(stopping))

@@ -14,7 +14,7 @@ from escrow_stream.db import payouts
 from escrow_stream.db.payouts import AwaitingRelease, PayoutDirectory, PayoutStatus
 from escrow_stream.db.pool import Database, create_pool
 from escrow_stream.domain import Rail, StripeAccountDestination, WalletDestination
-from tests.support import unique
+from tests.harness import unique
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,8 @@ import pytest
 from escrow_stream.config import Settings
 from escrow_stream.db.kyc import KycDirectory
 from escrow_stream.db.pool import Database
-from tests.harness import Stack, WorkerProcess, activate_payouts, eventually, wire_command
+from tests.builders import wire_command
+from tests.harness import Stack, WorkerProcess, activate_payouts, eventually
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from escrow_stream.config import load_settings
-from escrow_stream.payments.screening import (
+from escrow_stream.payments.risk import (
     CHAINALYSIS_ENTITIES_PATH,
     TRM_SCREENING_PATH,
     ProviderVerdict,
@@ -21,8 +21,8 @@ from escrow_stream.payments.screening import (
     ScreeningUnavailable,
     Verdict,
 )
+from tests.harness import free_port
 from tests.standins.risk import ChainalysisStandin, TrmStandin
-from tests.support import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ import pytest
 
 from escrow_stream.config import LOCAL_S3, load_settings
 from escrow_stream.storage import EvidenceStore, StorageUnavailable
-from tests.support import free_port, reachable, stack_environ, unique
+from tests.harness import free_port, reachable, stack_environ, unique
 
 pytestmark = pytest.mark.integration
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from escrow_stream.config import Settings
-from tests.harness import Stack, wire_command
+from tests.builders import wire_command
+from tests.harness import Stack, free_port
 from tests.integration.test_processing import BUYER, SELLER, create, funds
-from tests.support import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -6,7 +6,7 @@ import pytest
 
 from escrow_stream.config import Settings
 from escrow_stream.topics import TopicSpec, create_topics, topic_specs, verify_topics
-from tests.support import unique
+from tests.harness import unique
 
 pytestmark = pytest.mark.integration
 

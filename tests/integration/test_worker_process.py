@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from escrow_stream.config import Settings
-from tests.support import free_port, stack_environ, unique
+from tests.harness import free_port, stack_environ, unique
 
 pytestmark = pytest.mark.integration
 

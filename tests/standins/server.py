@@ -9,7 +9,7 @@ from typing import Self
 
 from aiohttp import web
 
-from tests.support import free_port
+from tests.harness import free_port
 
 
 class ThreadedServer:

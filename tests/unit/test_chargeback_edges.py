@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from escrow_stream.agents.payments import chargeback_open, is_chargeback_refund
+from escrow_stream.agents.effect_rules import chargeback_open, is_chargeback_refund
 from escrow_stream.agents.processor import count_chargebacks
 from escrow_stream.agents.timeouts import due_timeouts
 from escrow_stream.config import ConfigError, load_settings

@@ -15,7 +15,7 @@ from escrow_stream.config import (
     MissingVariables,
     load_settings,
 )
-from tests.support import production_env
+from tests.harness import production_env
 
 
 def test_defaults_with_no_environment_are_the_seeds() -> None:

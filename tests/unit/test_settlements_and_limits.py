@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from domain_support import ESCROW_ID, Run, create_payload, payload_for, reach
 
-from escrow_stream.agents.payments import (
+from escrow_stream.agents.effect_rules import (
     is_current,
     nothing_to_move,
     refused,

@@ -23,7 +23,7 @@ from escrow_stream.storage import (
 )
 from escrow_stream.web.evidence import check_evidence
 from escrow_stream.web.problems import Problem
-from tests.support import production_env
+from tests.harness import production_env
 
 
 def ids(*values: str) -> Any:

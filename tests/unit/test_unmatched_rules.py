@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from escrow_stream.agents.payments import wanted_effect
+from escrow_stream.agents.effect_rules import wanted_effect
 from escrow_stream.agents.unmatched import refused_payment
 from escrow_stream.db.effects import EffectKind
 from escrow_stream.db.unmatched import FundsStatus, is_return_key, return_key

@@ -29,15 +29,15 @@ from typing import Any
 
 import faust
 
+from escrow_stream.agents.relay import OutboxPublisher
 from escrow_stream.clock import Clock
 from escrow_stream.config import Settings
 from escrow_stream.db import deposits, outbox, unmatched
 from escrow_stream.db.deposits import DepositStatus
-from escrow_stream.db.outbox import OutboxPublisher
 from escrow_stream.db.pool import Database
 from escrow_stream.db.unmatched import FundsStatus, UnmatchedFunds
 from escrow_stream.messages import make_command
-from escrow_stream.payments.screening import RiskScreener, ScreeningUnavailable
+from escrow_stream.payments.risk import RiskScreener, ScreeningUnavailable
 from escrow_stream.retry import SCHEDULED_FLOOR_S, backoff_s
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ class DepositScreening:
             await outbox.enqueue_command(
                 conn, self._settings.kafka_commands_topic, command, self._secret
             )
-            await deposits.decide(conn, row["deposit_id"], status, record, now)
+            await deposits.record_screening(conn, row["deposit_id"], status, record, now)
             return True
 
 

@@ -1,0 +1,147 @@
+"""The payments-effects agent's pure decisions, named by the step of
+:mod:`escrow_stream.agents.payment_effects` they serve: which effect an event asks for (1),
+whether it is still current (2), whether its settlement is held by a chargeback (3a, 3b), a
+release that moves nothing (5), the outcome of an answer or a refusal (6) and the id of the
+command that reports it (7).  No I/O: each is a function of the event, snapshot or effect."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from escrow_stream.db import effects
+from escrow_stream.db.effects import Effect, EffectKind, EffectResult, EffectState
+from escrow_stream.domain import SHORT_TEXT_LENGTH_MAX, fitted
+from escrow_stream.domain import Rail as RailName
+from escrow_stream.domain.commands import CHARGEBACK_REASON
+from escrow_stream.payments.common import failed_command_id, settled_command_id
+
+PENDING = "PENDING"
+#: The providerReference of a settlement that moved no money (its payout was 0).
+NO_TRANSFER = "no-transfer"
+
+
+def wanted_effect(event: dict[str, Any]) -> tuple[str, EffectKind] | None:
+    """Step 1: the effect key and kind ``event`` asks for, or None."""
+    escrow: dict[str, Any] = event.get("escrow") or {}
+    if event.get("type") == "EscrowCreated" and not escrow.get("payment"):
+        return effects.instructions_key(escrow["escrowId"]), EffectKind.INSTRUCTIONS
+    if (
+        event.get("type") == "EscrowCancelled"
+        and escrow.get("rail") == RailName.STRIPE.value
+        and not int(escrow.get("fundedAmount") or 0)
+    ):
+        return effects.cancel_instructions_key(escrow["escrowId"]), EffectKind.CANCEL_INSTRUCTIONS
+    settlement: dict[str, Any] = escrow.get("settlement") or {}
+    if settlement and settlement.get("status", PENDING) == PENDING:
+        return str(settlement["settlementId"]), EffectKind.SETTLEMENT
+    return None
+
+
+def is_current(
+    event: dict[str, Any],
+    key: str,
+    kind: EffectKind,
+    mirrored: tuple[int, dict[str, Any]] | None,
+) -> bool:
+    """Step 2: unless the mirror holds a newer version of the escrow, the event's snapshot is
+    the newest known and asks for the effect; on a newer one, the effect must still be due
+    (the same settlement pending, or still no payment instructions)."""
+    if mirrored is None or mirrored[0] <= int(event.get("version", 0)):
+        return True
+    if kind is EffectKind.CANCEL_INSTRUCTIONS:  # a cancelled escrow stays cancelled
+        return True
+    snapshot = mirrored[1]
+    if kind is EffectKind.INSTRUCTIONS:
+        return snapshot.get("status") == "AWAIT_FUNDS" and not snapshot.get("payment")
+    settlement: dict[str, Any] = snapshot.get("settlement") or {}
+    return settlement.get("settlementId") == key and settlement.get("status", PENDING) == PENDING
+
+
+def chargeback_open(
+    escrow: dict[str, Any], event: dict[str, Any], mirrored: tuple[int, dict[str, Any]] | None
+) -> bool:
+    """Step 3a: whether the newest known snapshot (the event's, or the mirror's when newer)
+    shows an open chargeback: its settlement is held, not sent."""
+    if mirrored is not None and mirrored[0] > int(event.get("version", 0)):
+        escrow = mirrored[1]
+    chargeback: dict[str, Any] = escrow.get("chargeback") or {}
+    return chargeback.get("status") == "OPEN"
+
+
+def is_chargeback_refund(event: dict[str, Any]) -> bool:
+    """An EscrowRefunded by a lost chargeback (the card network refunded the buyer)."""
+    data: dict[str, Any] = event.get("data") or {}
+    return event.get("type") == "EscrowRefunded" and data.get("reason") == CHARGEBACK_REASON
+
+
+def nothing_to_move(effect: Effect) -> dict[str, Any] | None:
+    """A release whose fee is the whole amount moves no money (providers refuse a transfer of
+    0): its ConfirmSettlement payload, with no provider call; else None."""
+    settlement: dict[str, Any] = effect.event["escrow"]["settlement"]
+    if int(settlement["payoutAmount"]) != 0:
+        return None
+    return {"provider": effect.provider, "providerReference": NO_TRANSFER, "amount": "0"}
+
+
+def succeeded(effect: Effect, answer: dict[str, Any] | None) -> EffectResult:
+    """The outcome of an answered call, and its result command (step 6)."""
+    if effect.kind is EffectKind.INSTRUCTIONS:
+        assert answer is not None
+        payload = {k: v for k, v in answer.items() if k != "clientSecret"}
+        return EffectResult(
+            state=EffectState.SUCCEEDED,
+            provider_object_id=str(payload.get("providerPaymentId")),
+            result_type="RecordPaymentInstructions",
+            result_payload=payload,
+            client_secret=answer.get("clientSecret"),
+        )
+    if effect.kind is EffectKind.CANCEL_INSTRUCTIONS:  # nothing for the escrow to apply
+        reference = (answer or {}).get("providerReference")
+        return EffectResult(state=EffectState.SUCCEEDED, provider_object_id=reference)
+    if answer is None:  # the custodian confirms by webhook
+        return EffectResult(state=EffectState.SUCCEEDED)
+    return EffectResult(
+        state=EffectState.SUCCEEDED,
+        provider_object_id=str(answer.get("providerReference")),
+        result_type="ConfirmSettlement",
+        result_payload={**answer, "settlementId": effect.key},
+    )
+
+
+def refused(effect: Effect, code: str, message: str) -> EffectResult:
+    """The outcome of a permanent refusal, and the command that records it (step 6)."""
+    code, message = fitted(code, SHORT_TEXT_LENGTH_MAX) or "refused", fitted(message)
+    if effect.kind is EffectKind.CANCEL_INSTRUCTIONS:  # paid meanwhile: unmatched funds
+        return EffectResult(state=EffectState.FAILED, error_code=code, error_message=message)
+    if effect.kind is EffectKind.INSTRUCTIONS:
+        payload: dict[str, Any] = {
+            "provider": effect.provider,
+            "errorCode": code,
+            "errorMessage": message,
+        }
+        result_type = "RecordPaymentFailure"
+    else:
+        payload = {
+            "settlementId": effect.key,
+            "errorCode": code,
+            "errorMessage": message,
+            "retryable": False,
+        }
+        result_type = "RecordSettlementFailure"
+    return EffectResult(
+        state=EffectState.FAILED,
+        result_type=result_type,
+        result_payload=payload,
+        error_code=code,
+        error_message=message,
+    )
+
+
+def result_command_id(effect: Effect, state: EffectState) -> str:
+    """Step 7: the id of the command reporting ``effect``'s outcome."""
+    if effect.kind is EffectKind.INSTRUCTIONS:
+        suffix = "instructions" if state is EffectState.SUCCEEDED else "instructions-failed"
+        return f"payments:{suffix}:{effect.escrow_id}"
+    if state is EffectState.SUCCEEDED:
+        return settled_command_id(effect.key)
+    return failed_command_id(effect.key)

@@ -1,0 +1,5 @@
+import sys
+
+from escrow_stream.cli import main
+
+sys.exit(main())
