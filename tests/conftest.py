@@ -1,22 +1,30 @@
-"""Shared fixtures: settings for the local stack."""
+"""Shared fixtures: settings for the local stack, and the topics a session leaves behind."""
 
 from __future__ import annotations
 
+import asyncio
+import re
 from collections.abc import Iterator
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from escrow_stream.config import Settings, load_settings
 from escrow_stream.db import migrate
+from escrow_stream.kafka import client_kwargs
 from tests.harness import reachable, stack_environ
+
+#: The topics of a test deployment (``Stack.create``: ``t-{hex}.…``, and Faust's internal
+#: and changelog topics of its group ``escrow-t-{hex}``).
+TEST_TOPIC = re.compile(r"^(escrow-)?t-[0-9a-f]{10}[.-]")
+DELETE_BATCH = 100
 
 
 @pytest.fixture(scope="session")
 def stack_settings() -> Iterator[Settings]:
     """Settings pointing at the local stack; fails loudly when the stack is not up."""
     settings = load_settings(stack_environ())
-    host, _, port = settings.bootstrap_servers[0].partition(":")
-    if not reachable(host, int(port or 9092)):
+    if not _broker_reachable(settings):
         pytest.fail(
             f"Kafka is not reachable at {settings.kafka_brokers}: run `make stack-up` "
             "(or `make test`, which brings the stack up)"
@@ -24,3 +32,45 @@ def stack_settings() -> Iterator[Settings]:
     # The schema the workers under test write to: migrated once per session (idempotent).
     migrate.upgrade(settings)
     yield settings
+
+
+@pytest.fixture(scope="session", autouse=True)
+def delete_session_topics() -> Iterator[None]:
+    """Every test deployment makes its own topics; a broker that kept them all, session
+    after session, runs out of file handles.  At the end, delete what this session made
+    (with no broker at the start, as for the unit tests alone, there is nothing to do)."""
+    settings = load_settings(stack_environ())
+    if not _broker_reachable(settings):
+        yield
+        return
+    before = asyncio.run(_topics(settings))
+    yield
+    if _broker_reachable(settings):
+        made = {t for t in asyncio.run(_topics(settings)) - before if TEST_TOPIC.match(t)}
+        if made:
+            asyncio.run(_delete(settings, made))
+
+
+def _broker_reachable(settings: Settings) -> bool:
+    host, _, port = settings.bootstrap_servers[0].partition(":")
+    return reachable(host, int(port or 9092))
+
+
+async def _topics(settings: Settings) -> set[str]:
+    admin = AIOKafkaAdminClient(**client_kwargs(settings))
+    await admin.start()
+    try:
+        return set(await admin.list_topics())
+    finally:
+        await admin.close()
+
+
+async def _delete(settings: Settings, names: set[str]) -> None:
+    admin = AIOKafkaAdminClient(**client_kwargs(settings))
+    await admin.start()
+    try:
+        batch = sorted(names)
+        for start in range(0, len(batch), DELETE_BATCH):
+            await admin.delete_topics(batch[start : start + DELETE_BATCH])
+    finally:
+        await admin.close()

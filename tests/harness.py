@@ -387,6 +387,22 @@ async def mirrored_snapshots(settings: Settings, escrow_ids: list[str]) -> dict[
     return {r["id"]: json.loads(r["snapshot"]) for r in rows}
 
 
+def stripe_env(api_base: str, **overrides: str) -> dict[str, str]:
+    """A deployment's environment for Stripe tests: payment effects on, Stripe at
+    ``api_base`` (the fault proxy), a fresh webhook secret, quick retries that the test
+    counts (no retry inside a round: ``ESCROW_MAX_RETRIES=0``, 50 ms doubling)."""
+    env = {
+        "PAYMENTS_EFFECTS_ENABLED": "true",
+        "STRIPE_API_BASE": api_base,
+        "STRIPE_WEBHOOK_SECRET": f"whsec_test_{uuid.uuid4().hex}",
+        "ESCROW_RETRY_DELAY_MS": "50",
+        "ESCROW_MAX_RETRIES": "0",
+        "PROVIDER_TIMEOUT_MS": "1500",
+    }
+    env.update(overrides)
+    return env
+
+
 @contextmanager
 def deployment(
     data_root: Path, name: str = "api", **overrides: str

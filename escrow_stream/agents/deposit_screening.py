@@ -24,7 +24,7 @@ deposit either unscreened (screened again) or decided with its command on the wa
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import faust
@@ -36,8 +36,9 @@ from escrow_stream.db import deposits, outbox, unmatched
 from escrow_stream.db.deposits import DepositStatus
 from escrow_stream.db.pool import Database
 from escrow_stream.db.unmatched import FundsStatus, UnmatchedFunds
+from escrow_stream.domain import Command
 from escrow_stream.messages import make_command
-from escrow_stream.payments.risk import RiskScreener, ScreeningUnavailable
+from escrow_stream.payments.risk import RiskScreener, ScreeningUnavailable, Verdict
 from escrow_stream.retry import SCHEDULED_FLOOR_S, backoff_s
 
 log = logging.getLogger(__name__)
@@ -92,45 +93,11 @@ class DepositScreening:
                 log.warning("screening of deposit %s deferred: %s", row["deposit_id"], exc)
                 await deposits.retry_later(conn, row["deposit_id"], str(exc), at)
                 return True
-            record: dict[str, Any] = {
-                "passed": verdict.passed,
-                "reasons": verdict.reasons(),
-                "providers": [
-                    {"provider": p.provider, "passed": p.passed, "risk": p.risk, "raw": p.raw}
-                    for p in verdict.providers
-                ],
-            }
+            record = screening_record(verdict)
             if verdict.passed:  # step 2
-                command = make_command(
-                    ACTOR,
-                    "ConfirmFunds",
-                    row["escrow_id"],
-                    {
-                        "provider": "custodian",
-                        "providerPaymentId": row["deposit_id"],
-                        "amount": str(row["amount"]),
-                        "currency": row["asset"],
-                        "senderAddress": row["sender_address"],
-                    },
-                    f"custodian:deposit:{row['deposit_id']}",
-                    now,
-                )
-                status = DepositStatus.CLEARED
+                command, status = confirm_funds(row, now), DepositStatus.CLEARED
             else:  # step 3
-                command = make_command(
-                    ACTOR,
-                    "CancelEscrow",
-                    row["escrow_id"],
-                    {
-                        "reason": "COMPLIANCE_REJECTED",
-                        "providerPaymentId": row["deposit_id"],
-                        "amount": str(row["amount"]),
-                        "currency": row["asset"],
-                    },
-                    f"custodian:compliance:{row['deposit_id']}",
-                    now,
-                )
-                status = DepositStatus.FROZEN
+                command, status = compliance_cancel(row, now), DepositStatus.FROZEN
                 await unmatched.record(conn, frozen_funds(self._settings, row), now, record)
                 log.warning(
                     "deposit %s of escrow %s FROZEN for compliance review: %s",
@@ -143,6 +110,43 @@ class DepositScreening:
             )
             await deposits.record_screening(conn, row["deposit_id"], status, record, now)
             return True
+
+
+def screening_record(verdict: Verdict) -> dict[str, Any]:
+    """What the deposit keeps of its screening (the compliance record)."""
+    return {
+        "passed": verdict.passed,
+        "reasons": verdict.reasons(),
+        "providers": [
+            {"provider": p.provider, "passed": p.passed, "risk": p.risk, "raw": p.raw}
+            for p in verdict.providers
+        ],
+    }
+
+
+def confirm_funds(row: Any, now: datetime) -> Command:
+    """Step 2: the cleared deposit reported to its escrow, which checks amount and currency."""
+    payload = {
+        "provider": "custodian",
+        "providerPaymentId": row["deposit_id"],
+        "amount": str(row["amount"]),
+        "currency": row["asset"],
+        "senderAddress": row["sender_address"],
+    }
+    command_id = f"custodian:deposit:{row['deposit_id']}"
+    return make_command(ACTOR, "ConfirmFunds", row["escrow_id"], payload, command_id, now)
+
+
+def compliance_cancel(row: Any, now: datetime) -> Command:
+    """Step 3: cancel the escrow, if this flagged deposit is the one that would fund it."""
+    payload = {
+        "reason": "COMPLIANCE_REJECTED",
+        "providerPaymentId": row["deposit_id"],
+        "amount": str(row["amount"]),
+        "currency": row["asset"],
+    }
+    command_id = f"custodian:compliance:{row['deposit_id']}"
+    return make_command(ACTOR, "CancelEscrow", row["escrow_id"], payload, command_id, now)
 
 
 def frozen_funds(settings: Settings, row: Any) -> UnmatchedFunds:

@@ -123,7 +123,6 @@ class StripeRail:
         payment_intent_id = (escrow.get("payment") or {}).get("providerPaymentId")
         amount = int(settlement["payoutAmount"])
         key = settlement_key(escrow_id, settlement)
-        options: dict[str, Any] = {"idempotency_key": key}
         # the settlement id lets the transfer.created webhook confirm this very settlement
         # (``settlement_key``: the same value, the name transfers made before SPEC §10 carry)
         metadata = {
@@ -134,48 +133,59 @@ class StripeRail:
         }
         try:
             if settlement["kind"] == "RELEASE":
-                destination = settlement.get("destination") or {}
-                if destination.get("type") != "stripe_account" or not destination.get("accountId"):
-                    raise PermanentSettlementError(
-                        "no_payout_destination", "the release records no Connect account"
-                    )
-                params: dict[str, Any] = {
+                params = {
                     "amount": amount,
                     "currency": str(escrow["currency"]).lower(),
-                    "destination": destination["accountId"],
+                    "destination": _connect_account(settlement),
                     "transfer_group": escrow_id,
                     "metadata": metadata,
                 }
-                if payment_intent_id:
-                    intent = await self._client.v1.payment_intents.retrieve_async(payment_intent_id)
-                    if intent.latest_charge:
-                        charge = intent.latest_charge
-                        params["source_transaction"] = (
-                            charge if isinstance(charge, str) else charge.id
-                        )
-                transfer = await self._client.v1.transfers.create_async(
-                    params=params,  # type: ignore[arg-type]
-                    options=options,  # type: ignore[arg-type]
-                )
-                reference = transfer.id
+                reference = await self._transfer(params, payment_intent_id, key)
             else:
-                if not payment_intent_id:
-                    raise PermanentSettlementError(
-                        "no_payment_intent", "the escrow has no PaymentIntent to refund"
-                    )
-                refund = await self._client.v1.refunds.create_async(
-                    params={
-                        "payment_intent": payment_intent_id,
-                        "amount": amount,
-                        "metadata": metadata,
-                    },
-                    options=options,  # type: ignore[arg-type]
-                )
-                reference = refund.id
+                reference = await self._refund(payment_intent_id, amount, metadata, key)
         except stripe.StripeError as exc:
             raise_if_permanent(exc)
             raise
         return {"provider": "stripe", "providerReference": reference, "amount": str(amount)}
+
+    async def _transfer(
+        self, params: dict[str, Any], payment_intent_id: str | None, key: str
+    ) -> str:
+        """A release: the Transfer, funded by the PaymentIntent's charge when it has one."""
+        if payment_intent_id:
+            intent = await self._client.v1.payment_intents.retrieve_async(payment_intent_id)
+            charge = intent.latest_charge
+            if charge:
+                params["source_transaction"] = charge if isinstance(charge, str) else charge.id
+        transfer = await self._client.v1.transfers.create_async(
+            params=params,  # type: ignore[arg-type]
+            options={"idempotency_key": key},
+        )
+        return transfer.id
+
+    async def _refund(
+        self, payment_intent_id: str | None, amount: int, metadata: dict[str, str], key: str
+    ) -> str:
+        """A refund settlement: a Refund of ``amount`` of the escrow's PaymentIntent."""
+        if not payment_intent_id:
+            raise PermanentSettlementError(
+                "no_payment_intent", "the escrow has no PaymentIntent to refund"
+            )
+        refund = await self._client.v1.refunds.create_async(
+            params={"payment_intent": payment_intent_id, "amount": amount, "metadata": metadata},
+            options={"idempotency_key": key},
+        )
+        return refund.id
+
+
+def _connect_account(settlement: dict[str, Any]) -> str:
+    """The Connect account a release recorded as its destination (never the create body's)."""
+    destination = settlement.get("destination") or {}
+    if destination.get("type") != "stripe_account" or not destination.get("accountId"):
+        raise PermanentSettlementError(
+            "no_payout_destination", "the release records no Connect account"
+        )
+    return str(destination["accountId"])
 
 
 def raise_if_permanent(exc: stripe.StripeError) -> None:

@@ -182,6 +182,28 @@ def account_updated_handler(
     return account_updated
 
 
+async def _set_account(
+    service: PayoutAccounts, user_id: str, body: PayoutAccountBody, by: str
+) -> PayoutAccount:
+    """``PUT /api/payout-accounts/{userId}``: block the account, or set it on its rail (a
+    Connect account Stripe does not know is 422, Stripe not answering 503)."""
+    if body.status == "REJECTED":
+        return await service.reject(user_id, body.rail, body.destination, by)
+    if body.rail is not Rail.STRIPE:
+        return await service.set_wallet(user_id, body.destination, by)
+    try:
+        return await service.set_stripe(user_id, body.destination, by)
+    except StripeUnavailable as exc:
+        raise _unavailable(exc) from None
+    except AccountNotFound as exc:
+        raise Problem(
+            422,
+            "VALIDATION_FAILED",
+            str(exc),
+            errors=[{"field": "accountId", "message": "no such Stripe account"}],
+        ) from None
+
+
 def register(app: faust.App, gateway: Gateway, service: PayoutAccounts) -> None:
     """Register the payout-account views."""
 
@@ -238,20 +260,4 @@ def register(app: faust.App, gateway: Gateway, service: PayoutAccounts) -> None:
             body, _ = await gateway.body(request, PayoutAccountBody)
             assert isinstance(body, PayoutAccountBody)
             by = f"{principal.role.value}:{principal.sub}"
-            if body.status == "REJECTED":
-                account = await service.reject(user_id, body.rail, body.destination, by)
-            elif body.rail is Rail.STRIPE:
-                try:
-                    account = await service.set_stripe(user_id, body.destination, by)
-                except StripeUnavailable as exc:
-                    raise _unavailable(exc) from None
-                except AccountNotFound as exc:
-                    raise Problem(
-                        422,
-                        "VALIDATION_FAILED",
-                        str(exc),
-                        errors=[{"field": "accountId", "message": "no such Stripe account"}],
-                    ) from None
-            else:
-                account = await service.set_wallet(user_id, body.destination, by)
-            return _answer(self, account)
+            return _answer(self, await _set_account(service, user_id, body, by))

@@ -29,7 +29,7 @@ from tests.builders import wire_command
 from tests.e2e.test_http_reads import call, token
 from tests.e2e.test_stripe_payment_intent import funded_escrow
 from tests.e2e.test_webhooks_stripe import deliver, sign
-from tests.harness import Stack, WorkerProcess, deployment
+from tests.harness import Stack, WorkerProcess, deployment, stripe_env
 from tests.standins.stripe_proxy import StripeProxy
 
 pytestmark = pytest.mark.integration
@@ -46,13 +46,7 @@ def worker(
 ) -> Iterator[tuple[Stack, WorkerProcess]]:
     with deployment(
         tmp_path_factory.mktemp("chargebacks"),
-        PAYMENTS_EFFECTS_ENABLED="true",
-        FEATURE_KYC_GATING="true",
-        STRIPE_API_BASE=proxy.url,
-        STRIPE_WEBHOOK_SECRET=f"whsec_test_{uuid.uuid4().hex}",
-        ESCROW_RETRY_DELAY_MS="50",
-        ESCROW_MAX_RETRIES="0",
-        PROVIDER_TIMEOUT_MS="1500",
+        **stripe_env(proxy.url, FEATURE_KYC_GATING="true"),
     ) as running:
         yield running
 

@@ -40,7 +40,14 @@ from tests.e2e.test_http_flow import create_body
 from tests.e2e.test_http_reads import call, escrow_when, token
 from tests.e2e.test_stripe_payment_intent import funded_escrow
 from tests.e2e.test_webhooks_stripe import deliver, deliver_signed, intent_succeeded, sign
-from tests.harness import Stack, WorkerProcess, deployment, eventually, mirrored_snapshots
+from tests.harness import (
+    Stack,
+    WorkerProcess,
+    deployment,
+    eventually,
+    mirrored_snapshots,
+    stripe_env,
+)
 from tests.standins.stripe_proxy import StripeProxy
 
 pytestmark = pytest.mark.integration
@@ -60,15 +67,12 @@ def worker(
 ) -> Iterator[tuple[Stack, WorkerProcess]]:
     with deployment(
         tmp_path_factory.mktemp("payment-effects"),
-        PAYMENTS_EFFECTS_ENABLED="true",
-        FEATURE_KYC_GATING="true",
-        STRIPE_API_BASE=proxy.url,
-        STRIPE_WEBHOOK_SECRET=f"whsec_test_{uuid.uuid4().hex}",
-        ESCROW_RETRY_DELAY_MS="50",
-        ESCROW_MAX_RETRIES="0",
-        PROVIDER_TIMEOUT_MS="1500",
-        ESCROW_MAX_AMOUNT_USD_MINOR=str(USD_MAX),
-        ESCROW_MAX_AMOUNT_USDC_MINOR=str(USDC_MAX),
+        **stripe_env(
+            proxy.url,
+            FEATURE_KYC_GATING="true",
+            ESCROW_MAX_AMOUNT_USD_MINOR=str(USD_MAX),
+            ESCROW_MAX_AMOUNT_USDC_MINOR=str(USDC_MAX),
+        ),
     ) as running:
         yield running
 

@@ -25,7 +25,7 @@ from escrow_stream.payments.common import settlement_key
 from escrow_stream.payments.stripe_rail import payment_intent_key
 from tests.e2e.test_http_reads import call, escrow_when, token
 from tests.e2e.test_stripe_payment_intent import funded_escrow
-from tests.harness import Stack, WorkerProcess, deployment
+from tests.harness import Stack, WorkerProcess, deployment, stripe_env
 from tests.standins.stripe_proxy import StripeProxy
 
 pytestmark = pytest.mark.integration
@@ -41,12 +41,7 @@ def worker(
 ) -> Iterator[tuple[Stack, WorkerProcess]]:
     with deployment(
         tmp_path_factory.mktemp("stripe-faults"),
-        PAYMENTS_EFFECTS_ENABLED="true",
-        STRIPE_API_BASE=proxy.url,
-        STRIPE_WEBHOOK_SECRET=f"whsec_test_{uuid.uuid4().hex}",
-        ESCROW_RETRY_DELAY_MS="50",
-        ESCROW_MAX_RETRIES="1",
-        PROVIDER_TIMEOUT_MS=str(CLIENT_TIMEOUT_MS),
+        **stripe_env(proxy.url, ESCROW_MAX_RETRIES="1", PROVIDER_TIMEOUT_MS=str(CLIENT_TIMEOUT_MS)),
     ) as running:
         yield running
 
