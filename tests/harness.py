@@ -387,6 +387,27 @@ async def mirrored_snapshots(settings: Settings, escrow_ids: list[str]) -> dict[
     return {r["id"]: json.loads(r["snapshot"]) for r in rows}
 
 
+async def drop_database(conn: Any, name: str) -> None:
+    """Drop a scratch database, closing whatever is still connected (``FORCE``).  An
+    autovacuum worker that just started on it is not ours to terminate (PostgreSQL refuses
+    with InsufficientPrivilege): a plain DROP then cancels it itself, once our own
+    connections are gone, so try that a few times."""
+    import asyncpg
+
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        return
+    except asyncpg.InsufficientPrivilegeError:
+        pass
+    for _ in range(10):
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            return
+        except asyncpg.ObjectInUseError:
+            await asyncio.sleep(0.5)
+    await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+
+
 def stripe_env(api_base: str, **overrides: str) -> dict[str, str]:
     """A deployment's environment for Stripe tests: payment effects on, Stripe at
     ``api_base`` (the fault proxy), a fresh webhook secret, quick retries that the test

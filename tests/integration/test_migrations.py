@@ -10,7 +10,7 @@ import pytest
 
 from escrow_stream.config import Settings
 from escrow_stream.db import migrate
-from tests.harness import unique
+from tests.harness import drop_database, unique
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +49,7 @@ async def scratch_db(stack_settings: Settings) -> AsyncIterator[str]:
         await conn.execute(f'CREATE DATABASE "{name}"')
         yield admin_url.rsplit("/", 1)[0] + f"/{name}"
     finally:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await drop_database(conn, name)
         await conn.close()
 
 

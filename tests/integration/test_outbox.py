@@ -34,7 +34,7 @@ from escrow_stream.db import migrate, outbox
 from escrow_stream.db.pool import Database
 from escrow_stream.retry import backoff_s
 from escrow_stream.signing import signature_headers, verify
-from tests.harness import Stack, unique
+from tests.harness import Stack, drop_database, unique
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -64,7 +64,7 @@ async def database(stack: Stack) -> AsyncIterator[Database]:
         yield database
     finally:
         await database.close()
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await drop_database(conn, name)
         await conn.close()
 
 
