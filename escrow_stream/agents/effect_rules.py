@@ -13,11 +13,10 @@ from escrow_stream.db.effects import Effect, EffectKind, EffectResult, EffectSta
 from escrow_stream.domain import SHORT_TEXT_LENGTH_MAX, fitted
 from escrow_stream.domain import Rail as RailName
 from escrow_stream.domain.commands import CHARGEBACK_REASON
+from escrow_stream.domain.reconcile_records import NO_TRANSFER
 from escrow_stream.payments.common import failed_command_id, settled_command_id
 
 PENDING = "PENDING"
-#: The providerReference of a settlement that moved no money (its payout was 0).
-NO_TRANSFER = "no-transfer"
 
 
 def wanted_effect(event: dict[str, Any]) -> tuple[str, EffectKind] | None:

@@ -11,7 +11,7 @@ from typing import Any
 #: Provider objects are listed from this long before ``since`` (clock skew between us and
 #: the provider; an object made just before the record of ours that names it).
 LISTING_MARGIN = timedelta(days=1)
-#: The providerReference of a settlement that moved no money (agents.effect_rules.NO_TRANSFER).
+#: The providerReference of a settlement that moved no money (agents.effect_rules answers it).
 NO_TRANSFER = "no-transfer"
 #: A custodian transfer returning unmatched USDC has the reference ``unmatched:{fundsId}``.
 UNMATCHED_PREFIX = "unmatched:"
