@@ -12,7 +12,7 @@ from escrow_stream.db import effects
 from escrow_stream.db.effects import Effect, EffectKind, EffectResult, EffectState
 from escrow_stream.domain import SHORT_TEXT_LENGTH_MAX, fitted
 from escrow_stream.domain import Rail as RailName
-from escrow_stream.domain.commands import CHARGEBACK_REASON
+from escrow_stream.domain.payloads import CHARGEBACK_REASON
 from escrow_stream.domain.reconcile_records import NO_TRANSFER
 from escrow_stream.payments.common import failed_command_id, settled_command_id
 

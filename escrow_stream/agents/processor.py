@@ -46,12 +46,12 @@ from escrow_stream.domain import (
     command_fingerprint,
     is_release_path,
 )
-from escrow_stream.domain.commands import CHARGEBACK_REASON
-from escrow_stream.domain.events import (
+from escrow_stream.domain.event_data import (
     ChargebackClosedData,
     ChargebackOpenedData,
     EscrowRefundedData,
 )
+from escrow_stream.domain.payloads import CHARGEBACK_REASON
 from escrow_stream.liveness import ProgressMonitor
 from escrow_stream.logs import correlation_id_var, trace_id_var
 from escrow_stream.messages import Topics, encode_event, event_headers

@@ -109,6 +109,37 @@ async def escrow_history(pool: asyncpg.Pool, escrow_id: str) -> list[dict[str, A
     ]
 
 
+_STUCK_SQL = """
+    WITH e AS (
+        SELECT id, status, version, updated_at, expires_at, auto_refund_at, settlement,
+               snapshot -> 'chargeback' ->> 'status' AS chargeback,
+               CASE WHEN rail = 'STRIPE' AND status <> ALL($2::text[])
+                         AND funded_amount - released_amount - refunded_amount > 0
+                    THEN $1::timestamptz - (snapshot -> 'payment' ->> 'fundedAt')::timestamptz
+               END AS held_for
+          FROM escrows
+         WHERE ($3::text[] IS NULL OR id = ANY($3::text[]))
+    )
+    SELECT id, status, version, updated_at, expires_at, auto_refund_at,
+           CASE WHEN settlement ->> 'status' = 'AWAITING_PAYOUT_ACCOUNT'
+                     AND status <> ALL($2::text[]) THEN 'payout_account'
+                WHEN chargeback = 'OPEN' THEN 'chargeback_open'
+                WHEN chargeback = 'LOST' AND status = 'RELEASED' THEN 'chargeback_lost'
+                WHEN held_for > make_interval(days => $5::int) THEN 'hold_max'
+                WHEN held_for > make_interval(days => $4::int) THEN 'hold_warning'
+                ELSE 'timeout' END AS waiting_for
+      FROM e
+     WHERE (status <> ALL($2::text[])
+            AND ((status = 'AWAIT_FUNDS' AND expires_at < $1)
+                 OR (status = 'DELIVERED' AND auto_refund_at < $1)
+                 OR settlement ->> 'status' = 'AWAITING_PAYOUT_ACCOUNT'))
+        OR chargeback = 'OPEN'
+        OR (chargeback = 'LOST' AND status = 'RELEASED')
+        OR held_for > make_interval(days => $4::int)
+     ORDER BY updated_at, id
+"""
+
+
 async def stuck_escrows(
     pool: asyncpg.Pool,
     now: datetime,
@@ -135,35 +166,7 @@ async def stuck_escrows(
     optionally only among ``escrow_ids``, oldest update first.
     """
     rows = await pool.fetch(
-        """
-        WITH e AS (
-            SELECT id, status, version, updated_at, expires_at, auto_refund_at, settlement,
-                   snapshot -> 'chargeback' ->> 'status' AS chargeback,
-                   CASE WHEN rail = 'STRIPE' AND status <> ALL($2::text[])
-                             AND funded_amount - released_amount - refunded_amount > 0
-                        THEN $1::timestamptz - (snapshot -> 'payment' ->> 'fundedAt')::timestamptz
-                   END AS held_for
-              FROM escrows
-             WHERE ($3::text[] IS NULL OR id = ANY($3::text[]))
-        )
-        SELECT id, status, version, updated_at, expires_at, auto_refund_at,
-               CASE WHEN settlement ->> 'status' = 'AWAITING_PAYOUT_ACCOUNT'
-                         AND status <> ALL($2::text[]) THEN 'payout_account'
-                    WHEN chargeback = 'OPEN' THEN 'chargeback_open'
-                    WHEN chargeback = 'LOST' AND status = 'RELEASED' THEN 'chargeback_lost'
-                    WHEN held_for > make_interval(days => $5::int) THEN 'hold_max'
-                    WHEN held_for > make_interval(days => $4::int) THEN 'hold_warning'
-                    ELSE 'timeout' END AS waiting_for
-          FROM e
-         WHERE (status <> ALL($2::text[])
-                AND ((status = 'AWAIT_FUNDS' AND expires_at < $1)
-                     OR (status = 'DELIVERED' AND auto_refund_at < $1)
-                     OR settlement ->> 'status' = 'AWAITING_PAYOUT_ACCOUNT'))
-            OR chargeback = 'OPEN'
-            OR (chargeback = 'LOST' AND status = 'RELEASED')
-            OR held_for > make_interval(days => $4::int)
-         ORDER BY updated_at, id
-        """,
+        _STUCK_SQL,
         now,
         _TERMINAL,
         list(escrow_ids) if escrow_ids is not None else None,
@@ -198,10 +201,145 @@ async def escrow_for_payment_intent(pool: asyncpg.Pool, payment_intent_id: str) 
     return found
 
 
+#: Each ledger check: its SQL (``$1``: the escrow ids or NULL for all) and how a row reads.
+_POSTING_BALANCE_SQL = """
+    SELECT escrow_id, event_id, currency, sum(amount) AS total
+      FROM ledger_entries
+     WHERE $1::text[] IS NULL OR escrow_id = ANY($1::text[])
+     GROUP BY escrow_id, event_id, currency
+    HAVING sum(amount) <> 0
+     ORDER BY escrow_id, event_id
+"""
+
+
+def _posting_balance(r: asyncpg.Record) -> list[str]:
+    return [
+        f"escrow {r['escrow_id']}: posting {r['event_id']} in {r['currency']} "
+        f"sums to {r['total']}, not 0"
+    ]
+
+
+_HOLDING_SQL = """
+    SELECT e.id, e.funded_amount, e.released_amount, e.refunded_amount,
+           COALESCE(h.total, 0) AS holding
+      FROM escrows e
+      LEFT JOIN (SELECT escrow_id, sum(amount) AS total
+                   FROM ledger_entries
+                  WHERE account = 'escrow:' || escrow_id || ':holding'
+                  GROUP BY escrow_id) h ON h.escrow_id = e.id
+     WHERE ($1::text[] IS NULL OR e.id = ANY($1::text[]))
+       AND (COALESCE(h.total, 0) < 0
+            OR e.released_amount + e.refunded_amount > e.funded_amount
+            OR COALESCE(h.total, 0)
+               <> e.funded_amount - e.released_amount - e.refunded_amount)
+     ORDER BY e.id
+"""
+
+
+def _holding(r: asyncpg.Record) -> list[str]:
+    funded, released, refunded = r["funded_amount"], r["released_amount"], r["refunded_amount"]
+    problems = []
+    if r["holding"] < 0:
+        problems.append(f"escrow {r['id']}: holding balance is negative: {r['holding']}")
+    if released + refunded > funded:
+        problems.append(
+            f"escrow {r['id']}: released {released} + refunded {refunded} exceeds funded {funded}"
+        )
+    if r["holding"] != funded - released - refunded:
+        problems.append(
+            f"escrow {r['id']}: holding balance {r['holding']} != funded - released "
+            f"- refunded {funded - released - refunded}"
+        )
+    return problems
+
+
+_POSTING_COUNT_SQL = """
+    WITH mirrored AS (
+        SELECT escrow_id, count(DISTINCT event_id) AS postings
+          FROM ledger_entries
+         WHERE $1::text[] IS NULL OR escrow_id = ANY($1::text[])
+         GROUP BY escrow_id
+    )
+    SELECT COALESCE(e.id, m.escrow_id) AS id,
+           e.id IS NULL AS orphan,
+           COALESCE(jsonb_array_length(e.snapshot -> 'ledger'), 0) AS expected,
+           COALESCE(m.postings, 0) AS actual
+      FROM (SELECT id, snapshot FROM escrows
+             WHERE $1::text[] IS NULL OR id = ANY($1::text[])) e
+      FULL JOIN mirrored m ON m.escrow_id = e.id
+     WHERE e.id IS NULL
+        OR COALESCE(jsonb_array_length(e.snapshot -> 'ledger'), 0) <> COALESCE(m.postings, 0)
+     ORDER BY 1
+"""
+
+
+def _posting_count(r: asyncpg.Record) -> list[str]:
+    if r["orphan"]:
+        return [f"escrow {r['id']}: ledger entries but no escrows row"]
+    return [f"escrow {r['id']}: {r['actual']} postings mirrored, snapshot has {r['expected']}"]
+
+
+_LINES_SQL = """
+    WITH expected AS (
+        SELECT e.id AS escrow_id, p.posting ->> 'postingId' AS posting_id,
+               l.line_no::int AS line_no, p.posting ->> 'currency' AS currency,
+               l.line ->> 'account' AS account, (l.line ->> 'amount')::numeric AS amount
+          FROM escrows e
+         CROSS JOIN LATERAL jsonb_array_elements(e.snapshot -> 'ledger') AS p(posting)
+         CROSS JOIN LATERAL jsonb_array_elements(p.posting -> 'lines')
+               WITH ORDINALITY AS l(line, line_no)
+         WHERE $1::text[] IS NULL OR e.id = ANY($1::text[])
+    ),
+    actual AS (
+        SELECT le.escrow_id, le.event_id::text AS posting_id, le.line_no, le.currency,
+               le.account, le.amount::numeric AS amount
+          FROM ledger_entries le
+          JOIN escrows e ON e.id = le.escrow_id
+         WHERE $1::text[] IS NULL OR le.escrow_id = ANY($1::text[])
+    )
+    SELECT COALESCE(x.escrow_id, a.escrow_id) AS escrow_id,
+           COALESCE(x.posting_id, a.posting_id) AS posting_id,
+           COALESCE(x.line_no, a.line_no) AS line_no,
+           x.account AS expected_account, x.currency AS expected_currency,
+           x.amount AS expected_amount,
+           a.account AS actual_account, a.currency AS actual_currency,
+           a.amount AS actual_amount
+      FROM expected x
+      FULL JOIN actual a
+        ON a.escrow_id = x.escrow_id AND a.posting_id = x.posting_id AND a.line_no = x.line_no
+     WHERE x.escrow_id IS NULL OR a.escrow_id IS NULL
+        OR x.account IS DISTINCT FROM a.account
+        OR x.currency IS DISTINCT FROM a.currency
+        OR x.amount IS DISTINCT FROM a.amount
+     ORDER BY 1, 2, 3
+"""
+
+
+def _lines(r: asyncpg.Record) -> list[str]:
+    where = f"escrow {r['escrow_id']}: posting {r['posting_id']} line {r['line_no']}"
+    if r["actual_account"] is None:
+        return [f"{where} is in the snapshot but not mirrored"]
+    if r["expected_account"] is None:
+        return [f"{where} is mirrored but not in the snapshot"]
+    return [
+        f"{where} differs: mirrored {r['actual_account']} {r['actual_amount']} "
+        f"{r['actual_currency']}, snapshot {r['expected_account']} {r['expected_amount']} "
+        f"{r['expected_currency']}"
+    ]
+
+
+_LEDGER_CHECKS = (
+    (_POSTING_BALANCE_SQL, _posting_balance),
+    (_HOLDING_SQL, _holding),
+    (_POSTING_COUNT_SQL, _posting_count),
+    (_LINES_SQL, _lines),
+)
+
+
 async def reconcile(pool: asyncpg.Pool, escrow_ids: Sequence[str] | None = None) -> list[str]:
     """Every money invariant the mirror violates, as readable strings (empty = fine).
 
-    Checked per escrow (optionally only ``escrow_ids``):
+    Checked per escrow (optionally only ``escrow_ids``), in one consistent snapshot:
 
     * each posting (eventId) sums to zero per currency in ``ledger_entries``;
     * the holding account ``escrow:{id}:holding`` is never negative in sum, and equals
@@ -214,132 +352,7 @@ async def reconcile(pool: asyncpg.Pool, escrow_ids: Sequence[str] | None = None)
     ids = list(escrow_ids) if escrow_ids is not None else None
     problems: list[str] = []
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-        for r in await conn.fetch(
-            """
-            SELECT escrow_id, event_id, currency, sum(amount) AS total
-              FROM ledger_entries
-             WHERE $1::text[] IS NULL OR escrow_id = ANY($1::text[])
-             GROUP BY escrow_id, event_id, currency
-            HAVING sum(amount) <> 0
-             ORDER BY escrow_id, event_id
-            """,
-            ids,
-        ):
-            problems.append(
-                f"escrow {r['escrow_id']}: posting {r['event_id']} in {r['currency']} "
-                f"sums to {r['total']}, not 0"
-            )
-        for r in await conn.fetch(
-            """
-            SELECT e.id, e.funded_amount, e.released_amount, e.refunded_amount,
-                   COALESCE(h.total, 0) AS holding
-              FROM escrows e
-              LEFT JOIN (SELECT escrow_id, sum(amount) AS total
-                           FROM ledger_entries
-                          WHERE account = 'escrow:' || escrow_id || ':holding'
-                          GROUP BY escrow_id) h ON h.escrow_id = e.id
-             WHERE ($1::text[] IS NULL OR e.id = ANY($1::text[]))
-               AND (COALESCE(h.total, 0) < 0
-                    OR e.released_amount + e.refunded_amount > e.funded_amount
-                    OR COALESCE(h.total, 0)
-                       <> e.funded_amount - e.released_amount - e.refunded_amount)
-             ORDER BY e.id
-            """,
-            ids,
-        ):
-            funded, released, refunded = (
-                r["funded_amount"],
-                r["released_amount"],
-                r["refunded_amount"],
-            )
-            if r["holding"] < 0:
-                problems.append(f"escrow {r['id']}: holding balance is negative: {r['holding']}")
-            if released + refunded > funded:
-                problems.append(
-                    f"escrow {r['id']}: released {released} + refunded {refunded} "
-                    f"exceeds funded {funded}"
-                )
-            if r["holding"] != funded - released - refunded:
-                problems.append(
-                    f"escrow {r['id']}: holding balance {r['holding']} != funded - released "
-                    f"- refunded {funded - released - refunded}"
-                )
-        for r in await conn.fetch(
-            """
-            WITH mirrored AS (
-                SELECT escrow_id, count(DISTINCT event_id) AS postings
-                  FROM ledger_entries
-                 WHERE $1::text[] IS NULL OR escrow_id = ANY($1::text[])
-                 GROUP BY escrow_id
-            )
-            SELECT COALESCE(e.id, m.escrow_id) AS id,
-                   e.id IS NULL AS orphan,
-                   COALESCE(jsonb_array_length(e.snapshot -> 'ledger'), 0) AS expected,
-                   COALESCE(m.postings, 0) AS actual
-              FROM (SELECT id, snapshot FROM escrows
-                     WHERE $1::text[] IS NULL OR id = ANY($1::text[])) e
-              FULL JOIN mirrored m ON m.escrow_id = e.id
-             WHERE e.id IS NULL
-                OR COALESCE(jsonb_array_length(e.snapshot -> 'ledger'), 0)
-                   <> COALESCE(m.postings, 0)
-             ORDER BY 1
-            """,
-            ids,
-        ):
-            if r["orphan"]:
-                problems.append(f"escrow {r['id']}: ledger entries but no escrows row")
-            else:
-                problems.append(
-                    f"escrow {r['id']}: {r['actual']} postings mirrored, "
-                    f"snapshot has {r['expected']}"
-                )
-        for r in await conn.fetch(
-            """
-            WITH expected AS (
-                SELECT e.id AS escrow_id, p.posting ->> 'postingId' AS posting_id,
-                       l.line_no::int AS line_no, p.posting ->> 'currency' AS currency,
-                       l.line ->> 'account' AS account, (l.line ->> 'amount')::numeric AS amount
-                  FROM escrows e
-                 CROSS JOIN LATERAL jsonb_array_elements(e.snapshot -> 'ledger') AS p(posting)
-                 CROSS JOIN LATERAL jsonb_array_elements(p.posting -> 'lines')
-                       WITH ORDINALITY AS l(line, line_no)
-                 WHERE $1::text[] IS NULL OR e.id = ANY($1::text[])
-            ),
-            actual AS (
-                SELECT le.escrow_id, le.event_id::text AS posting_id, le.line_no, le.currency,
-                       le.account, le.amount::numeric AS amount
-                  FROM ledger_entries le
-                  JOIN escrows e ON e.id = le.escrow_id
-                 WHERE $1::text[] IS NULL OR le.escrow_id = ANY($1::text[])
-            )
-            SELECT COALESCE(x.escrow_id, a.escrow_id) AS escrow_id,
-                   COALESCE(x.posting_id, a.posting_id) AS posting_id,
-                   COALESCE(x.line_no, a.line_no) AS line_no,
-                   x.account AS expected_account, x.currency AS expected_currency,
-                   x.amount AS expected_amount,
-                   a.account AS actual_account, a.currency AS actual_currency,
-                   a.amount AS actual_amount
-              FROM expected x
-              FULL JOIN actual a
-                ON a.escrow_id = x.escrow_id AND a.posting_id = x.posting_id
-               AND a.line_no = x.line_no
-             WHERE x.escrow_id IS NULL OR a.escrow_id IS NULL
-                OR x.account IS DISTINCT FROM a.account
-                OR x.currency IS DISTINCT FROM a.currency
-                OR x.amount IS DISTINCT FROM a.amount
-             ORDER BY 1, 2, 3
-            """,
-            ids,
-        ):
-            where = f"escrow {r['escrow_id']}: posting {r['posting_id']} line {r['line_no']}"
-            if r["actual_account"] is None:
-                problems.append(f"{where} is in the snapshot but not mirrored")
-            elif r["expected_account"] is None:
-                problems.append(f"{where} is mirrored but not in the snapshot")
-            else:
-                problems.append(
-                    f"{where} differs: mirrored {r['actual_account']} {r['actual_amount']} "
-                    f"{r['actual_currency']}, snapshot {r['expected_account']} "
-                    f"{r['expected_amount']} {r['expected_currency']}"
-                )
+        for sql, read in _LEDGER_CHECKS:
+            for row in await conn.fetch(sql, ids):
+                problems.extend(read(row))
     return problems

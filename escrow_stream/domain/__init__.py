@@ -54,7 +54,6 @@ from ._model import SHORT_TEXT_LENGTH_MAX, TEXT_LENGTH_MAX, fitted
 from .commands import (
     COMMAND_TYPES,
     CancelEscrow,
-    CancelReason,
     CloseChargeback,
     Command,
     CommandInvalid,
@@ -99,6 +98,7 @@ from .events import (
 from .evolve import EvolveError, evolve
 from .ledger import check_invariants, ledger_balances
 from .money import Currency, Provider, Rail
+from .payloads import CancelReason
 from .payouts import (
     BuyerDestination,
     PayoutDestination,

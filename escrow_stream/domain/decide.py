@@ -60,16 +60,14 @@ pending settlement is cleared and no refund is ever sent); LOST once the funds h
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from . import rules, settlement_rules
 from ._model import WIRE_CONTEXT
 from .commands import (
-    CHARGEBACK_REASON,
     CancelEscrow,
-    ChargebackOutcome,
     CloseChargeback,
     Command,
     ConfirmFunds,
@@ -90,74 +88,30 @@ from .commands import (
     command_fingerprint,
 )
 from .escrow import (
-    SETTLED_MILESTONE_STATUSES,
-    TERMINAL_STATUSES,
     CommandRecord,
     Escrow,
-    EscrowStatus,
-    Milestone,
-    MilestoneStatus,
-    SettlementKind,
     is_allowed_transition,
 )
-from .events import (
-    DATA_FOR_TYPE,
-    EVENT_FOR_DATA,
-    EVENT_TYPES,
-    ChargebackClosedData,
-    ChargebackOpenedData,
-    EscrowCancelledData,
-    EscrowCreatedData,
-    EscrowDeliveredData,
-    EscrowDisputedData,
-    EscrowFundsHeldData,
-    EscrowRefundedData,
-    EscrowReleasedData,
-    Event,
-    EventData,
-    MilestoneDeliveredData,
-    MilestoneReleasedData,
-    PaymentFailedData,
-    PaymentInstructionsRecordedData,
-    SettlementFailedData,
-    SettlementRequestedData,
-    event_id_for,
-)
+from .event_data import EscrowCreatedData, EventData
+from .events import DATA_FOR_TYPE, EVENT_FOR_DATA, EVENT_TYPES, Event, event_id_for
 from .evolve import EventMeta, apply_event
 from .guards import (
-    actor_relation,
     check_amount_within_max,
     check_creator_authorized,
-    check_deadline_reached,
-    check_delivered_timeout_enabled,
-    check_flagged_deposit_funds,
-    check_funds_match,
     check_kyc_verified,
-    check_milestone_status,
     check_milestones_enabled,
     check_no_open_chargeback,
-    check_provider_matches_rail,
     check_sender_authorized,
-    check_settlement_amount,
     check_settlement_matches,
     check_settlement_state,
     check_settlement_status,
     check_status_allows,
-    find_milestone_or_refusal,
     is_repeated_chargeback,
     is_repeated_funds_confirmation,
-    is_system_timeout,
 )
-from .ledger import chargeback_receivable
-from .money import RAIL_PROVIDER, Rail, policy_fee, release_fee
-from .payouts import (
-    BuyerDestination,
-    PayoutDestination,
-    SettlementStatus,
-    WalletDestination,
-    fits_rail,
-)
+from .money import policy_fee
 from .rejections import Refusal, RejectedPayment, Rejection, RejectionCode
+from .rules import Rule
 from .settings import DecisionContext, DomainSettings
 
 _DEFAULT_SETTINGS = DomainSettings()
@@ -372,453 +326,23 @@ def _decide_create(
     return Decision(events=[_emit(None, command, now, data)])
 
 
-# --- rules per command (status, authorization and pending settlement already checked) ---
-
-RuleResult = EventData | Refusal
-Rule = Callable[[Escrow, Any, datetime, DomainSettings, DecisionContext | None], RuleResult]
-
-
-def _record_instructions(
-    state: Escrow,
-    cmd: RecordPaymentInstructions,
-    now: datetime,
-    settings: DomainSettings,
-    context: DecisionContext | None,
-) -> RuleResult:
-    p = cmd.payload
-    return check_provider_matches_rail(state, p.provider) or PaymentInstructionsRecordedData(
-        provider=p.provider,
-        provider_payment_id=p.provider_payment_id,
-        deposit_address=p.deposit_address,
-    )
-
-
-def _confirm_funds(
-    state: Escrow,
-    cmd: ConfirmFunds,
-    now: datetime,
-    settings: DomainSettings,
-    context: DecisionContext | None,
-) -> RuleResult:
-    p = cmd.payload
-    return (
-        check_provider_matches_rail(state, p.provider)
-        or check_funds_match(state, cmd)
-        or EscrowFundsHeldData(
-            provider=p.provider,
-            provider_payment_id=p.provider_payment_id,
-            amount=p.amount,
-            currency=p.currency,
-            sender_address=p.sender_address,
-        )
-    )
-
-
-def _record_payment_failure(
-    state: Escrow,
-    cmd: RecordPaymentFailure,
-    now: datetime,
-    settings: DomainSettings,
-    context: DecisionContext | None,
-) -> RuleResult:
-    p = cmd.payload
-    return check_provider_matches_rail(state, p.provider) or PaymentFailedData(
-        provider=p.provider,
-        provider_payment_id=p.provider_payment_id,
-        error_code=p.error_code,
-        error_message=p.error_message,
-    )
-
-
-def _cancel(
-    state: Escrow,
-    cmd: CancelEscrow,
-    now: datetime,
-    settings: DomainSettings,
-    context: DecisionContext | None,
-) -> RuleResult:
-    if is_system_timeout(cmd):
-        refusal = check_deadline_reached(state.expires_at, now, "payment deadline")
-        if refusal is not None:
-            return refusal
-    refusal = check_flagged_deposit_funds(state, cmd)
-    if refusal is not None:
-        return refusal
-    return EscrowCancelledData(reason=cmd.payload.reason)
-
-
-def _mark_delivered(
-    state: Escrow,
-    cmd: MarkDelivered,
-    now: datetime,
-    settings: DomainSettings,
-    context: DecisionContext | None,
-) -> RuleResult:
-    return EscrowDeliveredData(
-        note=cmd.payload.note,
-        evidence_keys=cmd.payload.evidence_keys,
-        auto_refund_at=now + timedelta(days=settings.auto_refund_deadline_days),
-    )
-
-
-def _delivered_timeout(
-    state: Escrow, now: datetime, settings: DomainSettings, action: str
-) -> Refusal | None:
-    return check_delivered_timeout_enabled(settings, action) or check_deadline_reached(
-        state.auto_refund_at, now, "auto-refund deadline"
-    )
-
-
-def _seller_payout(state: Escrow, context: DecisionContext | None) -> PayoutDestination | None:
-    """The seller's ACTIVE payout account for the escrow's rail, when the caller found one."""
-    destination = context.seller_payout if context is not None else None
-    return destination if fits_rail(destination, state.rail) else None
-
-
-def _refund_destination(state: Escrow) -> PayoutDestination | None:
-    """The buyer: the card (Stripe), else the given wallet or the deposit's sender (USDC)."""
-    if state.rail == Rail.STRIPE:
-        return BuyerDestination()
-    payment = state.payment
-    address = state.buyer_wallet_address or (payment.sender_address if payment else None)
-    return WalletDestination(address=address) if address else None
-
-
-def _settlement_request(
-    state: Escrow,
-    kind: SettlementKind,
-    reason: str,
-    context: DecisionContext | None,
-    milestone: Milestone | None = None,
-    resolution: SettlementKind | None = None,
-) -> SettlementRequestedData:
-    """Ask to move a milestone's amount, or everything still held, to seller or buyer."""
-    amount = milestone.amount if milestone is not None else state.holding_amount
-    fee = 0
-    status = SettlementStatus.PENDING
-    if kind == SettlementKind.RELEASE:
-        fee = release_fee(state.seller_fee, state.amount, state.released_amount, amount)
-        destination = _seller_payout(state, context)
-        if destination is None:
-            status = SettlementStatus.AWAITING_PAYOUT_ACCOUNT
-    else:
-        destination = _refund_destination(state)
-    return SettlementRequestedData(
-        kind=kind,
-        attempt=state.settlement_attempts + 1,
-        reason=reason,
-        milestone_id=milestone.milestone_id if milestone is not None else None,
-        amount=amount,
-        payout_amount=amount - fee,
-        fee_amount=fee,
-        resolution=resolution,
-        status=status,
-        destination=destination,
-    )
-
-
-def _release(
-    state: Escrow,
-    cmd: ReleaseFunds,
-    now: datetime,
-    settings: DomainSettings,
-    context: DecisionContext | None,
-) -> RuleResult:
-    if is_system_timeout(cmd):
-        refusal = _delivered_timeout(state, now, settings, "release")
-        if refusal is not None:
-            return refusal
-    refusal = check_kyc_verified(settings, context, (state.buyer_id, state.seller_id))
-    if refusal is not None:
-        return refusal
-    reason = cmd.payload.reason or f"RELEASED_BY_{actor_relation(state, cmd.actor).upper()}"
-    return _settlement_request(state, SettlementKind.RELEASE, reason, context)
-
-
-def _raise_dispute(
-    state: Escrow,
-    cmd: RaiseDispute,
-    now: datetime,
-    settings: DomainSettings,
-    context: DecisionContext | None,
-) -> RuleResult:
-    return EscrowDisputedData(reason=cmd.payload.reason, evidence_keys=cmd.payload.evidence_keys)
-
-
-def _resolve_dispute(
-    state: Escrow,
-    cmd: ResolveDispute,
-    now: datetime,
-    settings: DomainSettings,
-    context: DecisionContext | None,
-) -> RuleResult:
-    p = cmd.payload
-    if p.resolution == SettlementKind.RELEASE:
-        refusal = check_kyc_verified(settings, context, (state.buyer_id, state.seller_id))
-        if refusal is not None:
-            return refusal
-    return _settlement_request(state, p.resolution, p.reason, context, resolution=p.resolution)
-
-
-def _refund(
-    state: Escrow,
-    cmd: RefundEscrow,
-    now: datetime,
-    settings: DomainSettings,
-    context: DecisionContext | None,
-) -> RuleResult:
-    if is_system_timeout(cmd):
-        refusal = _delivered_timeout(state, now, settings, "refund")
-        if refusal is not None:
-            return refusal
-    return _settlement_request(state, SettlementKind.REFUND, cmd.payload.reason, context)
-
-
-def _confirm_settlement(
-    state: Escrow,
-    cmd: ConfirmSettlement,
-    now: datetime,
-    settings: DomainSettings,
-    context: DecisionContext | None,
-) -> RuleResult:
-    p = cmd.payload
-    settlement = state.settlement
-    assert settlement is not None  # guaranteed by check_settlement_state
-    refusal = check_provider_matches_rail(state, p.provider) or check_settlement_amount(state, cmd)
-    if refusal is not None:
-        return refusal
-    if settlement.milestone_id is not None:
-        return MilestoneReleasedData(
-            milestone_id=settlement.milestone_id,
-            provider=p.provider,
-            provider_reference=p.provider_reference,
-            attempt=settlement.attempt,
-            amount=settlement.amount,
-            payout_amount=settlement.payout_amount,
-            fee_amount=settlement.fee_amount,
-        )
-    if settlement.kind == SettlementKind.RELEASE:
-        return EscrowReleasedData(
-            provider=p.provider,
-            provider_reference=p.provider_reference,
-            attempt=settlement.attempt,
-            amount=settlement.amount,
-            payout_amount=settlement.payout_amount,
-            fee_amount=settlement.fee_amount,
-        )
-    return EscrowRefundedData(
-        provider=p.provider,
-        provider_reference=p.provider_reference,
-        attempt=settlement.attempt,
-        amount=settlement.amount,
-    )
-
-
-def _record_settlement_failure(
-    state: Escrow,
-    cmd: RecordSettlementFailure,
-    now: datetime,
-    settings: DomainSettings,
-    context: DecisionContext | None,
-) -> RuleResult:
-    settlement = state.settlement
-    assert settlement is not None  # guaranteed by check_settlement_state
-    p = cmd.payload
-    return SettlementFailedData(
-        kind=settlement.kind,
-        attempt=settlement.attempt,
-        milestone_id=settlement.milestone_id,
-        error_code=p.error_code,
-        error_message=p.error_message,
-        retryable=p.retryable,
-    )
-
-
-def _deliver_milestone(
-    state: Escrow,
-    cmd: DeliverMilestone,
-    now: datetime,
-    settings: DomainSettings,
-    context: DecisionContext | None,
-) -> RuleResult:
-    found = find_milestone_or_refusal(state, cmd.payload.milestone_id)
-    if isinstance(found, Refusal):
-        return found
-    refusal = check_milestone_status(found, MilestoneStatus.PENDING)
-    if refusal is not None:
-        return refusal
-    others_done = all(
-        m.status != MilestoneStatus.PENDING
-        for m in state.milestones
-        if m.milestone_id != found.milestone_id
-    )
-    escrow_delivered = others_done and state.status == EscrowStatus.FUNDS_HELD
-    return MilestoneDeliveredData(
-        milestone_id=found.milestone_id,
-        escrow_delivered=escrow_delivered,
-        auto_refund_at=(
-            now + timedelta(days=settings.auto_refund_deadline_days) if escrow_delivered else None
-        ),
-    )
-
-
-def _release_milestone(
-    state: Escrow,
-    cmd: ReleaseMilestone,
-    now: datetime,
-    settings: DomainSettings,
-    context: DecisionContext | None,
-) -> RuleResult:
-    refusal = check_kyc_verified(settings, context, (state.buyer_id, state.seller_id))
-    if refusal is not None:
-        return refusal
-    found = find_milestone_or_refusal(state, cmd.payload.milestone_id)
-    if isinstance(found, Refusal):
-        return found
-    refusal = check_milestone_status(found, MilestoneStatus.DELIVERED)
-    if refusal is not None:
-        return refusal
-    last = all(
-        m.status in SETTLED_MILESTONE_STATUSES
-        for m in state.milestones
-        if m.milestone_id != found.milestone_id
-    )
-    if last and state.status != EscrowStatus.DELIVERED:
-        return Refusal(
-            RejectionCode.INVALID_TRANSITION,
-            "the last milestone can be released only from a DELIVERED escrow",
-        )
-    return _settlement_request(
-        state, SettlementKind.RELEASE, "MILESTONE_RELEASE", context, milestone=found
-    )
-
-
-def _resume_settlement(
-    state: Escrow,
-    cmd: ResumeSettlement,
-    now: datetime,
-    settings: DomainSettings,
-    context: DecisionContext | None,
-) -> RuleResult:
-    """The awaiting release, requested again (same settlement) to the now-ACTIVE account."""
-    settlement = state.settlement
-    assert settlement is not None  # guaranteed by check_settlement_state
-    destination = _seller_payout(state, context)
-    if destination is None:
-        return Refusal(
-            RejectionCode.INVALID_TRANSITION,
-            f"seller {state.seller_id} has no ACTIVE payout account for {state.rail.value}",
-        )
-    same = {
-        name: getattr(settlement, name)
-        for name in SettlementRequestedData.model_fields
-        if name in type(settlement).model_fields
-    }
-    same.update(status=SettlementStatus.PENDING, destination=destination)
-    return SettlementRequestedData(**same)
-
-
-def _open_chargeback(
-    state: Escrow,
-    cmd: OpenChargeback,
-    now: datetime,
-    settings: DomainSettings,
-    context: DecisionContext | None,
-) -> RuleResult:
-    """Record the chargeback; book what the held funds do not cover as a receivable."""
-    p = cmd.payload
-    refusal = check_provider_matches_rail(state, p.provider)
-    if refusal is not None:
-        return refusal
-    if state.chargeback is not None:  # the same dispute id is a no-op, decided before
-        return Refusal(
-            RejectionCode.INVALID_TRANSITION,
-            f"the escrow already has chargeback {state.chargeback.dispute_id}",
-        )
-    if p.currency != state.currency or p.amount > state.funded_amount:
-        return Refusal(
-            RejectionCode.VALIDATION_FAILED,
-            f"chargeback of {p.amount} {p.currency.value} on a payment of "
-            f"{state.funded_amount} {state.currency.value}",
-        )
-    receivable, account = chargeback_receivable(state, p.amount)
-    return ChargebackOpenedData(
-        provider=p.provider,
-        dispute_id=p.dispute_id,
-        charge_id=p.charge_id,
-        payment_intent_id=p.payment_intent_id,
-        amount=p.amount,
-        currency=p.currency,
-        reason=p.reason,
-        receivable_amount=receivable,
-        receivable_account=account,
-    )
-
-
-def _close_chargeback(
-    state: Escrow,
-    cmd: CloseChargeback,
-    now: datetime,
-    settings: DomainSettings,
-    context: DecisionContext | None,
-) -> RuleResult:
-    """WON: the receivable reversed, the escrow continues.  LOST: the network refunded the
-    buyer — from the held funds (the escrow ends REFUNDED, reason CHARGEBACK), or, once they
-    have left, at the platform's cost (the receivable stays)."""
-    p = cmd.payload
-    chargeback = state.chargeback
-    if chargeback is None or chargeback.dispute_id != p.dispute_id:
-        return Refusal(RejectionCode.INVALID_TRANSITION, f"no chargeback {p.dispute_id}")
-    if not state.chargeback_open:
-        return Refusal(
-            RejectionCode.INVALID_TRANSITION,
-            f"chargeback {p.dispute_id} was closed {chargeback.status.value} already",
-        )
-    holding = state.holding_amount
-    lost = p.outcome == ChargebackOutcome.LOST
-    if lost and holding > 0 and state.status not in TERMINAL_STATUSES:
-        attempt = state.settlement.attempt if state.settlement is not None else 1
-        return EscrowRefundedData(
-            provider=RAIL_PROVIDER[state.rail],
-            provider_reference=p.dispute_id,
-            attempt=max(attempt, state.settlement_attempts, 1),
-            amount=holding,
-            reason=CHARGEBACK_REASON,
-        )
-    if not lost:
-        return ChargebackClosedData(
-            dispute_id=p.dispute_id,
-            outcome=p.outcome,
-            amount=p.amount,
-            reversed_amount=chargeback.receivable_amount,
-        )
-    # funds that left while it was open (a settlement confirmed meanwhile) are owed too
-    uncovered, account = chargeback_receivable(state, chargeback.amount)
-    top_up = max(0, uncovered - chargeback.receivable_amount)
-    return ChargebackClosedData(
-        dispute_id=p.dispute_id,
-        outcome=p.outcome,
-        amount=p.amount,
-        booked_amount=top_up,
-        booked_account=(chargeback.receivable_account or account) if top_up else None,
-    )
-
+# --- the rule of each command (domain/rules.py, domain/settlement_rules.py) -------------
 
 _RULES: dict[type[Any], Rule] = {
-    RecordPaymentInstructions: _record_instructions,
-    ConfirmFunds: _confirm_funds,
-    RecordPaymentFailure: _record_payment_failure,
-    CancelEscrow: _cancel,
-    MarkDelivered: _mark_delivered,
-    ReleaseFunds: _release,
-    RaiseDispute: _raise_dispute,
-    ResolveDispute: _resolve_dispute,
-    RefundEscrow: _refund,
-    ConfirmSettlement: _confirm_settlement,
-    RecordSettlementFailure: _record_settlement_failure,
-    DeliverMilestone: _deliver_milestone,
-    ReleaseMilestone: _release_milestone,
-    ResumeSettlement: _resume_settlement,
-    OpenChargeback: _open_chargeback,
-    CloseChargeback: _close_chargeback,
+    RecordPaymentInstructions: rules.record_instructions,
+    ConfirmFunds: rules.confirm_funds,
+    RecordPaymentFailure: rules.record_payment_failure,
+    CancelEscrow: rules.cancel,
+    MarkDelivered: rules.mark_delivered,
+    ReleaseFunds: settlement_rules.release,
+    RaiseDispute: rules.raise_dispute,
+    ResolveDispute: settlement_rules.resolve_dispute,
+    RefundEscrow: settlement_rules.refund,
+    ConfirmSettlement: settlement_rules.confirm_settlement,
+    RecordSettlementFailure: settlement_rules.record_settlement_failure,
+    DeliverMilestone: rules.deliver_milestone,
+    ReleaseMilestone: settlement_rules.release_milestone,
+    ResumeSettlement: settlement_rules.resume_settlement,
+    OpenChargeback: rules.open_chargeback,
+    CloseChargeback: rules.close_chargeback,
 }

@@ -9,19 +9,31 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, TypeAdapter, ValidationError
 
 from ._model import (
-    MILESTONES_MAX,
     WIRE_CONTEXT,
-    EvidenceKeys,
     Id,
-    ShortText,
-    Text,
     Timestamp,
     TolerantModel,
 )
-from .commands import CancelReason, ChargebackOutcome, MilestoneSpec, validation_errors
-from .escrow import Actor, Escrow, SettlementKind
-from .money import Currency, MinorUnits, PositiveMinorUnits, Provider, Rail
-from .payouts import PayoutDestination, SettlementStatus
+from .commands import validation_errors
+from .escrow import Actor, Escrow
+from .event_data import (
+    ChargebackClosedData,
+    ChargebackOpenedData,
+    EscrowCancelledData,
+    EscrowCreatedData,
+    EscrowDeliveredData,
+    EscrowDisputedData,
+    EscrowFundsHeldData,
+    EscrowRefundedData,
+    EscrowReleasedData,
+    EventData,
+    MilestoneDeliveredData,
+    MilestoneReleasedData,
+    PaymentFailedData,
+    PaymentInstructionsRecordedData,
+    SettlementFailedData,
+    SettlementRequestedData,
+)
 
 #: Fixed namespace of event ids: eventId = uuid5(EVENT_ID_NAMESPACE, f"{escrowId}:{version}").
 EVENT_ID_NAMESPACE = uuid.UUID("6f1c2a9e-4d3b-5e7f-8a90-1b2c3d4e5f60")
@@ -30,177 +42,6 @@ EVENT_ID_NAMESPACE = uuid.UUID("6f1c2a9e-4d3b-5e7f-8a90-1b2c3d4e5f60")
 def event_id_for(escrow_id: str, version: int) -> str:
     """The deterministic id of the event that gives `escrow_id` its `version`."""
     return str(uuid.uuid5(EVENT_ID_NAMESPACE, f"{escrow_id}:{version}"))
-
-
-# --- data -----------------------------------------------------------------------------
-
-
-class EventData(TolerantModel):
-    """Base of every event's `data`."""
-
-
-class EscrowCreatedData(EventData):
-    """Data of EscrowCreated."""
-
-    offer_id: Id
-    contract_id: Id
-    buyer_id: Id
-    seller_id: Id
-    rail: Rail
-    currency: Currency
-    amount: PositiveMinorUnits
-    seller_fee: MinorUnits = 0
-    seller_account_id: Id | None = None
-    buyer_wallet_address: Id | None = None
-    milestones: Annotated[tuple[MilestoneSpec, ...], Field(max_length=MILESTONES_MAX)] = ()
-    expires_at: Timestamp
-    recent_commands_max: int = Field(ge=1)
-
-
-class PaymentInstructionsRecordedData(EventData):
-    """Data of PaymentInstructionsRecorded."""
-
-    provider: Provider
-    provider_payment_id: Id
-    deposit_address: Id | None = None
-
-
-class EscrowFundsHeldData(EventData):
-    """Data of EscrowFundsHeld."""
-
-    provider: Provider
-    provider_payment_id: Id
-    amount: PositiveMinorUnits
-    currency: Currency
-    sender_address: Id | None = None
-
-
-class PaymentFailedData(EventData):
-    """Data of PaymentFailed (no providerPaymentId when the provider refused to create one)."""
-
-    provider: Provider
-    provider_payment_id: Id | None = None
-    error_code: ShortText
-    error_message: Text
-
-
-class EscrowCancelledData(EventData):
-    """Data of EscrowCancelled."""
-
-    reason: CancelReason
-
-
-class EscrowDeliveredData(EventData):
-    """Data of EscrowDelivered."""
-
-    note: Text | None = None
-    evidence_keys: EvidenceKeys = ()
-    auto_refund_at: Timestamp
-
-
-class EscrowDisputedData(EventData):
-    """Data of EscrowDisputed."""
-
-    reason: ShortText
-    evidence_keys: EvidenceKeys = ()
-
-
-class SettlementRequestedData(EventData):
-    """Data of SettlementRequested: what the payments agent must move, and why."""
-
-    kind: SettlementKind
-    attempt: int = Field(ge=1)
-    reason: ShortText
-    milestone_id: Id | None = None
-    amount: PositiveMinorUnits
-    payout_amount: MinorUnits
-    fee_amount: MinorUnits
-    resolution: SettlementKind | None = None
-    status: SettlementStatus = SettlementStatus.PENDING
-    destination: PayoutDestination | None = None
-
-
-class SettlementFailedData(EventData):
-    """Data of SettlementFailed."""
-
-    kind: SettlementKind
-    attempt: int = Field(ge=1)
-    milestone_id: Id | None = None
-    error_code: ShortText
-    error_message: Text
-    retryable: bool
-
-
-class EscrowReleasedData(EventData):
-    """Data of EscrowReleased: the remainder went to the seller, less the fee."""
-
-    provider: Provider
-    provider_reference: Id
-    attempt: int = Field(ge=1)
-    amount: PositiveMinorUnits
-    payout_amount: MinorUnits
-    fee_amount: MinorUnits
-
-
-class EscrowRefundedData(EventData):
-    """Data of EscrowRefunded: the remainder went back to the buyer — by our refund, or, with
-    ``reason`` CHARGEBACK, by the card network on a lost chargeback (``providerReference``
-    is then the dispute id, ``attempt`` the last settlement attempt or 1, and no refund is
-    ever sent for it)."""
-
-    provider: Provider
-    provider_reference: Id
-    attempt: int = Field(ge=1)
-    amount: PositiveMinorUnits
-    reason: ShortText | None = None
-
-
-class ChargebackOpenedData(EventData):
-    """Data of ChargebackOpened: a card chargeback; ``receivableAmount`` (what the held funds
-    do not cover) is booked against ``receivableAccount``."""
-
-    provider: Provider
-    dispute_id: Id
-    charge_id: Id | None = None
-    payment_intent_id: Id | None = None
-    amount: PositiveMinorUnits
-    currency: Currency
-    reason: ShortText
-    receivable_amount: MinorUnits = 0
-    receivable_account: str | None = Field(default=None, min_length=1, max_length=300)
-
-
-class ChargebackClosedData(EventData):
-    """Data of ChargebackClosed: WON (any receivable reversed: ``reversedAmount``), or LOST
-    on an escrow that no longer held the funds (the receivable stays, topped up by
-    ``bookedAmount`` when funds left the escrow while the chargeback was open)."""
-
-    dispute_id: Id
-    outcome: ChargebackOutcome
-    amount: MinorUnits | None = None
-    reversed_amount: MinorUnits = 0
-    booked_amount: MinorUnits = 0
-    booked_account: str | None = Field(default=None, min_length=1, max_length=300)
-
-
-class MilestoneDeliveredData(EventData):
-    """Data of MilestoneDelivered; the escrow becomes DELIVERED with its last milestone."""
-
-    milestone_id: Id
-    escrow_delivered: bool = False
-    auto_refund_at: Timestamp | None = None
-
-
-class MilestoneReleasedData(EventData):
-    """Data of MilestoneReleased; the escrow becomes RELEASED with its last milestone."""
-
-    milestone_id: Id
-    provider: Provider
-    provider_reference: Id
-    attempt: int = Field(ge=1)
-    amount: PositiveMinorUnits
-    payout_amount: MinorUnits
-    fee_amount: MinorUnits
 
 
 # --- envelopes ------------------------------------------------------------------------

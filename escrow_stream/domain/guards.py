@@ -1,4 +1,9 @@
-"""Named business rules: each guard returns a Refusal with a stable code, or None when met."""
+"""Named business rules: each guard returns a Refusal with a stable code, or None when met.
+
+The tables of who may send what from which status, and every guard ``decide`` and the rules
+call, are kept in this one file (a little over 400 lines) so that the precedence documented
+in ``decide`` can be checked against the guards side by side.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,7 @@ from collections.abc import Iterable
 from datetime import datetime
 
 from .commands import (
-    TIMEOUT_REASON,
     CancelEscrow,
-    CancelReason,
     CloseChargeback,
     Command,
     ConfirmFunds,
@@ -31,6 +34,7 @@ from .escrow import (
     SettlementKind,
 )
 from .money import RAIL_PROVIDER, STRIPE_CHARGE_MAX_MINOR, Currency, Provider, Rail
+from .payloads import TIMEOUT_REASON, CancelReason
 from .payouts import SettlementStatus
 from .rejections import Refusal, RejectionCode
 from .settings import DecisionContext, DomainSettings

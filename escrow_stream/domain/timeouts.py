@@ -9,19 +9,16 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from .commands import (
-    TIMEOUT_REASON,
-    CancelEscrow,
-    CancelEscrowPayload,
-    CancelReason,
-    Command,
-    RefundEscrow,
-    RefundEscrowPayload,
-    ReleaseFunds,
-    ReleaseFundsPayload,
-)
+from .commands import CancelEscrow, Command, RefundEscrow, ReleaseFunds
 from .escrow import TERMINAL_STATUSES, Actor, ActorRole, Escrow, EscrowStatus
 from .money import Rail
+from .payloads import (
+    TIMEOUT_REASON,
+    CancelEscrowPayload,
+    CancelReason,
+    RefundEscrowPayload,
+    ReleaseFundsPayload,
+)
 from .settings import DomainSettings
 
 TIMEOUT_ACTOR = Actor(id="timeout-processor", role=ActorRole.SYSTEM)

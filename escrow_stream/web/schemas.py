@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from escrow_stream.domain.commands import (
+from escrow_stream.domain.payloads import (
     CreateEscrowPayload,
     MarkDeliveredPayload,
     RaiseDisputePayload,
