@@ -22,29 +22,38 @@ Steps, in order (each failing step ends the handling):
 
 An unexpected exception in steps 1-6 is a bug, not bad input; it is dead-lettered as
 ``handler_error`` so one message can never stop the processor.
+
+The processor parses each message once (``read_command``), finds the escrow's state and the
+facts the decision needs (``facts_needed``) from the parsed command, then calls
+``handle_command``; ``handle`` does both for callers without lookups.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from escrow_stream.domain import (
     COMMAND_TYPES,
     ActorRole,
     Command,
     CommandInvalid,
+    CreateEscrow,
     DecisionContext,
     DomainSettings,
     Escrow,
     Event,
     Rejection,
     RejectionCode,
+    ResumeSettlement,
     command_fingerprint,
     decide,
+    is_release_path,
     parse_command,
 )
 from escrow_stream.signing import HeaderItems, verify
@@ -92,14 +101,22 @@ class Outcome:
         return "accepted" if self.events else "no_op"
 
 
-def command_escrow_id(value: bytes) -> str | None:
-    """The escrowId of a raw command, when it can be read, to find the state to decide on."""
-    try:
-        data = json.loads(value)
-    except (ValueError, TypeError, RecursionError):
-        return None
-    escrow_id = data.get("escrowId") if isinstance(data, dict) else None
-    return escrow_id if isinstance(escrow_id, str) else None
+_R = TypeVar("_R")
+_P = ParamSpec("_P")
+
+
+def _dead_on_error(step: Callable[_P, _R]) -> Callable[_P, _R | Outcome]:
+    """An unexpected exception in ``step`` is a bug, not bad input: dead-lettered as
+    ``handler_error`` so one message can never stop the processor."""
+
+    @functools.wraps(step)
+    def guarded(*args: _P.args, **kwargs: _P.kwargs) -> _R | Outcome:
+        try:
+            return step(*args, **kwargs)
+        except Exception as exc:
+            return _dead(DeadLetterReason.HANDLER_ERROR, f"{type(exc).__name__}: {exc}")
+
+    return guarded
 
 
 def handle(
@@ -113,34 +130,39 @@ def handle(
     internal_secret: str,
     context: DecisionContext | None = None,
 ) -> Outcome:
-    """Steps 1-6 of the module docstring; ``recorded`` is the escrow's outcomes entry."""
-    try:
-        return _handle(
-            key, value, headers, state, recorded, now, settings, internal_secret, context
-        )
-    except Exception as exc:  # a bug must not stop the stream: dead-letter and go on
-        return _dead(DeadLetterReason.HANDLER_ERROR, f"{type(exc).__name__}: {exc}")
+    """Steps 1-6 of the module docstring in one call (``read_command``, then
+    ``handle_command``); ``recorded`` is the escrow's outcomes entry."""
+    read = read_command(key, value)
+    if isinstance(read, Outcome):
+        return read
+    return handle_command(
+        read, value or b"", headers, state, recorded, now, settings, internal_secret, context
+    )
 
 
-def _handle(
-    key: bytes | None,
-    value: bytes | None,
+@_dead_on_error
+def read_command(key: bytes | None, value: bytes | None) -> Command | Outcome:
+    """Steps 1-3, once per message: the command a message holds, or the dead letter it is.
+    The caller finds the escrow's state and the decision's facts from the parsed command."""
+    if not value:
+        return _dead(DeadLetterReason.INVALID_JSON, "empty message value")
+    return _read(key, value)
+
+
+@_dead_on_error
+def handle_command(
+    command: Command,
+    value: bytes,
     headers: HeaderItems | None,
     state: Escrow | None,
     recorded: dict[str, Any] | None,
     now: datetime,
     settings: DomainSettings,
     internal_secret: str,
-    context: DecisionContext | None,
+    context: DecisionContext | None = None,
 ) -> Outcome:
-    """Steps 1-6: reading the command (1-3, ``_read``), trust and the recorded outcome (4-5),
-    the decision (6, ``_decided``)."""
-    if not value:
-        return _dead(DeadLetterReason.INVALID_JSON, "empty message value")
-    read = _read(key, value)
-    if isinstance(read, Outcome):
-        return read
-    command = read
+    """Steps 4-6 for a command ``read_command`` parsed from ``value`` (whose bytes the
+    signature covers): trust and the recorded outcome (4-5), the decision (6)."""
     if command.actor.role is ActorRole.SYSTEM and not verify(internal_secret, value, headers):
         refusal = _refusal(
             command,
@@ -155,6 +177,21 @@ def _handle(
     if found is not None:
         return Outcome(command=command, state=state, rejection=found.outcome, duplicate=True)
     return _decided(state, command, now, settings, context)
+
+
+def facts_needed(command: Command, state: Escrow | None) -> tuple[frozenset[str], bool]:
+    """What deciding ``command`` needs looked up: the parties whose KYC counts (creation and
+    every release path) and whether it needs the seller's payout account (every release
+    path, and ResumeSettlement)."""
+    if isinstance(command, CreateEscrow):
+        return frozenset({command.payload.buyer_id, command.payload.seller_id}), False
+    if state is None:
+        return frozenset(), False
+    if isinstance(command, ResumeSettlement):
+        return frozenset(), True
+    if is_release_path(command.type, getattr(command.payload, "resolution", None)):
+        return frozenset({state.buyer_id, state.seller_id}), True
+    return frozenset(), False
 
 
 def _read(key: bytes | None, value: bytes) -> Command | Outcome:

@@ -34,7 +34,6 @@ from escrow_stream.clock import Clock
 from escrow_stream.config import Settings, domain_settings
 from escrow_stream.domain import (
     Command,
-    CreateEscrow,
     DecisionContext,
     Escrow,
     Event,
@@ -42,9 +41,7 @@ from escrow_stream.domain import (
     Rail,
     Rejection,
     RejectionCode,
-    ResumeSettlement,
     command_fingerprint,
-    is_release_path,
 )
 from escrow_stream.domain.event_data import (
     ChargebackClosedData,
@@ -139,33 +136,43 @@ class CommandProcessor:
         key: bytes | None = message.key
         value: bytes = message.value or b""
         headers = _header_items(message.headers)
-        escrow_id = handling.command_escrow_id(value) if value else None
-        state = escrow_table.load(self._escrows.get(escrow_id)) if escrow_id else None
-        recorded = self._recorded_outcomes.get(escrow_id) if escrow_id else None
         with COMMAND_SECONDS.time():
-            context = await self._context_for(value, state)
-            outcome = handling.handle(
-                key,
-                value,
-                headers,
-                state,
-                recorded,
-                self._clock(),
-                self._rules,
-                self._secret,
-                context,
-            )
+            outcome = await self._outcome(key, value, headers)
         _observe(outcome)
         if outcome.dead_letter is not None:
             await self._dead_letter(message, key, value, headers, outcome.dead_letter)
             return
         assert outcome.command is not None
         if outcome.record:  # written before the rejection is sent (step 3)
-            self._record(outcome.command, recorded, outcome.rejection)
+            self._record(outcome.command, outcome.rejection)
         if outcome.rejection is not None:
             await self._reject(outcome.command, outcome.rejection)
             return
         await self._apply(outcome)
+
+    async def _outcome(
+        self, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]
+    ) -> handling.Outcome:
+        """Steps 1-2: the message parsed once, its escrow's state and recorded outcomes, the
+        facts the decision needs, and the decision."""
+        command = handling.read_command(key, value)
+        if isinstance(command, handling.Outcome):
+            return command
+        escrow_id = command.escrow_id
+        state = escrow_table.load(self._escrows.get(escrow_id))
+        recorded = self._recorded_outcomes.get(escrow_id)
+        context = await self._context_for(command, state)
+        return handling.handle_command(
+            command,
+            value,
+            headers,
+            state,
+            recorded,
+            self._clock(),
+            self._rules,
+            self._secret,
+            context,
+        )
 
     async def _looked_up(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """A fact the decision needs: PostgreSQL being down delays this partition."""
@@ -177,9 +184,9 @@ class CommandProcessor:
             cap_s=LOOKUP_RETRY_CAP_S,
         )
 
-    async def _context_for(self, value: bytes, state: Escrow | None) -> DecisionContext | None:
+    async def _context_for(self, command: Command, state: Escrow | None) -> DecisionContext | None:
         """The facts deciding this command needs (KYC, the seller's payout account)."""
-        parties, releases = _facts_needed(value, state)
+        parties, releases = handling.facts_needed(command, state)
         verified: frozenset[str] = frozenset()
         payout: PayoutDestination | None = None
         kyc_lookup, payout_lookup = self._kyc_lookup, self._payout_lookup
@@ -217,12 +224,10 @@ class CommandProcessor:
             headers=headers + _dlq_headers(message, dead, len(value)),
         )
 
-    def _record(
-        self, command: Command, recorded: dict[str, Any] | None, rejection: Rejection | None
-    ) -> None:
+    def _record(self, command: Command, rejection: Rejection | None) -> None:
         """Step 3: a rejection or no-op into the ``command-outcomes`` table."""
         self._recorded_outcomes[command.escrow_id] = outcome_table.record(
-            recorded,
+            self._recorded_outcomes.get(command.escrow_id),
             outcome_table.record_key(command),
             rejection,
             self._rules.recent_commands_max,
@@ -283,31 +288,6 @@ def count_chargebacks(events: Iterable[Event]) -> None:
             CHARGEBACKS.labels(event.data.outcome.value.lower()).inc()
         elif isinstance(event.data, EscrowRefundedData) and event.data.reason == CHARGEBACK_REASON:
             CHARGEBACKS.labels("lost").inc()
-
-
-def _facts_needed(value: bytes, state: Escrow | None) -> tuple[frozenset[str], bool]:
-    """What deciding this command needs looked up: the parties whose KYC counts (creation
-    and every release path) and whether it needs the seller's payout account (every release
-    path, and ResumeSettlement)."""
-    try:
-        data = json.loads(value)
-    except (ValueError, RecursionError):  # handle() dead-letters it
-        return frozenset(), False
-    if not isinstance(data, dict):
-        return frozenset(), False
-    kind = data.get("type")
-    payload = data.get("payload")
-    payload = payload if isinstance(payload, dict) else {}
-    if kind == CreateEscrow.model_fields["type"].default:
-        ids = {payload.get("buyerId"), payload.get("sellerId")}
-        return frozenset(i for i in ids if isinstance(i, str)), False
-    if state is None:
-        return frozenset(), False
-    if kind == ResumeSettlement.model_fields["type"].default:
-        return frozenset(), True
-    if is_release_path(kind, payload.get("resolution")):
-        return frozenset({state.buyer_id, state.seller_id}), True
-    return frozenset(), False
 
 
 def _dlq_headers(message: Any, dead: handling.DeadLetter, size: int) -> list[tuple[str, bytes]]:

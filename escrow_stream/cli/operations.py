@@ -1,4 +1,5 @@
-"""Operating: stuck escrows, deposits, unmatched funds, reconciliation, outbox replay."""
+"""Operating: stuck escrows, deposits, unmatched funds, reconciliation, outbox replay,
+the idempotency purge."""
 
 from __future__ import annotations
 
@@ -212,3 +213,39 @@ def outbox_replay(ctx: click.Context, aggregates: tuple[str, ...], since: dateti
         since = since.replace(tzinfo=UTC)
     count = _on_database(ctx, lambda pool: replay(pool, list(aggregates) or None, since))
     click.echo(f"{count} outbox row(s) will be sent again")
+
+
+@main.group()
+def idempotency() -> None:
+    """Idempotency-Key records (IDEMPOTENCY_TTL_HOURS)."""
+
+
+@idempotency.command("purge")
+@click.pass_context
+def idempotency_purge(ctx: click.Context) -> None:
+    """Delete the expired Idempotency-Key records; print how many.
+
+    The worker's leader does the same daily (seed: "Records older than TTL are cleaned up
+    daily"); this runs it on a schedule of the operator's (a CronJob) or once by hand.
+    Redis records expire by themselves; PostgreSQL rows (the store, or the fallback under
+    IDEMPOTENCY_STORAGE=redis) are deleted here.
+    """
+    from escrow_stream.clock import utc_now
+    from escrow_stream.db.pool import Database
+    from escrow_stream.idempotency import build_idempotency_store
+    from escrow_stream.redisconn import redis_client
+
+    settings = _settings(ctx)
+
+    async def run() -> int:
+        database = Database(settings)
+        redis = redis_client(settings) if settings.idempotency_storage == "redis" else None
+        try:
+            store = build_idempotency_store(settings, database, redis)
+            return await store.purge_expired(utc_now())
+        finally:
+            await database.close()
+            if redis is not None:
+                await redis.aclose()
+
+    click.echo(f"{asyncio.run(run())} expired idempotency record(s) purged")

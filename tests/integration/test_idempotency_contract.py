@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -24,7 +26,7 @@ from escrow_stream.idempotency import (
     build_idempotency_store,
 )
 from escrow_stream.redisconn import redis_client
-from tests.harness import free_port
+from tests.harness import free_port, stack_environ
 
 pytestmark = pytest.mark.integration
 
@@ -300,4 +302,32 @@ async def test_the_factory_follows_idempotency_storage(stack_settings: Settings)
             build_idempotency_store(as_redis, database, None)
     finally:
         await client.aclose()
+        await database.close()
+
+
+async def test_the_purge_command_deletes_expired_records(stack_settings: Settings) -> None:
+    """``escrow-stream idempotency purge`` (the CronJob's command) empties what has expired."""
+    user = f"idem-{uuid.uuid4().hex[:12]}"
+    database = Database(stack_settings)
+    store = DatabaseIdempotencyStore(database, TTL)
+    try:
+        await store.begin(user, "done", "h", NOW)
+        await store.complete(user, "done", 202, BODY)
+        assert (await store.begin(user, "done", "h", NOW)).kind is BeginKind.REPLAY
+        purge = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "escrow_stream.cli",
+            "idempotency",
+            "purge",
+            env={**stack_environ(), "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(purge.communicate(), timeout=120)
+        assert purge.returncode == 0, err.decode()
+        purged = int(out.decode().split()[0])
+        assert purged >= 1, out.decode()
+        assert (await store.begin(user, "done", "h2", NOW)).kind is BeginKind.NEW
+    finally:
         await database.close()

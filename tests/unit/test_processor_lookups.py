@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
-from domain_support import BUYER_ID, SELLER_ID, reach
+from domain_support import BUYER_ID, SELLER_ID, command, create_payload, reach
 
-from escrow_stream.agents.processor import (
-    LOOKUP_RETRY_CAP_S,
-    LOOKUP_RETRY_FIRST_S,
-    _facts_needed,
-)
+from escrow_stream.agents.handling import facts_needed
+from escrow_stream.agents.processor import LOOKUP_RETRY_CAP_S, LOOKUP_RETRY_FIRST_S
 from escrow_stream.retry import until_answered
 
 LIMITS = {"first_s": LOOKUP_RETRY_FIRST_S, "cap_s": LOOKUP_RETRY_CAP_S}
@@ -20,34 +16,26 @@ LIMITS = {"first_s": LOOKUP_RETRY_FIRST_S, "cap_s": LOOKUP_RETRY_CAP_S}
 BOTH = frozenset({BUYER_ID, SELLER_ID})
 
 
-def raw(type_: str, payload: dict[str, object] | None = None) -> bytes:
-    return json.dumps({"type": type_, "payload": payload or {}}).encode()
-
-
 def test_kyc_and_the_payout_account_are_looked_up_for_every_release_path() -> None:
     state = reach("DELIVERED").state
-    create = raw("CreateEscrow", {"buyerId": "b", "sellerId": "s"})
-    assert _facts_needed(create, None) == (frozenset({"b", "s"}), False)
-    for command in (
-        raw("ReleaseFunds"),
-        raw("ReleaseFunds", {"reason": "TIMEOUT"}),
-        raw("ReleaseMilestone", {"milestoneId": "m1"}),
-        raw("ResolveDispute", {"resolution": "RELEASE", "reason": "x"}),
+    create = command("CreateEscrow", "c1", "buyer", create_payload())
+    assert facts_needed(create, None) == (BOTH, False)
+    for releasing in (
+        command("ReleaseFunds", "c2", "buyer", {}),
+        command("ReleaseFunds", "c3", "system", {"reason": "TIMEOUT"}),
+        command("ReleaseMilestone", "c4", "buyer", {"milestoneId": "m1"}),
+        command("ResolveDispute", "c5", "admin", {"resolution": "RELEASE", "reason": "x"}),
     ):
-        assert _facts_needed(command, state) == (BOTH, True), command
-    assert _facts_needed(raw("ResumeSettlement", {"settlementId": "x"}), state) == (
-        frozenset(),
-        True,
-    )
-    for command in (
-        raw("ResolveDispute", {"resolution": "REFUND", "reason": "x"}),
-        raw("RefundEscrow", {"reason": "x"}),
-        raw("MarkDelivered"),
-        b"not json",
-        b"[1]",
+        assert facts_needed(releasing, state) == (BOTH, True), releasing
+    resume = command("ResumeSettlement", "c6", "system", {"settlementId": "x"})
+    assert facts_needed(resume, state) == (frozenset(), True)
+    for other in (
+        command("ResolveDispute", "c7", "admin", {"resolution": "REFUND", "reason": "x"}),
+        command("RefundEscrow", "c8", "admin", {"reason": "x"}),
+        command("MarkDelivered", "c9", "seller", {}),
     ):
-        assert _facts_needed(command, state) == (frozenset(), False), command
-    assert _facts_needed(raw("ReleaseFunds"), None) == (frozenset(), False)
+        assert facts_needed(other, state) == (frozenset(), False), other
+    assert facts_needed(command("ReleaseFunds", "c10", "buyer", {}), None) == (frozenset(), False)
 
 
 def test_a_failing_lookup_is_retried_with_capped_backoff_until_it_answers() -> None:
