@@ -12,11 +12,11 @@ from aiokafka.admin import AIOKafkaAdminClient
 from escrow_stream.config import Settings, load_settings
 from escrow_stream.db import migrate
 from escrow_stream.kafka import client_kwargs
-from tests.harness import reachable, stack_environ
+from tests.harness import SESSION_TAG, reachable, stack_environ
 
-#: The topics of a test deployment (``Stack.create``: ``t-{hex}.…``, and Faust's internal
-#: and changelog topics of its group ``escrow-t-{hex}``).
-TEST_TOPIC = re.compile(r"^(escrow-)?t-[0-9a-f]{10}[.-]")
+#: The topics of this session's test deployments (``Stack.create``: ``t-{tag}{hex}.…``, and
+#: Faust's internal and changelog topics of its group ``escrow-t-{tag}{hex}``).
+SESSION_TOPIC = re.compile(rf"^(escrow-)?t-{SESSION_TAG}[0-9a-f]{{6}}[.-]")
 DELETE_BATCH = 100
 
 
@@ -38,7 +38,9 @@ def stack_settings() -> Iterator[Settings]:
 def delete_session_topics() -> Iterator[None]:
     """Every test deployment makes its own topics; a broker that kept them all, session
     after session, runs out of file handles.  At the end, delete what this session made
-    (with no broker at the start, as for the unit tests alone, there is nothing to do)."""
+    (with no broker at the start, as for the unit tests alone, there is nothing to do).
+    Only this session's topics (``SESSION_TAG``): another pytest run on the same broker
+    keeps its own."""
     settings = load_settings(stack_environ())
     if not _broker_reachable(settings):
         yield
@@ -46,7 +48,7 @@ def delete_session_topics() -> Iterator[None]:
     before = asyncio.run(_topics(settings))
     yield
     if _broker_reachable(settings):
-        made = {t for t in asyncio.run(_topics(settings)) - before if TEST_TOPIC.match(t)}
+        made = {t for t in asyncio.run(_topics(settings)) - before if SESSION_TOPIC.match(t)}
         if made:
             asyncio.run(_delete(settings, made))
 

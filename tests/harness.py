@@ -75,6 +75,17 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
+#: This pytest process's mark in the names of the topics its deployments make, so that the
+#: clean-up at the end of a session deletes its own topics and never another session's.
+SESSION_TAG = uuid.uuid4().hex[:4]
+
+
+def deployment_name() -> str:
+    """``t-`` + this session's tag + 6 random hex digits: the prefix of a test deployment's
+    topics, consumer group and client id."""
+    return f"t-{SESSION_TAG}{uuid.uuid4().hex[:6]}"
+
+
 def reachable(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=2):
@@ -99,7 +110,7 @@ class Stack:
 
     @classmethod
     def create(cls, data_root: Path, **overrides: str) -> Stack:
-        run = unique("t")
+        run = deployment_name()
         defaults = {
             "KAFKA_GROUP_ID": f"escrow-{run}",
             "KAFKA_CLIENT_ID": f"escrow-{run}",
