@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv stack-up stack-down stack-status topics migrate run worker test test-unit \
+.PHONY: help venv tools stack-up stack-down stack-status topics migrate run worker test test-unit \
         test-integration test-chaos lint bench-domain clean
 
 help:
@@ -19,6 +19,8 @@ help:
 	@echo "make lint         ruff and mypy"
 	@echo "make stack-up | stack-down | stack-status    Kafka, PostgreSQL, Redis, stripe-mock, S3 (moto)"
 	@echo "make bench-domain the domain core benchmark"
+	@echo "make image        the container image (docker or podman; see mk/image.mk)"
+	@echo "make tools        test tools that are not Python packages (promtool)"
 
 $(INSTALLED): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,7 +57,10 @@ define run_pytest
 	if [ $$rc -eq 5 ]; then echo "make: pytest ran no tests" >&2; exit 1; fi; exit $$rc
 endef
 
-test: venv stack-up topics migrate
+tools:
+	scripts/tools.sh
+
+test: venv stack-up tools topics migrate
 	$(call run_pytest,-m "not chaos" $(PYTEST_ARGS))
 
 # Stops and starts the stack's own servers: run it alone, never beside another test run.
@@ -78,3 +83,5 @@ bench-domain: venv
 
 clean:
 	rm -rf $(VENV) escrow-stream-data .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+include mk/image.mk

@@ -120,7 +120,9 @@ def create_app(
         reconciler = reconcile_agent.ProviderReconciler(settings, clock, database)
         reconcile_agent.register(app, reconciler)
     health.register(app, clock, core.progress)
-    operations.register(app, readiness_checks(app, settings, database, shared_redis, closers))
+    operations.register(
+        app, readiness_checks(app, settings, database, shared_redis, closers), settings.api_url
+    )
     if settings.metrics_enabled:
         operations.serve_metrics_alone(app, settings.metrics_port)
     idempotency = build_idempotency_store(settings, database, shared_redis)

@@ -29,7 +29,15 @@ from enum import StrEnum
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core.core_schema import ValidationInfo
 
 from escrow_stream.domain import Currency, DomainSettings
@@ -117,6 +125,11 @@ OURS: tuple[str, ...] = (
     "STRIPE_HOLD_WARN_DAYS",
 )
 
+#: KAFKA_REPLICATION_FACTOR when it is unset: every partition (ours and Faust's changelogs) on
+#: three brokers in production, so one broker down loses nothing; one broker locally.
+REPLICATION_FACTOR_PRODUCTION_DEFAULT = 3
+REPLICATION_FACTOR_DEVELOPMENT_DEFAULT = 1
+
 #: Bind addresses that are no address another worker could call.
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
 
@@ -191,7 +204,10 @@ class Settings(BaseModel):
         "KAFKA_SASL_MECHANISM", "plain"
     )
     kafka_ssl_enabled: bool = _env("KAFKA_SSL_ENABLED", False)
-    kafka_replication_factor: int = _env("KAFKA_REPLICATION_FACTOR", 1, ge=1, le=16)
+    #: Unset: 3 with NODE_ENV=production, else 1 (``_replication_factor_default``).
+    kafka_replication_factor: int = _env(
+        "KAFKA_REPLICATION_FACTOR", REPLICATION_FACTOR_DEVELOPMENT_DEFAULT, ge=1, le=16
+    )
     kafka_compression: Literal["snappy", "lz4", "gzip", "zstd", "producer"] = _env(
         "KAFKA_COMPRESSION", "snappy"
     )
@@ -296,6 +312,19 @@ class Settings(BaseModel):
     feature_milestone_escrows: bool = _env("FEATURE_MILESTONE_ESCROWS", True)
     feature_auto_refund: bool = _env("FEATURE_AUTO_REFUND", True)
     feature_kyc_gating: bool = _env("FEATURE_KYC_GATING", True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replication_factor_default(cls, data: Any) -> Any:
+        """KAFKA_REPLICATION_FACTOR left unset is 3 in production (1 is the field default)."""
+        if not isinstance(data, Mapping):
+            return data
+        if "KAFKA_REPLICATION_FACTOR" in data or "kafka_replication_factor" in data:
+            return data
+        node_env = data.get("NODE_ENV", data.get("node_env"))
+        if str(node_env).strip().lower() == NodeEnv.PRODUCTION:
+            return {**data, "KAFKA_REPLICATION_FACTOR": REPLICATION_FACTOR_PRODUCTION_DEFAULT}
+        return data
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from escrow_stream.config import Settings
+from escrow_stream.config import ConfigError, Settings
 from escrow_stream.kafka import client_kwargs
 
 RETENTION_90_DAYS_MS = 90 * 24 * 60 * 60 * 1000
@@ -17,6 +17,22 @@ ADMIN_TIMEOUT_MS = 30_000
 
 COMMANDS_PARTITIONS = 6
 EVENTS_PARTITIONS = 12
+
+
+class ReplicationFactorTooLarge(ConfigError):
+    """A topic would need more replicas than the cluster has brokers; nothing was created."""
+
+    def __init__(self, replication_factor: int, brokers: int, names: list[str]) -> None:
+        self.replication_factor = replication_factor
+        self.brokers = brokers
+        self.names = names
+        super().__init__(
+            f"Error: replication factor {replication_factor} is larger than the Kafka "
+            f"cluster's broker count ({brokers}); no topics were created "
+            f"(topics: {', '.join(names)}).\n"
+            f"Set KAFKA_REPLICATION_FACTOR to at most {brokers} (it defaults to 3 with "
+            "NODE_ENV=production, 1 otherwise), or add brokers."
+        )
 
 
 @dataclass(frozen=True)
@@ -58,12 +74,16 @@ def _admin(settings: Settings) -> AIOKafkaAdminClient:
 async def create_topics(settings: Settings, specs: list[TopicSpec] | None = None) -> list[str]:
     """Create the missing topics; returns one line per topic saying what happened.
 
-    Existing topics are left as they are (``verify_topics`` reports any difference).
+    1. Ask the cluster how many brokers it has: a replication factor above that is refused
+       (:class:`ReplicationFactorTooLarge`) before anything is created.
+    2. Create the topics that do not exist yet; existing topics are left as they are
+       (``verify_topics`` reports any difference).
     """
     specs = topic_specs(settings) if specs is None else specs
     admin = _admin(settings)
     await admin.start()
     try:
+        await _check_replication(admin, specs)
         existing = set(await admin.list_topics())
         wanted = [s for s in specs if s.name not in existing]
         report = [f"exists  {s.name}" for s in specs if s.name in existing]
@@ -85,6 +105,22 @@ async def create_topics(settings: Settings, specs: list[TopicSpec] | None = None
         return report
     finally:
         await admin.close()
+
+
+async def broker_count(admin: AIOKafkaAdminClient) -> int:
+    """How many brokers the cluster has, as the cluster itself says."""
+    cluster = await admin.describe_cluster()
+    return len(cluster["brokers"])
+
+
+async def _check_replication(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> None:
+    if not specs:
+        return
+    brokers = await broker_count(admin)
+    too_many = [s for s in specs if s.replication_factor > brokers]
+    if too_many:
+        factor = max(s.replication_factor for s in too_many)
+        raise ReplicationFactorTooLarge(factor, brokers, [s.name for s in too_many])
 
 
 async def verify_topics(settings: Settings, specs: list[TopicSpec] | None = None) -> list[str]:

@@ -23,7 +23,7 @@ from escrow_stream.config import Settings
 from escrow_stream.domain import Command, DomainSettings, timeout_command_for
 from escrow_stream.domain.timeouts import holds_card_funds_past
 from escrow_stream.messages import encode_command, signed_headers
-from escrow_stream.metrics import STRIPE_HOLDS_PAST_WARNING, TIMEOUT_COMMANDS
+from escrow_stream.metrics import STRIPE_HOLDS_PAST_WARNING, TIMEOUT_COMMANDS, TIMEOUTS_OVERDUE
 from escrow_stream.tables import escrows as escrow_table
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ def register(
     async def send_due_timeouts() -> None:
         # Collect first: sending yields to the loop, and the table may change meanwhile.
         due = due_timeouts(list(escrows.values()), clock(), rules, settings.stripe_hold_warn_days)
+        TIMEOUTS_OVERDUE.set(len(due))  # not terminal past a deadline, this scan
         for command in due:
             body = encode_command(command)
             await commands_topic.send(

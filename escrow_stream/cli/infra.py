@@ -34,10 +34,16 @@ def topics() -> None:
 @topics.command("create")
 @click.pass_context
 def topics_create(ctx: click.Context) -> None:
-    """Create the topics that are missing (idempotent)."""
-    from escrow_stream.topics import create_topics
+    """Create the topics that are missing (idempotent); refused, with nothing created, when
+    the replication factor is larger than the cluster's broker count."""
+    from escrow_stream.topics import ReplicationFactorTooLarge, create_topics
 
-    for line in asyncio.run(create_topics(_settings(ctx))):
+    try:
+        report = asyncio.run(create_topics(_settings(ctx)))
+    except ReplicationFactorTooLarge as exc:
+        click.echo(str(exc), err=True)
+        ctx.exit(1)
+    for line in report:
         click.echo(line)
 
 

@@ -35,12 +35,19 @@ def outbox_publisher(ctx: click.Context) -> None:
     import logging
 
     from escrow_stream.agents.relay import run_standalone
+    from escrow_stream.sentry import init_sentry, instrument_event_loop
 
     settings = _settings(ctx)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    asyncio.run(run_standalone(settings))
+    init_sentry(settings, "outbox-publisher")
+
+    async def publish() -> None:
+        instrument_event_loop()
+        await run_standalone(settings)
+
+    asyncio.run(publish())
 
 
 @main.command()
@@ -54,10 +61,20 @@ def worker(ctx: click.Context) -> None:
             "set JWT_SECRET to a random 64+ character string",
             err=True,
         )
-    from faust import Worker
+    from faust import Worker as FaustWorker
+
+    from escrow_stream.sentry import init_sentry, instrument_event_loop
+
+    # before the app is built, so that its web server and logs are instrumented
+    init_sentry(settings, "worker")
 
     from escrow_stream.app import app
     from escrow_stream.logs import json_logging_config
+
+    class Worker(FaustWorker):  # the name Faust's log lines show: [^Worker]
+        async def on_first_start(self) -> None:
+            instrument_event_loop()  # the loop runs from here on
+            await super().on_first_start()
 
     logging_config = (
         json_logging_config(settings.log_level) if settings.log_format == "json" else None

@@ -8,6 +8,7 @@ import json
 import asyncpg
 
 from escrow_stream.config import Settings
+from escrow_stream.metrics import unwatch_pool, watch_pool
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -30,7 +31,8 @@ async def create_pool(settings: Settings, dsn: str | None = None) -> asyncpg.Poo
 
 
 class Database:
-    """A pool created on first use and closed with the app (one per process)."""
+    """A pool created on first use and closed with the app (one per process); its
+    connections in use are reported when ``/metrics`` is scraped (``escrow_db_pool_*``)."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -42,9 +44,11 @@ class Database:
             async with self._lock:
                 if self._pool is None:
                     self._pool = await create_pool(self._settings)
+                    watch_pool(self._pool)
         return self._pool
 
     async def close(self) -> None:
         if self._pool is not None:
             await self._pool.close()
+            unwatch_pool(self._pool)
             self._pool = None

@@ -40,6 +40,7 @@ from typing import Any
 import httpx
 
 from escrow_stream.config import Settings
+from escrow_stream.metrics import metered
 from escrow_stream.payments.common import PermanentSettlementError, settlement_key
 from escrow_stream.retry import delays
 
@@ -163,7 +164,7 @@ class CustodianClient:
         for attempt in range(self._retries + 1):
             last = attempt == self._retries
             try:
-                response = await self._http.request(method, path, **kwargs)
+                response = await metered("custodian", self._http.request(method, path, **kwargs))
             except httpx.HTTPError as exc:  # timeout, connection refused or lost
                 if last:
                     raise CustodianUnavailable(f"{method} {path}: {type(exc).__name__}") from exc

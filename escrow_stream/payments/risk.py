@@ -54,6 +54,7 @@ from typing import Any
 import httpx
 
 from escrow_stream.config import Settings
+from escrow_stream.metrics import metered
 from escrow_stream.payments.custodian import is_address
 from escrow_stream.retry import backoff_s
 
@@ -375,7 +376,7 @@ class RiskScreener:
         for attempt in range(attempts):
             retry_after_s = 0.0
             try:
-                response = await send()
+                response = await metered(provider, send())
             except RETRYABLE_ERRORS as exc:
                 problem = _describe(exc, self._timeout_s)
             except httpx.HTTPError as exc:  # not a network hiccup: no point retrying

@@ -7,11 +7,14 @@ randomness), so a redelivered event asks Stripe for the same object again and ge
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
 from typing import Any
 
 import stripe
 
 from escrow_stream.config import Settings
+from escrow_stream.metrics import observe_provider_call
 from escrow_stream.payments.common import PermanentSettlementError, settlement_key
 
 
@@ -28,13 +31,33 @@ REFUND_DONE = frozenset({"succeeded"})
 REFUND_UNDER_WAY = frozenset({"pending", "requires_action"})
 
 
+class MeteredHTTPXClient(stripe.HTTPXClient):
+    """The SDK's httpx client, counting every request it sends (each retry too) in
+    ``escrow_provider_requests_total{provider="stripe"}``; a network error is raised by the
+    SDK as ``APIConnectionError``."""
+
+    async def request_async(
+        self, method: str, url: str, headers: Mapping[str, str], post_data: Any = None
+    ) -> tuple[bytes, int, Mapping[str, str]]:
+        started = time.perf_counter()
+        try:
+            content, status, answer_headers = await super().request_async(
+                method, url, headers, post_data
+            )
+        except stripe.APIConnectionError:
+            observe_provider_call("stripe", None, time.perf_counter() - started)
+            raise
+        observe_provider_call("stripe", status, time.perf_counter() - started)
+        return content, status, answer_headers
+
+
 def stripe_client(settings: Settings) -> stripe.StripeClient:
     """The SDK client every Stripe call goes through (``STRIPE_API_BASE``, timeouts, retries)."""
     base = {"api": settings.stripe_api_base} if settings.stripe_api_base else None
     return stripe.StripeClient(
         settings.stripe_secret_key.get_secret_value(),
         base_addresses=base,  # type: ignore[arg-type]
-        http_client=stripe.HTTPXClient(timeout=settings.provider_timeout_ms / 1000),
+        http_client=MeteredHTTPXClient(timeout=settings.provider_timeout_ms / 1000),
         max_network_retries=settings.escrow_max_retries,
     )
 

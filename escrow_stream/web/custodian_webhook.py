@@ -36,7 +36,13 @@ from escrow_stream.db.unmatched import is_return_key
 from escrow_stream.payments.custodian import is_address
 from escrow_stream.web.gateway import build_command, json_response
 from escrow_stream.web.problems import Problem
-from escrow_stream.web.webhooks import WebhookServices, accept_once, confirm_return_answer
+from escrow_stream.web.webhooks import (
+    WebhookServices,
+    accept_once,
+    confirm_return_answer,
+    counted,
+    webhook_result,
+)
 
 CUSTODIAN_TOLERANCE_S = 300
 CUSTODIAN_ACTOR = {"id": "custodian-webhook", "role": "system"}
@@ -136,6 +142,9 @@ def register(app: faust.App, services: WebhookServices) -> None:
     @app.page("/api/webhooks/custodian")
     class CustodianWebhook(View):
         async def post(self, request: Request) -> Response:
+            return await counted("custodian", lambda: self.receive(request))
+
+        async def receive(self, request: Request) -> Response:
             raw = await request.read()
             verify_custodian(
                 secret,
@@ -153,10 +162,13 @@ def register(app: faust.App, services: WebhookServices) -> None:
             if kind == "deposit.confirmed":
                 deposit = custodian_deposit(event.get("data") or {})
                 if deposit.confirmations < settings.custodian_min_confirmations:
+                    webhook_result("ignored")
                     return json_response(
                         self, {"received": True, "ignored": "awaiting confirmations"}
                     )
                 new = await services.intake.record_deposit(deposit)
+                if not new:
+                    webhook_result("duplicate")
                 return json_response(
                     self, {"received": True, "depositId": deposit.deposit_id, "new": new}
                 )
@@ -172,6 +184,7 @@ def register(app: faust.App, services: WebhookServices) -> None:
                 return json_response(self, answer)
             mapped = custodian_command(event)
             if mapped is None:
+                webhook_result("ignored")
                 return json_response(self, {"received": True, "ignored": kind})
             command_type, escrow_id, payload, command_id = mapped
             command = build_command(

@@ -13,7 +13,7 @@ from aiohttp import web
 from escrow_stream.clock import Clock
 from escrow_stream.config import Settings, parse_networks
 from escrow_stream.logs import request_id_var, trace_id_var
-from escrow_stream.metrics import HTTP_REQUESTS, HTTP_SECONDS
+from escrow_stream.metrics import HTTP_REQUESTS, HTTP_SECONDS, WORKER_READY
 from escrow_stream.web.internal import (
     INTERNAL_HEADER,
     INTERNAL_REQUEST_KEY,
@@ -57,6 +57,7 @@ def _route(request: web.Request) -> str:
 
 #: Probes are never rate limited: an orchestrator must always reach them.
 UNLIMITED_PATHS = frozenset({"/health", "/ready", "/metrics"})
+READY_PATH = "/ready"
 
 
 def make_middleware(limiter: RateLimiter, clock: Clock, settings: Settings) -> Middleware:
@@ -84,13 +85,16 @@ def make_middleware(limiter: RateLimiter, clock: Clock, settings: Settings) -> M
                 await limiter.check_ip(ip, now)
             return await handler(request)
 
-        return await problems_and_request_ids(request, limited)
+        return await problems_and_request_ids(request, limited, settings.api_url)
 
     return middleware
 
 
-async def problems_and_request_ids(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error becomes a problem+json; every response carries X-Request-Id."""
+async def problems_and_request_ids(
+    request: web.Request, handler: Handler, api_url: str
+) -> web.StreamResponse:
+    """Every error becomes a problem+json (its ``type`` under ``api_url``: API_URL); every
+    response carries X-Request-Id."""
     request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
     request_id_var.set(request_id)  # each aiohttp request runs in a task of its own
     trace_id_var.set(_trace_id(request))
@@ -99,14 +103,14 @@ async def problems_and_request_ids(request: web.Request, handler: Handler) -> we
     try:
         response = await handler(request)
     except Problem as problem:
-        response = problem.response(request.path)
+        response = problem.response(request.path, api_url)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}.get(
             exc.status, "HTTP_ERROR"
         )
-        response = Problem(exc.status, code, exc.reason).response(request.path)
+        response = Problem(exc.status, code, exc.reason).response(request.path, api_url)
     except DEPENDENCY_UNAVAILABLE as exc:
         log.warning(
             "%s %s: a dependency is unavailable (request %s): %r",
@@ -120,16 +124,18 @@ async def problems_and_request_ids(request: web.Request, handler: Handler) -> we
             "DEPENDENCY_UNAVAILABLE",
             "a service this request needs is unavailable; nothing was accepted, retry",
             headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)},
-        ).response(request.path)
+        ).response(request.path, api_url)
     except Exception:
         log.exception(
             "unhandled error on %s %s (request %s)", request.method, request.path, request_id
         )
         response = Problem(500, "INTERNAL", "internal error; quote the request id").response(
-            request.path
+            request.path, api_url
         )
     response.headers["X-Request-Id"] = request_id
     log.info("%s %s -> %s", request.method, request.path, response.status)
     HTTP_REQUESTS.labels(request.method, route, str(response.status)).inc()
     HTTP_SECONDS.labels(request.method, route).observe(time.perf_counter() - started)
+    if route == READY_PATH:  # the readiness probe's last answer, for the alert rules
+        WORKER_READY.set(1 if response.status == 200 else 0)
     return response

@@ -65,7 +65,9 @@ def serve_metrics_alone(app: faust.App, port: int) -> None:
         start_http_server(port)
 
 
-def register(app: faust.App, readiness: Readiness) -> None:
+def register(app: faust.App, readiness: Readiness, api_url: str | None = None) -> None:
+    """``/ready``, ``/metrics`` and ``/openapi.json`` (its ``servers``: ``api_url``, API_URL)."""
+
     @app.page("/ready")
     class Ready(View):
         async def get(self, request: Request) -> Response:
@@ -88,5 +90,5 @@ def register(app: faust.App, readiness: Readiness) -> None:
 
         async def get(self, request: Request) -> Response:
             if OpenApi.document is None:
-                OpenApi.document = openapi_document()
+                OpenApi.document = openapi_document(api_url)
             return self.json(OpenApi.document)

@@ -1,4 +1,9 @@
-"""RFC 9457 problem details with the two members SPEC §4 adds: ``code`` and ``errors``."""
+"""RFC 9457 problem details with the two members SPEC §4 adds: ``code`` and ``errors``.
+
+A problem's ``type`` is an absolute URI under the API's public base URL (``API_URL``) naming
+its code, e.g. ``https://api.example.com/problems/invalid-transition``: the same for every
+occurrence of the code, so clients may match on either ``type`` or ``code``.
+"""
 
 from __future__ import annotations
 
@@ -43,6 +48,11 @@ TITLES = {
 }
 
 
+def problem_type(api_url: str, code: str) -> str:
+    """The ``type`` URI of ``code`` under ``api_url`` (``API_URL``)."""
+    return f"{api_url.rstrip('/')}/problems/{code.lower().replace('_', '-')}"
+
+
 class Problem(Exception):
     """Raised anywhere in a handler; the middleware turns it into the response."""
 
@@ -61,9 +71,9 @@ class Problem(Exception):
         self.errors = errors
         self.headers = headers or {}
 
-    def body(self, instance: str) -> dict[str, Any]:
+    def body(self, instance: str, api_url: str) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "type": f"https://escrow-stream.dev/problems/{self.code.lower().replace('_', '-')}",
+            "type": problem_type(api_url, self.code),
             "title": TITLES.get(self.status, "Error"),
             "status": self.status,
             "detail": self.detail,
@@ -74,10 +84,11 @@ class Problem(Exception):
             body["errors"] = self.errors
         return body
 
-    def response(self, instance: str) -> web.Response:
+    def response(self, instance: str, api_url: str) -> web.Response:
+        """The problem+json answer; ``api_url`` is the base of its ``type`` (``API_URL``)."""
         return web.Response(
             status=self.status,
-            text=json.dumps(self.body(instance)),
+            text=json.dumps(self.body(instance, api_url)),
             content_type=PROBLEM_CONTENT_TYPE,
             headers=self.headers,
         )

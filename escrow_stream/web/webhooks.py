@@ -27,7 +27,8 @@
    out of order is rejected there and changes nothing).
 
 The custodian's webhook is ``web/custodian_webhook.py``; both accept commands through
-:func:`accept_once`.
+:func:`accept_once`, and both count every delivery through :func:`counted`
+(``escrow_webhooks_total{source,result}``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +52,7 @@ from escrow_stream.db.queries import escrow_for_payment_intent
 from escrow_stream.db.unmatched import funds_id_for, return_key
 from escrow_stream.domain import Command
 from escrow_stream.intake import IdempotencyKey, Intake, Verdict
+from escrow_stream.metrics import WEBHOOKS
 from escrow_stream.payments.common import settled_command_id
 from escrow_stream.web.gateway import build_command, json_response
 from escrow_stream.web.problems import Problem
@@ -58,6 +61,38 @@ STRIPE_TOLERANCE_S = 300
 STRIPE_ACTOR = {"id": "stripe-webhook", "role": "system"}
 
 log = logging.getLogger(__name__)
+
+#: What became of the delivery being handled, named along the way (``webhook_result``) and
+#: counted by :func:`counted` (aiohttp runs each request in a task, so a context of its own).
+_result: ContextVar[str] = ContextVar("webhook_result", default="accepted")
+#: Problems a webhook answers, as the result they count as (other 4xx: invalid).
+PROBLEM_RESULTS = {
+    "INVALID_SIGNATURE": "bad_signature",
+    "INVALID_EVENT": "invalid",
+    "IDEMPOTENCY_IN_FLIGHT": "in_flight",
+}
+
+
+def webhook_result(result: str) -> None:
+    """Name what became of the delivery being handled when it is not ``accepted``."""
+    _result.set(result)
+
+
+async def counted(source: str, handle: Callable[[], Awaitable[Response]]) -> Response:
+    """Handle one delivery and count it, by ``source`` and result, whatever its answer."""
+    _result.set("accepted")
+    try:
+        response = await handle()
+    except Problem as problem:
+        result = "error" if problem.status >= 500 else PROBLEM_RESULTS.get(problem.code, "invalid")
+        WEBHOOKS.labels(source, result).inc()
+        raise
+    except Exception:
+        WEBHOOKS.labels(source, "error").inc()
+        raise
+    WEBHOOKS.labels(source, _result.get()).inc()
+    return response
+
 
 #: (provider, reference, done, error, provider object id) → the unmatched funds id it
 #: concerned, None when no return of ours (``agents.unmatched.confirm_return``).
@@ -178,6 +213,8 @@ async def confirm_return_answer(
 ) -> dict[str, Any]:
     """The webhook's answer to a provider's word on a return of unmatched funds."""
     funds_id = await services.confirm_return(provider, reference, done, error, object_id)
+    if funds_id is None:
+        webhook_result("ignored")
     return {"received": True, "unmatchedFunds": funds_id}
 
 
@@ -238,6 +275,7 @@ async def stripe_dispute(
             obj.get("id"),
             "unknown PaymentIntent" if mapped is not None else "not a dispute we act on",
         )
+        webhook_result("ignored")
         return json_response(view, {"received": True, "ignored": kind})
     command_type, payload = mapped
     command_id = f"stripe:{event.get('id')}"
@@ -253,6 +291,9 @@ def register(app: faust.App, services: WebhookServices) -> None:
     @app.page("/api/webhooks/stripe")
     class StripeWebhook(View):
         async def post(self, request: Request) -> Response:
+            return await counted("stripe", lambda: self.receive(request))
+
+        async def receive(self, request: Request) -> Response:
             raw = await request.read()
             header = request.headers.get("Stripe-Signature")
             if not header:
@@ -276,6 +317,7 @@ def register(app: faust.App, services: WebhookServices) -> None:
                 return json_response(self, answer)
             mapped = stripe_command(event)
             if mapped is None:
+                webhook_result("ignored")
                 return json_response(self, {"received": True, "ignored": event.get("type")})
             command_type, escrow_id, command_payload, command_id = mapped
             command = build_command(
@@ -300,4 +342,6 @@ async def accept_once(
     if receipt.verdict is Verdict.IN_FLIGHT:
         raise Problem(409, "IDEMPOTENCY_IN_FLIGHT", "this event is being processed")
     # KEY_REUSED: the event resent with new fields — answered like a replay
+    if receipt.verdict is not Verdict.ACCEPTED:
+        webhook_result("duplicate")
     return json_response(view, receipt.body or answer, 200)

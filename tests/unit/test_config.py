@@ -156,3 +156,31 @@ def test_production_names_every_unsafe_secret_at_once() -> None:
         )
     assert "INTERNAL_COMMAND_SECRET" in str(err.value)
     assert "CUSTODIAN_WEBHOOK_SECRET" in str(err.value)
+
+
+def test_replication_factor_defaults_to_three_in_production_and_one_elsewhere() -> None:
+    assert load_settings({}).kafka_replication_factor == 1
+    assert load_settings({"NODE_ENV": "test"}).kafka_replication_factor == 1
+    assert load_settings(production_env()).kafka_replication_factor == 3
+    # an empty value counts as unset, as for every other variable
+    assert load_settings(production_env(KAFKA_REPLICATION_FACTOR="")).kafka_replication_factor == 3
+
+
+def test_replication_factor_set_explicitly_wins_in_production() -> None:
+    assert load_settings(production_env(KAFKA_REPLICATION_FACTOR="1")).kafka_replication_factor == 1
+    assert load_settings({"KAFKA_REPLICATION_FACTOR": "2"}).kafka_replication_factor == 2
+
+
+def test_faust_changelogs_get_the_production_replication_factor() -> None:
+    from escrow_stream.app import faust_app, rate_limiter
+    from escrow_stream.clock import utc_now
+    from escrow_stream.tables import escrows
+    from escrow_stream.topics import topic_specs
+
+    settings = load_settings(production_env())
+    app = faust_app(settings, utc_now, rate_limiter(settings, None))
+    table = escrows.define(app, 6)
+    assert app.conf.topic_replication_factor == 3
+    # a changelog topic names no replicas of its own: Faust declares it with the app's factor
+    assert table.changelog_topic.replicas is None
+    assert {s.replication_factor for s in topic_specs(settings)} == {3}
