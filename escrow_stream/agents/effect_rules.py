@@ -10,74 +10,90 @@ from typing import Any
 
 from escrow_stream.db import effects
 from escrow_stream.db.effects import Effect, EffectKind, EffectResult, EffectState
-from escrow_stream.domain import SHORT_TEXT_LENGTH_MAX, fitted
-from escrow_stream.domain import Rail as RailName
+from escrow_stream.domain import (
+    SHORT_TEXT_LENGTH_MAX,
+    Escrow,
+    EscrowStatus,
+    Event,
+    Rail,
+    SettlementStatus,
+    fitted,
+)
+from escrow_stream.domain.event_data import (
+    EscrowCancelledData,
+    EscrowCreatedData,
+    EscrowRefundedData,
+)
 from escrow_stream.domain.payloads import CHARGEBACK_REASON
 from escrow_stream.domain.reconcile_records import NO_TRANSFER
 from escrow_stream.payments.common import failed_command_id, settled_command_id
 
-PENDING = "PENDING"
+#: The newest snapshot the PostgreSQL mirror holds of an escrow: (version, escrow).
+Mirrored = tuple[int, Escrow] | None
 
 
-def wanted_effect(event: dict[str, Any]) -> tuple[str, EffectKind] | None:
+def wanted_effect(event: Event) -> tuple[str, EffectKind] | None:
     """Step 1: the effect key and kind ``event`` asks for, or None."""
-    escrow: dict[str, Any] = event.get("escrow") or {}
-    if event.get("type") == "EscrowCreated" and not escrow.get("payment"):
-        return effects.instructions_key(escrow["escrowId"]), EffectKind.INSTRUCTIONS
+    escrow = event.escrow
+    if isinstance(event.data, EscrowCreatedData) and escrow.payment is None:
+        return effects.instructions_key(escrow.escrow_id), EffectKind.INSTRUCTIONS
     if (
-        event.get("type") == "EscrowCancelled"
-        and escrow.get("rail") == RailName.STRIPE.value
-        and not int(escrow.get("fundedAmount") or 0)
+        isinstance(event.data, EscrowCancelledData)
+        and escrow.rail is Rail.STRIPE
+        and escrow.funded_amount == 0
     ):
-        return effects.cancel_instructions_key(escrow["escrowId"]), EffectKind.CANCEL_INSTRUCTIONS
-    settlement: dict[str, Any] = escrow.get("settlement") or {}
-    if settlement and settlement.get("status", PENDING) == PENDING:
-        return str(settlement["settlementId"]), EffectKind.SETTLEMENT
+        return effects.cancel_instructions_key(escrow.escrow_id), EffectKind.CANCEL_INSTRUCTIONS
+    settlement = escrow.settlement
+    if settlement is not None and settlement.status is SettlementStatus.PENDING:
+        return settlement.settlement_id, EffectKind.SETTLEMENT
     return None
 
 
-def is_current(
-    event: dict[str, Any],
-    key: str,
-    kind: EffectKind,
-    mirrored: tuple[int, dict[str, Any]] | None,
-) -> bool:
+def newest(event: Event, mirrored: Mirrored) -> Escrow:
+    """The newest known snapshot: the event's, or the mirror's when it holds a later one."""
+    if mirrored is not None and mirrored[0] > event.version:
+        return mirrored[1]
+    return event.escrow
+
+
+def is_current(event: Event, key: str, kind: EffectKind, mirrored: Mirrored) -> bool:
     """Step 2: unless the mirror holds a newer version of the escrow, the event's snapshot is
     the newest known and asks for the effect; on a newer one, the effect must still be due
     (the same settlement pending, or still no payment instructions)."""
-    if mirrored is None or mirrored[0] <= int(event.get("version", 0)):
-        return True
-    if kind is EffectKind.CANCEL_INSTRUCTIONS:  # a cancelled escrow stays cancelled
-        return True
-    snapshot = mirrored[1]
+    snapshot = newest(event, mirrored)
+    if snapshot is event.escrow or kind is EffectKind.CANCEL_INSTRUCTIONS:
+        return True  # (a cancelled escrow stays cancelled)
     if kind is EffectKind.INSTRUCTIONS:
-        return snapshot.get("status") == "AWAIT_FUNDS" and not snapshot.get("payment")
-    settlement: dict[str, Any] = snapshot.get("settlement") or {}
-    return settlement.get("settlementId") == key and settlement.get("status", PENDING) == PENDING
+        return snapshot.status is EscrowStatus.AWAIT_FUNDS and snapshot.payment is None
+    settlement = snapshot.settlement
+    return (
+        settlement is not None
+        and settlement.settlement_id == key
+        and settlement.status is SettlementStatus.PENDING
+    )
 
 
-def chargeback_open(
-    escrow: dict[str, Any], event: dict[str, Any], mirrored: tuple[int, dict[str, Any]] | None
-) -> bool:
-    """Step 3a: whether the newest known snapshot (the event's, or the mirror's when newer)
-    shows an open chargeback: its settlement is held, not sent."""
-    if mirrored is not None and mirrored[0] > int(event.get("version", 0)):
-        escrow = mirrored[1]
-    chargeback: dict[str, Any] = escrow.get("chargeback") or {}
-    return chargeback.get("status") == "OPEN"
+def chargeback_open(event: Event, mirrored: Mirrored) -> bool:
+    """Step 3a: whether the newest known snapshot shows an open chargeback: its settlement
+    is held, not sent."""
+    return newest(event, mirrored).chargeback_open
 
 
-def is_chargeback_refund(event: dict[str, Any]) -> bool:
+def is_chargeback_refund(event: Event) -> bool:
     """An EscrowRefunded by a lost chargeback (the card network refunded the buyer)."""
-    data: dict[str, Any] = event.get("data") or {}
-    return event.get("type") == "EscrowRefunded" and data.get("reason") == CHARGEBACK_REASON
+    return isinstance(event.data, EscrowRefundedData) and event.data.reason == CHARGEBACK_REASON
 
 
-def nothing_to_move(effect: Effect) -> dict[str, Any] | None:
+def effect_snapshot(effect: Effect) -> Escrow:
+    """The escrow as the event that asked for ``effect`` left it (stored without the fields
+    no rail reads: ``recentCommands``, ``ledger``)."""
+    return Escrow.model_validate(effect.event["escrow"])
+
+
+def nothing_to_move(effect: Effect, escrow: Escrow) -> dict[str, Any] | None:
     """A release whose fee is the whole amount moves no money (providers refuse a transfer of
     0): its ConfirmSettlement payload, with no provider call; else None."""
-    settlement: dict[str, Any] = effect.event["escrow"]["settlement"]
-    if int(settlement["payoutAmount"]) != 0:
+    if escrow.settlement is None or escrow.settlement.payout_amount != 0:
         return None
     return {"provider": effect.provider, "providerReference": NO_TRANSFER, "amount": "0"}
 

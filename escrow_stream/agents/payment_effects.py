@@ -70,6 +70,7 @@ import faust
 
 from escrow_stream.agents.effect_rules import (
     chargeback_open,
+    effect_snapshot,
     is_chargeback_refund,
     is_current,
     nothing_to_move,
@@ -85,7 +86,9 @@ from escrow_stream.config import Settings
 from escrow_stream.db import effects, outbox
 from escrow_stream.db.effects import Effect, EffectKind, EffectResult, EffectState
 from escrow_stream.db.pool import Database
-from escrow_stream.domain import Rail as RailName
+from escrow_stream.domain import Escrow, SettlementKind, WalletDestination, parse_event
+from escrow_stream.domain.event_data import EscrowRefundedData
+from escrow_stream.domain.events import Event
 from escrow_stream.domain.money import RAIL_PROVIDER
 from escrow_stream.messages import make_command
 from escrow_stream.metrics import PAYMENT_EFFECTS
@@ -109,20 +112,20 @@ UNUSED_FIELDS = frozenset({"recentCommands", "ledger"})
 
 
 class Rail(Protocol):
-    """One payment provider, as the agent drives it (escrows as their JSON snapshots)."""
+    """One payment provider, as the agent drives it (the escrow as the event's snapshot)."""
 
-    async def payment_instructions(self, escrow: dict[str, Any]) -> dict[str, Any]:
+    async def payment_instructions(self, escrow: Escrow) -> dict[str, Any]:
         """The RecordPaymentInstructions payload (plus the Stripe ``clientSecret``, which the
         agent keeps out of it); the same escrow gives the same object.  Raises
         PermanentSettlementError."""
         ...
 
-    async def settle(self, escrow: dict[str, Any]) -> dict[str, Any] | None:
+    async def settle(self, escrow: Escrow) -> dict[str, Any] | None:
         """Perform the pending settlement: the ConfirmSettlement payload, or None when the
         provider reports completion later by webhook.  Raises PermanentSettlementError."""
         ...
 
-    async def cancel_instructions(self, escrow: dict[str, Any], payment_id: str) -> None:
+    async def cancel_instructions(self, escrow: Escrow, payment_id: str) -> None:
         """Withdraw the payment instructions ``payment_id`` of a cancelled escrow.  Raises
         PermanentSettlementError."""
         ...
@@ -164,11 +167,11 @@ class PaymentEffects:
 
     # -- steps 1-3: the stream -----------------------------------------------------------
 
-    async def on_event(self, event: dict[str, Any]) -> bool:
-        """Record the effect ``event`` asks for; True when a new one is now due."""
-        escrow: dict[str, Any] = event.get("escrow") or {}
-        rail = escrow.get("rail", "")
-        if rail not in self._rails:
+    async def on_event(self, event: Event, raw: dict[str, Any]) -> bool:
+        """Record the effect ``event`` asks for (``raw``: the event as read from the topic,
+        which the effect keeps); True when a new one is now due."""
+        escrow = event.escrow
+        if escrow.rail.value not in self._rails:
             return False
         wanted = wanted_effect(event)
         if wanted is None:
@@ -176,20 +179,21 @@ class PaymentEffects:
             return False
         key, kind = wanted
         pool = await self._database.pool()
-        mirrored = await effects.mirrored_escrow(pool, escrow["escrowId"])
+        stored = await effects.mirrored_escrow(pool, escrow.escrow_id)
+        mirrored = None if stored is None else (stored[0], Escrow.model_validate(stored[1]))
         if not is_current(event, key, kind, mirrored):
             log.info(
-                "effect %s skipped: the escrow has moved on since event %s",
-                key,
-                event.get("eventId"),
+                "effect %s skipped: the escrow has moved on since event %s", key, event.event_id
             )
             return False
-        provider = RAIL_PROVIDER[RailName(rail)].value
-        kept = {**event, "escrow": {k: v for k, v in escrow.items() if k not in UNUSED_FIELDS}}
+        provider = RAIL_PROVIDER[escrow.rail].value
+        kept = {**raw, "escrow": {k: v for k, v in raw["escrow"].items() if k not in UNUSED_FIELDS}}
         topic = self._settings.kafka_commands_topic
         now = self._clock()
-        held = kind is EffectKind.SETTLEMENT and chargeback_open(escrow, event, mirrored)
-        new = await effects.start(pool, key, kind, rail, provider, kept, topic, now, held=held)
+        held = kind is EffectKind.SETTLEMENT and chargeback_open(event, mirrored)
+        new = await effects.start(
+            pool, key, kind, escrow.rail.value, provider, kept, topic, now, held=held
+        )
         if not new and kind is EffectKind.SETTLEMENT:  # step 3a: hold, or due again
             new = await effects.set_held(pool, key, held, now)
         due = new and not held
@@ -197,16 +201,16 @@ class PaymentEffects:
             self.wake.set()
         return due
 
-    async def _fail_held_if_chargeback_lost(self, event: dict[str, Any]) -> None:
+    async def _fail_held_if_chargeback_lost(self, event: Event) -> None:
         """Step 3b: a lost chargeback ended the escrow REFUNDED: the settlement held for it
         is never performed (the card network moved the money; the escrow has nothing pending
         to confirm, so no command is sent)."""
-        if not is_chargeback_refund(event):
+        if not isinstance(event.data, EscrowRefundedData) or not is_chargeback_refund(event):
             return
         pool = await self._database.pool()
-        message = f"chargeback {event['data'].get('providerReference')} lost: never sent"
+        message = f"chargeback {event.data.provider_reference} lost: never sent"
         failed = await effects.fail_held(
-            pool, event["escrowId"], CHARGEBACK_LOST, message, self._clock()
+            pool, event.escrow_id, CHARGEBACK_LOST, message, self._clock()
         )
         for key in failed:
             PAYMENT_EFFECTS.labels("settlement", "failed").inc()
@@ -223,7 +227,7 @@ class PaymentEffects:
 
     async def perform(self, effect: Effect) -> None:
         """Steps 5-6 for one leased effect."""
-        escrow: dict[str, Any] = effect.event["escrow"]
+        escrow = effect_snapshot(effect)
         rail = self._rails[effect.rail]
         label = effect.kind.value.lower()
         try:
@@ -233,7 +237,7 @@ class PaymentEffects:
                 answer = await self._cancel_instructions(rail, escrow)
             else:
                 await self._screen_buyer_wallet(escrow)
-                answer = nothing_to_move(effect) or await rail.settle(escrow)
+                answer = nothing_to_move(effect, escrow) or await rail.settle(escrow)
         except PermanentSettlementError as exc:
             PAYMENT_EFFECTS.labels(label, "failed").inc()
             log.warning("payment effect %s refused for good: %s %s", effect.key, exc.code, exc)
@@ -259,13 +263,13 @@ class PaymentEffects:
         PAYMENT_EFFECTS.labels(label, "succeeded").inc()
         await self._finish(effect, succeeded(effect, answer))
 
-    async def _cancel_instructions(self, rail: Rail, escrow: dict[str, Any]) -> dict[str, Any]:
+    async def _cancel_instructions(self, rail: Rail, escrow: Escrow) -> dict[str, Any]:
         """Cancel the PaymentIntent the escrow recorded, or the one its instructions effect
         made (the escrow may have been cancelled before it recorded the answer)."""
-        payment_id = (escrow.get("payment") or {}).get("providerPaymentId")
+        payment_id = escrow.payment.provider_payment_id if escrow.payment else None
         if not payment_id:
             pool = await self._database.pool()
-            made = await effects.get(pool, effects.instructions_key(escrow["escrowId"]))
+            made = await effects.get(pool, effects.instructions_key(escrow.escrow_id))
             if made is not None and made["state"] == EffectState.STARTED.value:
                 raise InstructionsUnanswered("the PaymentIntent is still being created")
             if made is None or made["state"] != EffectState.SUCCEEDED.value:
@@ -274,24 +278,25 @@ class PaymentEffects:
         await rail.cancel_instructions(escrow, str(payment_id))
         return {"providerReference": str(payment_id)}
 
-    async def _screen_buyer_wallet(self, escrow: dict[str, Any]) -> None:
+    async def _screen_buyer_wallet(self, escrow: Escrow) -> None:
         """A USDC refund to the ``buyerWalletAddress`` the buyer gave at create is screened
         like a payout wallet, before any money moves (SPEC §10): flagged → refused for good
         (``destination_flagged``, never paid); no answer from TRM or Chainalysis → the
         outcome waits like any unknown one (fail closed).  A refund to the deposit's sender
         needs nothing more: that address was screened when the deposit arrived."""
-        wallet = escrow.get("buyerWalletAddress")
-        settlement: dict[str, Any] = escrow.get("settlement") or {}
-        destination: dict[str, Any] = settlement.get("destination") or {}
+        wallet = escrow.buyer_wallet_address
+        settlement = escrow.settlement
         if (
             self._screener is None
             or not wallet
-            or settlement.get("kind") != "REFUND"
-            or destination.get("address") != wallet
+            or settlement is None
+            or settlement.kind is not SettlementKind.REFUND
+            or not isinstance(settlement.destination, WalletDestination)
+            or settlement.destination.address != wallet
         ):
             return
         try:
-            verdict = await self._screener.screen(wallet, reference=f"refund:{escrow['escrowId']}")
+            verdict = await self._screener.screen(wallet, reference=f"refund:{escrow.escrow_id}")
         except ValueError as exc:  # not a 0x address: nothing will ever pay it
             raise PermanentSettlementError("destination_invalid", str(exc)) from exc
         if not verdict.passed:
@@ -334,14 +339,15 @@ def register(app: faust.App, payments: PaymentEffects, events_topic: faust.Topic
     async def payments_effects(stream: faust.StreamT[bytes]) -> None:
         async for value in stream:
             try:
-                event = json.loads(value)
-            except ValueError:
-                log.error("payments agent: an event that is not JSON was skipped")
+                raw = json.loads(value)
+                event = parse_event(raw)
+            except ValueError as exc:  # incl. EventInvalid: one bad record must not stop it
+                log.error("payments agent: an event it cannot read was skipped: %s", exc)
                 continue
             # the database, shared by every escrow, is down: wait for it
             await until_answered(
                 "payments agent: recording the effect",
-                functools.partial(payments.on_event, event),
+                functools.partial(payments.on_event, event, raw),
                 lambda: bool(app.should_stop),
                 first_s=DATABASE_RETRY_FIRST_S,
                 cap_s=RETRY_CAP_S,

@@ -1,10 +1,8 @@
-"""What every rail shares: settlement identity and the error that ends a settlement."""
+"""What every rail shares: the settlement a rail performs and the error that ends one."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from escrow_stream.domain.escrow import SettlementKind, settlement_id_for
+from escrow_stream.domain.escrow import Escrow, Settlement
 
 
 class PermanentSettlementError(Exception):
@@ -16,16 +14,15 @@ class PermanentSettlementError(Exception):
         self.code = code
 
 
-def settlement_key(escrow_id: str, settlement: dict[str, Any]) -> str:
-    """The settlement's id (``domain.escrow.settlement_id_for``), used as the provider's
-    idempotency key: one key per settlement attempt (and milestone), so a retry never moves
-    money twice.  ``settlement`` is the snapshot's settlement or SettlementRequested data."""
-    return settlement_id_for(
-        escrow_id,
-        SettlementKind(settlement["kind"]),
-        settlement.get("milestoneId"),
-        int(settlement["attempt"]),
-    )
+def pending_settlement(escrow: Escrow) -> Settlement:
+    """The settlement a rail is asked to perform; its ``settlement_id`` is the provider's
+    idempotency key (one per settlement attempt and milestone, so a retry never moves money
+    twice)."""
+    if escrow.settlement is None:
+        raise PermanentSettlementError(
+            "no_pending_settlement", f"escrow {escrow.escrow_id} has no settlement to perform"
+        )
+    return escrow.settlement
 
 
 def settled_command_id(key: str) -> str:

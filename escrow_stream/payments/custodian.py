@@ -40,8 +40,9 @@ from typing import Any
 import httpx
 
 from escrow_stream.config import Settings
+from escrow_stream.domain import Escrow, SettlementKind, WalletDestination
 from escrow_stream.metrics import metered
-from escrow_stream.payments.common import PermanentSettlementError, settlement_key
+from escrow_stream.payments.common import PermanentSettlementError, pending_settlement
 from escrow_stream.retry import delays
 
 ASSET = "USDC"
@@ -201,11 +202,11 @@ class CustodianRail:
     def __init__(self, client: CustodianClient) -> None:
         self._client = client
 
-    async def payment_instructions(self, escrow: dict[str, Any]) -> dict[str, Any]:
+    async def payment_instructions(self, escrow: Escrow) -> dict[str, Any]:
         """A deposit address for the escrow: where the buyer sends the USDC.  Raises
         :class:`PermanentSettlementError` when the custodian refuses (4xx)."""
         try:
-            address = await self._client.create_deposit_address(escrow["escrowId"])
+            address = await self._client.create_deposit_address(escrow.escrow_id)
         except CustodianRefused as exc:
             raise PermanentSettlementError(exc.code, str(exc)) from exc
         return {
@@ -214,11 +215,11 @@ class CustodianRail:
             "depositAddress": address["address"],
         }
 
-    async def cancel_instructions(self, escrow: dict[str, Any], payment_id: str) -> None:
+    async def cancel_instructions(self, escrow: Escrow, payment_id: str) -> None:
         """A deposit address cannot be withdrawn: a deposit that still arrives is unmatched
         funds, returned to its sender.  Nothing to call."""
 
-    async def settle(self, escrow: dict[str, Any]) -> None:
+    async def settle(self, escrow: Escrow) -> None:
         """Send the pending settlement's transfer.  Completion arrives by webhook
         (``transfer.completed`` → ConfirmSettlement), so there is nothing to confirm here.
 
@@ -228,26 +229,25 @@ class CustodianRail:
         deposit's sender (settlements requested before destinations were recorded: the same
         rule, read from the escrow).
         """
-        settlement = escrow["settlement"]
-        escrow_id = escrow["escrowId"]
-        payment = escrow.get("payment") or {}
-        destination = settlement.get("destination") or {}
-        wallet = destination.get("address") if destination.get("type") == "wallet" else None
-        if settlement["kind"] == "RELEASE":
+        settlement = pending_settlement(escrow)
+        destination = settlement.destination
+        wallet = destination.address if isinstance(destination, WalletDestination) else None
+        if settlement.kind is SettlementKind.RELEASE:
             to_address = wallet
             missing = "no_payout_destination", "the release records no seller wallet"
         else:
-            to_address = wallet or escrow.get("buyerWalletAddress") or payment.get("senderAddress")
+            sender = escrow.payment.sender_address if escrow.payment else None
+            to_address = wallet or escrow.buyer_wallet_address or sender
             missing = "no_refund_address", "neither a buyer wallet nor the deposit's sender"
         if not is_address(to_address):
             raise PermanentSettlementError(*missing)
-        key = settlement_key(escrow_id, settlement)
+        key = settlement.settlement_id
         try:
             await self._client.create_transfer(
                 key,
-                int(settlement["payoutAmount"]),
+                settlement.payout_amount,
                 str(to_address),
-                {"escrow_id": escrow_id, "settlement_id": key},
+                {"escrow_id": escrow.escrow_id, "settlement_id": key},
             )
         except CustodianRefused as exc:
             raise PermanentSettlementError(exc.code, str(exc)) from exc

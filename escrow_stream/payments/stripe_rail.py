@@ -14,8 +14,10 @@ from typing import Any
 import stripe
 
 from escrow_stream.config import Settings
+from escrow_stream.domain import Escrow, SettlementKind, StripeAccountDestination
+from escrow_stream.domain.escrow import Settlement
 from escrow_stream.metrics import observe_provider_call
-from escrow_stream.payments.common import PermanentSettlementError, settlement_key
+from escrow_stream.payments.common import PermanentSettlementError, pending_settlement
 
 
 def payment_intent_key(escrow_id: str) -> str:
@@ -66,16 +68,16 @@ class StripeRail:
     def __init__(self, settings: Settings) -> None:
         self._client = stripe_client(settings)
 
-    async def payment_instructions(self, escrow: dict[str, Any]) -> dict[str, Any]:
+    async def payment_instructions(self, escrow: Escrow) -> dict[str, Any]:
         """Create (or get again) the escrow's PaymentIntent: its id, and the client secret the
         buyer's front end needs (the agent keeps that out of the command: only the buyer may
         read it).  Raises :class:`PermanentSettlementError` when Stripe refuses for good."""
-        escrow_id = escrow["escrowId"]
+        escrow_id = escrow.escrow_id
         try:
             intent = await self._client.v1.payment_intents.create_async(
                 params={
-                    "amount": int(escrow["amount"]),
-                    "currency": str(escrow["currency"]).lower(),
+                    "amount": escrow.amount,
+                    "currency": escrow.currency.value.lower(),
                     "metadata": {"escrow_id": escrow_id},
                     "transfer_group": escrow_id,
                 },
@@ -90,7 +92,7 @@ class StripeRail:
             "clientSecret": intent.client_secret,
         }
 
-    async def cancel_instructions(self, escrow: dict[str, Any], payment_id: str) -> None:
+    async def cancel_instructions(self, escrow: Escrow, payment_id: str) -> None:
         """Cancel the PaymentIntent of an escrow cancelled before it was funded, so the buyer
         can no longer pay it.  Stripe refuses (``payment_intent_unexpected_state``, raised as
         :class:`PermanentSettlementError`) when it already succeeded or is processing: that
@@ -100,7 +102,7 @@ class StripeRail:
             await self._client.v1.payment_intents.cancel_async(
                 payment_id,
                 params={"cancellation_reason": "abandoned"},
-                options={"idempotency_key": cancel_key(escrow["escrowId"])},
+                options={"idempotency_key": cancel_key(escrow.escrow_id)},
             )
         except stripe.StripeError as exc:
             raise_if_permanent(exc)
@@ -131,7 +133,7 @@ class StripeRail:
             raise
         return str(refund.status)
 
-    async def settle(self, escrow: dict[str, Any]) -> dict[str, Any]:
+    async def settle(self, escrow: Escrow) -> dict[str, Any]:
         """Perform the escrow's pending settlement; the ConfirmSettlement payload.
 
         RELEASE: a Transfer of the payout to the Connect account the settlement recorded as
@@ -141,24 +143,24 @@ class StripeRail:
         PaymentIntent.  Raises :class:`PermanentSettlementError` when Stripe refuses for
         good; other Stripe errors are for the caller to retry.
         """
-        settlement = escrow["settlement"]
-        escrow_id = escrow["escrowId"]
-        payment_intent_id = (escrow.get("payment") or {}).get("providerPaymentId")
-        amount = int(settlement["payoutAmount"])
-        key = settlement_key(escrow_id, settlement)
+        settlement = pending_settlement(escrow)
+        escrow_id = escrow.escrow_id
+        payment_intent_id = escrow.payment.provider_payment_id if escrow.payment else None
+        amount = settlement.payout_amount
+        key = settlement.settlement_id
         # the settlement id lets the transfer.created webhook confirm this very settlement
         # (``settlement_key``: the same value, the name transfers made before SPEC §10 carry)
         metadata = {
             "escrow_id": escrow_id,
-            "attempt": str(settlement["attempt"]),
+            "attempt": str(settlement.attempt),
             "settlement_id": key,
             "settlement_key": key,
         }
         try:
-            if settlement["kind"] == "RELEASE":
+            if settlement.kind is SettlementKind.RELEASE:
                 params = {
                     "amount": amount,
-                    "currency": str(escrow["currency"]).lower(),
+                    "currency": escrow.currency.value.lower(),
                     "destination": _connect_account(settlement),
                     "transfer_group": escrow_id,
                     "metadata": metadata,
@@ -201,14 +203,14 @@ class StripeRail:
         return refund.id
 
 
-def _connect_account(settlement: dict[str, Any]) -> str:
+def _connect_account(settlement: Settlement) -> str:
     """The Connect account a release recorded as its destination (never the create body's)."""
-    destination = settlement.get("destination") or {}
-    if destination.get("type") != "stripe_account" or not destination.get("accountId"):
+    destination = settlement.destination
+    if not isinstance(destination, StripeAccountDestination):
         raise PermanentSettlementError(
             "no_payout_destination", "the release records no Connect account"
         )
-    return str(destination["accountId"])
+    return destination.account_id
 
 
 def raise_if_permanent(exc: stripe.StripeError) -> None:

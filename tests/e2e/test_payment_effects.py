@@ -32,6 +32,7 @@ from escrow_stream.clock import utc_now
 from escrow_stream.config import Settings
 from escrow_stream.db import effects
 from escrow_stream.db.pool import Database
+from escrow_stream.domain import parse_event
 from escrow_stream.kafka import client_kwargs, topic_partitions
 from escrow_stream.payments.stripe_rail import StripeRail
 from escrow_stream.web.auth import Role
@@ -449,9 +450,10 @@ async def _replay(settings: Settings) -> tuple[int, int, dict[str, str]]:
             for batch in batches.values():
                 for record in batch:
                     seen += 1
-                    event = json.loads(record.value)
-                    new += await payments.on_event(event)
-                    if event["escrow"].get("rail") == "STRIPE" and (found := wanted_effect(event)):
+                    raw = json.loads(record.value)
+                    event = parse_event(raw)
+                    new += await payments.on_event(event, raw)
+                    if event.escrow.rail == "STRIPE" and (found := wanted_effect(event)):
                         wanted.add(found[0])
             assigned = consumer.assignment()
             if len(assigned) == len(parts) and await _caught_up(consumer, ends):

@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 
 from escrow_stream.config import Settings
-from escrow_stream.payments.common import settlement_key
 from escrow_stream.payments.stripe_rail import payment_intent_key
 from tests.e2e.test_http_reads import call, escrow_when, token
 from tests.e2e.test_stripe_payment_intent import funded_escrow
@@ -110,7 +109,7 @@ def test_release_whose_transfer_answer_is_lost_twice_transfers_once(
     assert settled(stack, process, buyer, escrow_id, "RELEASED")["releasedAmount"] == "10000"
 
     events = events_of(stack, escrow_id)
-    key = settlement_key(escrow_id, only(events, "SettlementRequested")["data"])
+    key = only(events, "SettlementRequested")["escrow"]["settlement"]["settlementId"]
     assert key == f"escrow-release:{escrow_id}:all:1"
     transfer = created_once(proxy, "/v1/transfers", escrow_id, key)
     requests = proxy.requests("/v1/transfers", escrow_id)
@@ -136,7 +135,7 @@ def test_release_after_three_500s_transfers_once(
     settled(stack, process, buyer, escrow_id, "RELEASED")
 
     events = events_of(stack, escrow_id)
-    key = settlement_key(escrow_id, only(events, "SettlementRequested")["data"])
+    key = only(events, "SettlementRequested")["escrow"]["settlement"]["settlementId"]
     transfer = created_once(proxy, "/v1/transfers", escrow_id, key)
     requests = proxy.requests("/v1/transfers", escrow_id)
     assert [e.action for e in requests][:4] == ["failed"] * 3 + ["forwarded"]
@@ -156,7 +155,7 @@ def test_refund_answered_after_the_client_timeout_refunds_once(
     settled(stack, process, buyer, escrow_id, "REFUNDED")
 
     events = events_of(stack, escrow_id)
-    key = settlement_key(escrow_id, only(events, "SettlementRequested")["data"])
+    key = only(events, "SettlementRequested")["escrow"]["settlement"]["settlementId"]
     assert key == f"escrow-refund:{escrow_id}:all:1"
     made = created_once(proxy, "/v1/refunds", escrow_id, key)
     requests = proxy.requests("/v1/refunds", escrow_id)

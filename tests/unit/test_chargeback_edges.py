@@ -72,40 +72,39 @@ def test_chargeback_open_is_a_409() -> None:
     assert REJECTION_STATUS[RejectionCode.CHARGEBACK_OPEN] == 409
 
 
-def _event(run_state: Any, kind: str, version: int | None = None) -> dict[str, Any]:
-    escrow = run_state.model_dump(mode="json", by_alias=True)
-    return {"type": kind, "version": version or escrow["version"], "escrow": escrow, "data": {}}
+OPEN_CHARGEBACK = {
+    "provider": "stripe",
+    "disputeId": DISPUTE,
+    "amount": "10000",
+    "currency": "USD",
+    "reason": "fraudulent",
+}
 
 
 def test_the_agent_holds_on_the_newest_snapshot() -> None:
     run = reach("DELIVERED", pending=True, milestones=False)
-    before = run.state.model_dump(mode="json", by_alias=True)  # type: ignore[union-attr]
-    run.ok(
-        "OpenChargeback",
-        "system",
-        {
-            "provider": "stripe",
-            "disputeId": DISPUTE,
-            "amount": "10000",
-            "currency": "USD",
-            "reason": "fraudulent",
-        },
-    )
-    after = run.state.model_dump(mode="json", by_alias=True)  # type: ignore[union-attr]
-    requested = {"type": "SettlementRequested", "version": before["version"]}
-    assert chargeback_open(before, requested, None) is False
-    assert chargeback_open(after, {"version": after["version"]}, None) is True
+    requested = run.events[-1]  # SettlementRequested, before the chargeback
+    run.ok("OpenChargeback", "system", OPEN_CHARGEBACK)
+    opened = run.events[-1]
+    assert chargeback_open(requested, None) is False
+    assert chargeback_open(opened, None) is True
     # an older event read while the mirror already shows the chargeback: held
-    assert chargeback_open(before, requested, (after["version"], after)) is True
+    assert chargeback_open(requested, (opened.version, opened.escrow)) is True
     run.ok("CloseChargeback", "system", {"disputeId": DISPUTE, "outcome": "WON"})
-    won = run.state.model_dump(mode="json", by_alias=True)  # type: ignore[union-attr]
-    assert chargeback_open(won, {"version": won["version"]}, None) is False
+    assert chargeback_open(run.events[-1], None) is False
 
 
 def test_only_a_lost_chargeback_refund_drops_held_effects() -> None:
-    assert is_chargeback_refund({"type": "EscrowRefunded", "data": {"reason": "CHARGEBACK"}})
-    assert not is_chargeback_refund({"type": "EscrowRefunded", "data": {"attempt": 1}})
-    assert not is_chargeback_refund({"type": "ChargebackClosed", "data": {"outcome": "LOST"}})
+    lost = reach("FUNDS_HELD", milestones=False)
+    lost.ok("OpenChargeback", "system", OPEN_CHARGEBACK)
+    lost.ok("CloseChargeback", "system", {"disputeId": DISPUTE, "outcome": "LOST"})
+    assert lost.events[-1].type == "EscrowRefunded" and is_chargeback_refund(lost.events[-1])
+    assert not is_chargeback_refund(reach("REFUNDED", milestones=False).events[-1])
+    released = reach("RELEASED", milestones=False)
+    released.ok("OpenChargeback", "system", OPEN_CHARGEBACK)
+    released.ok("CloseChargeback", "system", {"disputeId": DISPUTE, "outcome": "LOST"})
+    assert released.events[-1].type == "ChargebackClosed"
+    assert not is_chargeback_refund(released.events[-1])
 
 
 def test_hold_limits_are_settings_with_the_warning_first() -> None:

@@ -3,13 +3,13 @@ policy, no client secret in state, and the payments agent's pure decisions."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import pytest
 from domain_support import ESCROW_ID, Run, create_payload, payload_for, reach
 
 from escrow_stream.agents.effect_rules import (
+    effect_snapshot,
     is_current,
     nothing_to_move,
     refused,
@@ -28,7 +28,6 @@ from escrow_stream.domain import (
 )
 from escrow_stream.domain.escrow import settlement_id_for
 from escrow_stream.domain.money import STRIPE_CHARGE_MAX_MINOR, Currency, policy_fee
-from escrow_stream.payments.common import settlement_key
 from escrow_stream.web.schemas import CreateEscrowBody
 from escrow_stream.web.webhooks import stripe_command
 
@@ -49,8 +48,6 @@ def _result(run: Run, type_: str, settlement_id: str, **extra: Any) -> str | Non
 def test_settlement_id_is_one_definition() -> None:
     assert settlement_id_for("e1", SettlementKind.RELEASE, None, 1) == "escrow-release:e1:all:1"
     assert settlement_id_for("e1", SettlementKind.REFUND, "m2", 3) == "escrow-refund:e1:m2:3"
-    data = {"kind": "REFUND", "milestoneId": "m2", "attempt": 3}
-    assert settlement_key("e1", data) == "escrow-refund:e1:m2:3"
 
 
 def test_requested_settlement_carries_its_id() -> None:
@@ -213,44 +210,43 @@ def test_transfer_created_confirms_the_settlement_in_its_metadata() -> None:
     assert mapped[3] == f"payments:settled:{sid}"
 
 
-def _event(type_: str, version: int, escrow: dict[str, Any]) -> dict[str, Any]:
-    return {"type": type_, "version": version, "escrowId": "e1", "escrow": escrow}
-
-
 def test_the_agent_acts_on_pending_settlements_only() -> None:
-    pending = {"settlementId": "escrow-refund:e1:all:2", "status": "PENDING"}
-    escrow = {"escrowId": "e1", "rail": "STRIPE", "settlement": pending}
-    assert wanted_effect(_event("SettlementRequested", 5, escrow)) == (
-        "escrow-refund:e1:all:2",
+    run = reach("FUNDS_HELD", pending=True)  # an admin refund, PENDING
+    requested = run.events[-1]
+    assert requested.escrow.settlement is not None
+    assert wanted_effect(requested) == (
+        requested.escrow.settlement.settlement_id,
         EffectKind.SETTLEMENT,
     )
-    legacy = {"settlementId": "escrow-refund:e1:all:2"}  # no status: PENDING
-    assert wanted_effect(_event("X", 5, {**escrow, "settlement": legacy})) is not None
-    awaiting = {**pending, "status": "AWAITING_PAYOUT_ACCOUNT"}
-    assert (
-        wanted_effect(_event("SettlementRequested", 5, {**escrow, "settlement": awaiting})) is None
-    )
-    created = {"escrowId": "e1", "rail": "STRIPE", "payment": None}
-    assert wanted_effect(_event("EscrowCreated", 1, created)) == (
-        "instructions:e1",
-        EffectKind.INSTRUCTIONS,
-    )
+    assert wanted_effect(run.events[0]) == (f"instructions:{ESCROW_ID}", EffectKind.INSTRUCTIONS)
+    waiting = reach("DELIVERED", milestones=False)
+    waiting.context = None  # the seller has no ACTIVE payout account
+    waiting.ok("ReleaseFunds", "buyer", {})
+    assert waiting.state is not None and waiting.state.settlement is not None
+    assert waiting.state.settlement.status == "AWAITING_PAYOUT_ACCOUNT"
+    assert wanted_effect(waiting.events[-1]) is None
 
 
 def test_an_old_event_is_not_current_once_the_mirror_moved_on() -> None:
-    key = "escrow-release:e1:all:1"
-    event = _event("SettlementRequested", 5, {})
+    run = reach("FUNDS_HELD", pending=True)
+    event = run.events[-1]
+    assert event.escrow.settlement is not None
+    key = event.escrow.settlement.settlement_id
     assert is_current(event, key, EffectKind.SETTLEMENT, None)
-    assert is_current(event, key, EffectKind.SETTLEMENT, (5, {"settlement": None}))
-    done = (6, {"status": "RELEASED", "settlement": None})
-    assert not is_current(event, key, EffectKind.SETTLEMENT, done)
-    newer = (7, {"settlement": {"settlementId": "escrow-refund:e1:all:2"}})
-    assert not is_current(event, key, EffectKind.SETTLEMENT, newer)
-    resumed = (6, {"settlement": {"settlementId": key, "status": "PENDING"}})
-    assert is_current(event, key, EffectKind.SETTLEMENT, resumed)
-    created = _event("EscrowCreated", 1, {})
-    instructed = (2, {"status": "AWAIT_FUNDS", "payment": {"providerPaymentId": "pi_1"}})
-    assert not is_current(created, "instructions:e1", EffectKind.INSTRUCTIONS, instructed)
+    assert is_current(event, key, EffectKind.SETTLEMENT, (event.version, event.escrow))
+    run.ok("ConfirmSettlement", "system", payload_for("ConfirmSettlement", "system", run.state))
+    assert run.state is not None and run.state.settlement is None
+    assert not is_current(event, key, EffectKind.SETTLEMENT, (run.state.version, run.state))
+    other = event.escrow.settlement.model_copy(update={"settlement_id": f"{key}-other"})
+    newer = event.escrow.model_copy(update={"version": event.version + 2, "settlement": other})
+    assert not is_current(event, key, EffectKind.SETTLEMENT, (newer.version, newer))
+    resumed = event.escrow.model_copy(update={"version": event.version + 1})
+    assert is_current(event, key, EffectKind.SETTLEMENT, (resumed.version, resumed))
+    created = run.events[0]
+    instructed = run.events[1].escrow  # RecordPaymentInstructions: payment recorded
+    assert not is_current(
+        created, f"instructions:{ESCROW_ID}", EffectKind.INSTRUCTIONS, (2, instructed)
+    )
 
 
 def _effect(kind: EffectKind, key: str) -> Effect:
@@ -305,21 +301,27 @@ def test_limits_and_fee_come_from_the_environment() -> None:
 
 
 def test_a_release_of_nothing_calls_no_provider() -> None:
-    zero = {"escrow": {"settlement": {"payoutAmount": "0"}}}
+    run = reach("DELIVERED", milestones=False)
+    run.ok("ReleaseFunds", "buyer", {})
+    released = run.state
+    assert released is not None and released.settlement is not None
     effect = Effect(
-        "escrow-release:e1:all:1",
-        "e1",
+        released.settlement.settlement_id,
+        released.escrow_id,
         "t.commands",
         EffectKind.SETTLEMENT,
         "STRIPE",
         "stripe",
         1,
-        zero,
+        {"escrow": released.model_dump(mode="json", by_alias=True)},
     )
-    assert nothing_to_move(effect) == {
+    nothing = released.model_copy(
+        update={"settlement": released.settlement.model_copy(update={"payout_amount": 0})}
+    )
+    assert nothing_to_move(effect, nothing) == {
         "provider": "stripe",
         "providerReference": "no-transfer",
         "amount": "0",
     }
-    some = {"escrow": {"settlement": {"payoutAmount": "1"}}}
-    assert nothing_to_move(dataclasses.replace(effect, event=some)) is None
+    assert nothing_to_move(effect, released) is None
+    assert effect_snapshot(effect) == released

@@ -13,7 +13,7 @@ from escrow_stream.agents.unmatched import refused_payment
 from escrow_stream.db.effects import EffectKind
 from escrow_stream.db.unmatched import FundsStatus, is_return_key, return_key
 from escrow_stream.web.webhooks import stripe_return
-from tests.unit.domain_support import AMOUNT, reach
+from tests.unit.domain_support import AMOUNT, ESCROW_ID, Run, create_payload, reach
 
 FUNDS = {
     "provider": "stripe",
@@ -109,18 +109,27 @@ def test_a_flagged_deposit_after_funding_cancels_nothing() -> None:
     assert decision.rejection is not None and decision.rejection.code == "INVALID_TRANSITION"
 
 
-def _event(kind: str, **escrow: Any) -> dict[str, Any]:
-    snapshot = {"escrowId": "esc-1", "rail": "STRIPE", "fundedAmount": "0", **escrow}
-    return {"type": kind, "escrow": snapshot}
-
-
 def test_cancelling_an_unfunded_stripe_escrow_asks_to_cancel_its_intent() -> None:
-    wanted = wanted_effect(_event("EscrowCancelled", payment={"providerPaymentId": "pi_1"}))
-    assert wanted == ("cancel-instructions:esc-1", EffectKind.CANCEL_INSTRUCTIONS)
+    run = Run()
+    run.ok("CreateEscrow", "buyer", create_payload(milestones=False))
+    run.ok(
+        "RecordPaymentInstructions", "system", {"provider": "stripe", "providerPaymentId": "pi_1"}
+    )
+    run.ok("CancelEscrow", "buyer", {"reason": "BUYER_CANCELLED"})
+    wanted = wanted_effect(run.events[-1])
+    assert wanted == (f"cancel-instructions:{ESCROW_ID}", EffectKind.CANCEL_INSTRUCTIONS)
     # before its instructions were recorded: the agent finds the intent in its own effects
-    assert wanted_effect(_event("EscrowCancelled")) == wanted
-    assert wanted_effect(_event("EscrowCancelled", rail="USDC_BASE")) is None
-    assert wanted_effect(_event("EscrowRefunded", fundedAmount="10000")) is None
+    early = Run()
+    early.ok("CreateEscrow", "buyer", create_payload(milestones=False))
+    early.ok("CancelEscrow", "buyer", {"reason": "BUYER_CANCELLED"})
+    assert wanted_effect(early.events[-1]) == wanted
+    usdc = Run()
+    usdc.ok(
+        "CreateEscrow", "buyer", create_payload(milestones=False, rail="USDC_BASE", currency="USDC")
+    )
+    usdc.ok("CancelEscrow", "buyer", {"reason": "BUYER_CANCELLED"})
+    assert wanted_effect(usdc.events[-1]) is None
+    assert wanted_effect(reach("REFUNDED").events[-1]) is None
 
 
 def test_return_keys_name_the_funds() -> None:
