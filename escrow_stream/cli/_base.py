@@ -18,17 +18,17 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-def _settings(ctx: click.Context) -> Settings:
+def settings_of(ctx: click.Context) -> Settings:
     settings: Settings = ctx.obj
     return settings
 
 
-def _on_database(ctx: click.Context, query: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
+def on_database(ctx: click.Context, query: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
     """Run ``query`` on a pool of its own, closed afterwards."""
     from escrow_stream.db.pool import create_pool
 
     async def run() -> T:
-        pool = await create_pool(_settings(ctx))
+        pool = await create_pool(settings_of(ctx))
         try:
             return await query(pool)
         finally:
@@ -37,7 +37,7 @@ def _on_database(ctx: click.Context, query: Callable[[asyncpg.Pool], Awaitable[T
     return asyncio.run(run())
 
 
-def _echo_rows(rows: list[dict[str, Any]], counted: str) -> None:
+def echo_rows(rows: list[dict[str, Any]], counted: str) -> None:
     """One JSON line per row on stdout, the count on stderr."""
     for row in rows:
         click.echo(json.dumps(row, default=str, sort_keys=True))

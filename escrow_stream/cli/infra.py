@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from escrow_stream.cli._base import _settings, main
+from escrow_stream.cli._base import main, settings_of
 from escrow_stream.config import dump_json
 
 
@@ -23,7 +23,7 @@ def config() -> None:
 @click.pass_context
 def config_show(ctx: click.Context, reveal: bool) -> None:
     """Print the effective configuration as JSON keyed by variable name."""
-    click.echo(dump_json(_settings(ctx), reveal=reveal))
+    click.echo(dump_json(settings_of(ctx), reveal=reveal))
 
 
 @main.group()
@@ -39,7 +39,7 @@ def topics_create(ctx: click.Context) -> None:
     from escrow_stream.topics import ReplicationFactorTooLarge, create_topics
 
     try:
-        report = asyncio.run(create_topics(_settings(ctx)))
+        report = asyncio.run(create_topics(settings_of(ctx)))
     except ReplicationFactorTooLarge as exc:
         click.echo(str(exc), err=True)
         ctx.exit(1)
@@ -53,7 +53,7 @@ def topics_verify(ctx: click.Context) -> None:
     """Compare the broker's topics with the definitions; non-zero exit on any difference."""
     from escrow_stream.topics import verify_topics
 
-    problems = asyncio.run(verify_topics(_settings(ctx)))
+    problems = asyncio.run(verify_topics(settings_of(ctx)))
     for line in problems:
         click.echo(line)
     if problems:
@@ -91,8 +91,8 @@ def db_migrate(ctx: click.Context, revision: str) -> None:
     """Apply migrations up to REVISION."""
     from escrow_stream.db import migrate
 
-    migrate.upgrade(_settings(ctx), revision)
-    click.echo(migrate.status(_settings(ctx)), nl=False)
+    migrate.upgrade(settings_of(ctx), revision)
+    click.echo(migrate.status(settings_of(ctx)), nl=False)
 
 
 @db.command("rollback")
@@ -102,8 +102,8 @@ def db_rollback(ctx: click.Context, steps: int) -> None:
     """Revert the newest STEPS migrations (drops their tables: back up first)."""
     from escrow_stream.db import migrate
 
-    migrate.downgrade(_settings(ctx), steps)
-    click.echo(migrate.status(_settings(ctx)), nl=False)
+    migrate.downgrade(settings_of(ctx), steps)
+    click.echo(migrate.status(settings_of(ctx)), nl=False)
 
 
 @db.command("status")
@@ -112,7 +112,7 @@ def db_status(ctx: click.Context) -> None:
     """Print the applied revision and the newest one."""
     from escrow_stream.db import migrate
 
-    click.echo(migrate.status(_settings(ctx)), nl=False)
+    click.echo(migrate.status(settings_of(ctx)), nl=False)
 
 
 @main.group()
@@ -152,7 +152,7 @@ def offsets_reset(
 
     if (to is None) == (not to_earliest):
         raise click.UsageError("give exactly one of --to-datetime or --to-earliest")
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     topic = topic or settings.kafka_commands_topic
     group_id = group_id or settings.kafka_group_id
     if to is not None and to.tzinfo is None:

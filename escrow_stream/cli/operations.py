@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from escrow_stream.cli._base import _echo_rows, _on_database, _settings, main
+from escrow_stream.cli._base import echo_rows, main, on_database, settings_of
 
 
 @main.group()
@@ -27,8 +27,8 @@ def escrows_stuck(ctx: click.Context) -> None:
     from escrow_stream.clock import utc_now
     from escrow_stream.db.queries import stuck_escrows
 
-    settings = _settings(ctx)
-    rows = _on_database(
+    settings = settings_of(ctx)
+    rows = on_database(
         ctx,
         lambda pool: stuck_escrows(
             pool,
@@ -37,7 +37,7 @@ def escrows_stuck(ctx: click.Context) -> None:
             hold_max_days=settings.stripe_max_hold_days,
         ),
     )
-    _echo_rows(rows, "stuck escrow(s)")
+    echo_rows(rows, "stuck escrow(s)")
 
 
 @main.group()
@@ -58,7 +58,7 @@ def deposits_list(ctx: click.Context, status: str | None, escrow_id: str | None)
     from escrow_stream.db.deposits import DepositStatus, listing
 
     wanted = DepositStatus(status) if status else None
-    _echo_rows(_on_database(ctx, lambda pool: listing(pool, wanted, escrow_id)), "deposit(s)")
+    echo_rows(on_database(ctx, lambda pool: listing(pool, wanted, escrow_id)), "deposit(s)")
 
 
 @main.group()
@@ -85,9 +85,9 @@ def funds_list(
     from escrow_stream.db.unmatched import FundsStatus, listing
 
     wanted = FundsStatus(status) if status else None
-    rows = _on_database(ctx, lambda pool: listing(pool, status=wanted, escrow_id=escrow_id))
+    rows = on_database(ctx, lambda pool: listing(pool, status=wanted, escrow_id=escrow_id))
     if as_json:
-        _echo_rows(rows, "unmatched funds")
+        echo_rows(rows, "unmatched funds")
         return
     table = [[str(row[c] if row[c] is not None else "-") for c in FUNDS_COLUMNS] for row in rows]
     widths = [max([len(c), *(len(r[i]) for r in table)]) for i, c in enumerate(FUNDS_COLUMNS)]
@@ -106,7 +106,7 @@ def funds_retry(ctx: click.Context, funds_id: str) -> None:
     from escrow_stream.db.unmatched import RetryRefused, retry_now
 
     try:
-        _on_database(ctx, lambda pool: retry_now(pool, funds_id, utc_now()))
+        on_database(ctx, lambda pool: retry_now(pool, funds_id, utc_now()))
     except RetryRefused as exc:
         click.echo(f"Error: {exc}", err=True)
         ctx.exit(1)
@@ -154,7 +154,7 @@ def reconcile(ctx: click.Context, providers: bool, since: str) -> None:
         return
     from escrow_stream.db.queries import reconcile as reconcile_mirror
 
-    problems = _on_database(ctx, reconcile_mirror)
+    problems = on_database(ctx, reconcile_mirror)
     for problem in problems:
         click.echo(problem)
     if problems:
@@ -167,7 +167,7 @@ def _reconcile_providers(ctx: click.Context, since_text: str) -> None:
     from escrow_stream.clock import utc_now
     from escrow_stream.db.pool import Database
 
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     since = _since(since_text, utc_now())
 
     async def run() -> Any:
@@ -211,7 +211,7 @@ def outbox_replay(ctx: click.Context, aggregates: tuple[str, ...], since: dateti
 
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
-    count = _on_database(ctx, lambda pool: replay(pool, list(aggregates) or None, since))
+    count = on_database(ctx, lambda pool: replay(pool, list(aggregates) or None, since))
     click.echo(f"{count} outbox row(s) will be sent again")
 
 
@@ -235,7 +235,7 @@ def idempotency_purge(ctx: click.Context) -> None:
     from escrow_stream.idempotency import build_idempotency_store
     from escrow_stream.redisconn import redis_client
 
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
 
     async def run() -> int:
         database = Database(settings)

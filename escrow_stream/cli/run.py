@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import click
 
-from escrow_stream.cli._base import _settings, main
+from escrow_stream.cli._base import main, settings_of
 
 
 @main.command("dev-token")
@@ -21,7 +21,7 @@ def dev_token(ctx: click.Context, sub: str, role: str, ttl_minutes: int) -> None
     from escrow_stream.clock import utc_now
     from escrow_stream.web.auth import Role, issue_token
 
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     if settings.is_production:
         raise click.ClickException("dev-token is not available with NODE_ENV=production")
     secret = settings.jwt_secret.get_secret_value()
@@ -37,7 +37,7 @@ def outbox_publisher(ctx: click.Context) -> None:
     from escrow_stream.agents.relay import run_standalone
     from escrow_stream.sentry import init_sentry, instrument_event_loop
 
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -54,7 +54,7 @@ def outbox_publisher(ctx: click.Context) -> None:
 @click.pass_context
 def worker(ctx: click.Context) -> None:
     """Start the Faust worker (agents, tables, web server on PORT)."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     if settings.uses_dev_jwt_secret:
         click.echo(
             "escrow-stream: using the DEVELOPMENT JWT secret (not for production); "
