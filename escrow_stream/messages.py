@@ -63,8 +63,19 @@ def signed_headers(command: Command, body: bytes, secret: str) -> Headers:
     return []
 
 
+#: Snapshot fields that stay in the escrow's table and are never published: the commands the
+#: escrow remembers for deduplication (with their events) are the processor's own memory, not
+#: part of the snapshot SPEC §2 lists, and they would make every event grow with the escrow's
+#: history.
+UNPUBLISHED_SNAPSHOT_FIELDS = frozenset({"recent_commands"})
+
+
 def encode_event(event: Event) -> bytes:
-    return event.model_dump_json(by_alias=True).encode()
+    """The event as published on ``escrow.events.v1``: its snapshot without
+    :data:`UNPUBLISHED_SNAPSHOT_FIELDS`."""
+    return event.model_dump_json(
+        by_alias=True, exclude={"escrow": set(UNPUBLISHED_SNAPSHOT_FIELDS)}
+    ).encode()
 
 
 def event_headers(event: Event) -> Headers:
