@@ -60,6 +60,7 @@ from escrow_stream.metrics import (
     SETTLEMENT_MISMATCHES,
 )
 from escrow_stream.retry import until_answered
+from escrow_stream.tables import deadlines
 from escrow_stream.tables import escrows as escrow_table
 from escrow_stream.tables import outcomes as outcome_table
 
@@ -252,6 +253,7 @@ class CommandProcessor:
         escrow_id = outcome.command.escrow_id
         if outcome.state is not None and outcome.events:
             self._escrows[escrow_id] = escrow_table.dump(outcome.state)
+            deadlines.written(self._escrows, outcome.state)  # the timeouts' index, step 1
         for domain_event in outcome.events:
             await self._topics.events.send(
                 key=escrow_id.encode(),

@@ -1,13 +1,19 @@
-"""Which timeout command is due for an escrow (pure; the timeout processor sends it).
+"""Which timeout command is due for an escrow, and from when (pure; the timeout processor
+sends it).
 
 A timeout command has the deterministic commandId ``timeout:{escrowId}:{status}:{version}``
 so that any number of timer instances produce the same command, which the escrow then
 dedupes; the processor re-checks the deadline when it decides.
+
+The deadlines are functions of the escrow alone (and the worker's settings), so the timeout
+processor can keep them in an index updated with every write of the state and look only at
+the escrows whose time has come (``escrow_stream.tables.deadlines``).
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from .commands import CancelEscrow, Command, RefundEscrow, ReleaseFunds
 from .escrow import TERMINAL_STATUSES, Actor, ActorRole, Escrow, EscrowStatus
@@ -41,7 +47,8 @@ def timeout_command_for(escrow: Escrow, now: datetime, settings: DomainSettings)
     Nor while a chargeback is open: the escrow would refuse it CHARGEBACK_OPEN, again at
     every poll; the timer acts once it is won (a lost one ends the escrow).
     """
-    if escrow.settlement is not None or escrow.chargeback_open:
+    deadline = timeout_deadline(escrow, settings)
+    if deadline is None or now < deadline:
         return None
     common = {
         "command_id": timeout_command_id(escrow),
@@ -49,30 +56,68 @@ def timeout_command_for(escrow: Escrow, now: datetime, settings: DomainSettings)
         "actor": TIMEOUT_ACTOR,
         "issued_at": now,
     }
-    if escrow.status == EscrowStatus.AWAIT_FUNDS and now >= escrow.expires_at:
+    if escrow.status == EscrowStatus.AWAIT_FUNDS:
         return CancelEscrow(payload=CancelEscrowPayload(reason=CancelReason.TIMEOUT), **common)
+    if settings.delivered_timeout_action == "release":
+        return ReleaseFunds(payload=ReleaseFundsPayload(reason=TIMEOUT_REASON), **common)
+    return RefundEscrow(payload=RefundEscrowPayload(reason=TIMEOUT_REASON), **common)
+
+
+def timeout_deadline(escrow: Escrow, settings: DomainSettings) -> datetime | None:
+    """From when a timeout is due for `escrow` as it is, or None while none can be: for
+    every ``now``, ``timeout_command_for(escrow, now, settings)`` is a command exactly when
+    this is a time at or before ``now`` (the rules are those of ``timeout_command_for``)."""
+    if escrow.settlement is not None or escrow.chargeback_open:
+        return None
+    if escrow.status == EscrowStatus.AWAIT_FUNDS:
+        return escrow.expires_at
     if (
         escrow.status == EscrowStatus.DELIVERED
         and settings.feature_auto_refund
-        and escrow.auto_refund_at is not None
-        and now >= escrow.auto_refund_at
         and escrow.release_approved_at is None
     ):
-        if settings.delivered_timeout_action == "release":
-            return ReleaseFunds(payload=ReleaseFundsPayload(reason=TIMEOUT_REASON), **common)
-        return RefundEscrow(payload=RefundEscrowPayload(reason=TIMEOUT_REASON), **common)
+        return escrow.auto_refund_at
     return None
 
 
 def holds_card_funds_past(escrow: Escrow, now: datetime, days: int) -> bool:
     """True for a STRIPE escrow still holding funds more than ``days`` after funding (SPEC
     §10 holding limits: card funds cannot be held indefinitely)."""
+    warning_after = hold_warning_after(escrow, days)
+    return warning_after is not None and now > warning_after
+
+
+def hold_warning_after(escrow: Escrow, days: int) -> datetime | None:
+    """The time after which (strictly) ``holds_card_funds_past(escrow, now, days)`` is true
+    for `escrow` as it is, or None when it is never true: funding + ``days``."""
     payment = escrow.payment
-    return (
+    if (
         escrow.rail == Rail.STRIPE
         and escrow.status not in TERMINAL_STATUSES
         and escrow.holding_amount > 0
         and payment is not None
         and payment.funded_at is not None
-        and now - payment.funded_at > timedelta(days=days)
+    ):
+        return payment.funded_at + timedelta(days=days)
+    return None
+
+
+class Deadlines(NamedTuple):
+    """The times at which the timeout processor's view of an escrow changes."""
+
+    #: From when its timeout command is due (``timeout_deadline``).
+    timeout_at: datetime | None = None
+    #: After when it counts as a STRIPE hold past the warning (``hold_warning_after``).
+    hold_warning_after: datetime | None = None
+
+
+#: An escrow the timeout processor never has to look at, as it is.
+NO_DEADLINES = Deadlines()
+
+
+def deadlines_of(escrow: Escrow, settings: DomainSettings, hold_warn_days: int | None) -> Deadlines:
+    """Both of `escrow`'s deadlines (no hold warning without ``hold_warn_days``)."""
+    return Deadlines(
+        timeout_deadline(escrow, settings),
+        None if hold_warn_days is None else hold_warning_after(escrow, hold_warn_days),
     )
