@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
+import asyncpg
 import faust
 import redis.asyncio
 from faust.types import TableT
@@ -68,8 +69,15 @@ from escrow_stream.web import payment as payment_view
 from escrow_stream.web import payouts as payout_views
 from escrow_stream.web.cors import cors_options
 from escrow_stream.web.middleware import make_middleware
-from escrow_stream.web.ratelimit import MemoryCounter, RateLimiter, RedisCounter
+from escrow_stream.web.ratelimit import (
+    MemoryCounter,
+    RateLimiter,
+    RedisCounter,
+    settle_middleware,
+)
 
+#: The KYC listener's ``application_name`` in ``pg_stat_activity``.
+KYC_LISTENER_NAME = "escrow-kyc-listener"
 TABLE_PARTITIONS = 6  # changelog partitions = escrow-commands partitions (co-partitioned)
 
 
@@ -161,7 +169,8 @@ def faust_app(settings: Settings, clock: Clock, limiter: RateLimiter) -> faust.A
         origin="escrow_stream.app",
         web_cors_options=cors_options(settings),
         web_application_options={
-            "middlewares": [make_middleware(limiter, clock, settings)],
+            # the second makes both rate-limit counts of a request in one Redis call
+            "middlewares": [make_middleware(limiter, clock, settings), settle_middleware(limiter)],
             "client_max_size": settings.http_body_max_bytes,
         },
     )
@@ -287,6 +296,8 @@ def register_web(
         check_evidence=functools.partial(evidence.check_evidence, evidence_store),
     )
     escrow_views.register(app, escrow_api)
+    if settings.feature_kyc_gating:
+        listen_for_kyc_changes(app, settings, core.kyc)
     hooks = webhooks.WebhookServices(
         settings,
         clock,
@@ -301,6 +312,20 @@ def register_web(
     payment_view.register(app, front, database)
     payout_views.register(app, front, services.payout_service)
     admin.register(app, front, database)
+
+
+def listen_for_kyc_changes(app: faust.App, settings: Settings, kyc: KycDirectory) -> None:
+    """Keep ``kyc``'s cache of VERIFIED users current while the worker runs, on a connection
+    of its own (``db/kyc.py``; the processor and the gateway both look users up in it)."""
+    connect = functools.partial(
+        asyncpg.connect,
+        settings.database_url.get_secret_value(),
+        server_settings={"application_name": KYC_LISTENER_NAME},
+    )
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def kyc_status_listener() -> None:
+        await kyc.listen(connect)
 
 
 def close_at_shutdown(

@@ -7,6 +7,7 @@ Protocol, in order:
 2. Write in it: ``unit.enqueue_command`` (an ``outbox`` row, SPEC §4 Outbox), and whatever
    else joins the unit — a database adapter writes on ``unit.connection``; an adapter outside
    PostgreSQL (Redis) registers ``unit.after_commit(action)`` instead.
+   ``unit.savepoint()`` fences writes that may fail on their own without undoing the rest.
 3. Leaving the block commits, and only then the after-commit actions run, in order, on no
    connection; an error in one propagates (what committed stays committed).  If the block
    raises, the transaction rolls back and no after-commit action runs.
@@ -43,6 +44,11 @@ class UnitOfWork(Protocol):
         """Run ``action`` once this unit has committed (step 3), never if it rolls back."""
         ...
 
+    def savepoint(self) -> AbstractAsyncContextManager[object]:
+        """A part of the unit that a failure inside it undoes alone (the rest of the unit
+        goes on): a PostgreSQL SAVEPOINT."""
+        ...
+
 
 class UnitsOfWork(Protocol):
     """Step 1: where units come from."""
@@ -66,6 +72,10 @@ class PostgresUnitOfWork:
 
     def after_commit(self, action: AfterCommit) -> None:
         self._after_commit.append(action)
+
+    def savepoint(self) -> AbstractAsyncContextManager[object]:
+        savepoint: AbstractAsyncContextManager[object] = self._connection.transaction()
+        return savepoint  # nested in the unit's transaction: a SAVEPOINT
 
     async def committed(self) -> None:
         """Step 3, called by :class:`PostgresUnits` after the commit."""

@@ -295,10 +295,12 @@ class EscrowItem(ApiView):
     async def get(self, request: Request, escrow_id: str) -> Response:
         principal = await self.api.gateway.principal(request)
         # the owner (this worker or, signed, another) answers as the caller: 404 / 403
-        escrow = await self.api.reader.existing(escrow_id, authorization(request))
-        if not may_read(principal, escrow):
+        snapshot = await self.api.reader.public(escrow_id, authorization(request))
+        if snapshot is None:
+            raise Problem(404, "NOT_FOUND", f"escrow {escrow_id} not found")
+        if not may_read(principal, snapshot):
             raise Problem(403, "NOT_AUTHORIZED", "only the parties and admins see an escrow")
-        return json_response(self, public_snapshot(escrow))
+        return json_response(self, snapshot)
 
 
 class CommandItem(ApiView):

@@ -4,7 +4,8 @@ A request to a view, in order:
 
 1. :meth:`Gateway.principal`: authenticate the bearer token (401) and count the caller
    against the per-user limit (429), once per request (not again when another worker
-   forwards it here).
+   forwards it here), with the per-IP count in the same Redis call.  Every view under
+   ``/api/`` but the webhooks calls it before anything else (``web/ratelimit.py``).
 2. :meth:`Gateway.body`: size (413), media type (415), JSON (400), the body model (422).
 3. The view does its work and answers with :func:`json_response`, or raises a
    :class:`~escrow_stream.web.problems.Problem`.
@@ -31,7 +32,7 @@ from escrow_stream.messages import make_command
 from escrow_stream.web.auth import Principal, Role, authenticate
 from escrow_stream.web.internal import INTERNAL_REQUEST_KEY
 from escrow_stream.web.problems import Problem
-from escrow_stream.web.ratelimit import RateLimiter
+from escrow_stream.web.ratelimit import RateLimiter, deferred_ip
 from escrow_stream.web.schemas import EmptyBody
 
 WAIT_MAX_S = 30.0
@@ -48,10 +49,20 @@ class Gateway:
 
     async def principal(self, request: Request) -> Principal:
         """The authenticated caller, counted against the per-user limit of escrow routes
-        (once: not again when another worker forwards the caller's request here)."""
+        (once: not again when another worker forwards the caller's request here), in the
+        same call as the per-IP count the middleware left for it (``web/ratelimit.py``)."""
         now = self.clock()
-        principal = authenticate(request.headers.get("Authorization"), self._jwt_secret, now)
-        if not cast(Any, request).get(INTERNAL_REQUEST_KEY):  # aiohttp's request mapping
+        mapping = cast(Any, request)  # aiohttp's request mapping
+        noted = deferred_ip(mapping)
+        try:
+            principal = authenticate(request.headers.get("Authorization"), self._jwt_secret, now)
+        except Problem:
+            if noted is not None:  # counted for its IP alone; a 429 there wins over the 401
+                await self._limiter.check("ip", noted.ip, self._limiter.per_ip, noted.now)
+            raise
+        if noted is not None:
+            await self._limiter.check_ip_and_user(noted.ip, principal.sub, noted.now)
+        elif not mapping.get(INTERNAL_REQUEST_KEY):
             await self._limiter.check_user(principal.sub, now)
         return principal
 

@@ -46,21 +46,45 @@ Locate = Callable[[str], str | None]
 Fetch = Callable[[str, str], Awaitable[dict[str, Any] | None]]
 
 
+_INTERNAL_FIELD_NAMES = {
+    name for name, field in Escrow.model_fields.items() if field.alias in INTERNAL_SNAPSHOT_FIELDS
+}
+
+
 def public_snapshot(escrow: Escrow | dict[str, Any]) -> dict[str, Any]:
-    data = escrow if isinstance(escrow, dict) else json.loads(escrow_table.dump(escrow))
-    return {k: v for k, v in data.items() if k not in INTERNAL_SNAPSHOT_FIELDS}
+    """The escrow as the API shows it (JSON-ready, without the bookkeeping fields)."""
+    if isinstance(escrow, dict):
+        return {k: v for k, v in escrow.items() if k not in INTERNAL_SNAPSHOT_FIELDS}
+    return escrow.model_dump(mode="json", by_alias=True, exclude=_INTERNAL_FIELD_NAMES)
+
+
+def stored_public_snapshot(value: bytes | None) -> dict[str, Any] | None:
+    """A value of the ``escrows`` table (the snapshot's JSON, ``tables/escrows.py``) as the
+    API shows it; the fields it leaves out are not even validated (the model still upgrades
+    an older snapshot's other fields)."""
+    if value is None:
+        return None
+    data = json.loads(value)
+    for name in INTERNAL_SNAPSHOT_FIELDS:
+        data.pop(name, None)
+    return public_snapshot(Escrow.model_validate(data))
 
 
 def partition_owner(app: faust.App, commands: faust.TopicT) -> Locate:
     """Step 1 on Faust's router: who owns an escrow's partition of ``commands``."""
 
+    own: tuple[str | None, int | None] | None = None  # this worker's (host, port), read once
+
     def owner(escrow_id: str) -> str | None:
+        nonlocal own
         try:
             url = app.router.external_topic_key_store(commands, escrow_id.encode())
         except (KeyError, TypeError):  # no assignment known yet (starting or rebalancing)
             raise Problem(503, "NOT_READY", "partitions are being assigned; retry") from None
-        own = app.conf.canonical_url
-        if (url.host, url.port) == (own.host, own.port):
+        if own is None:
+            canonical = app.conf.canonical_url
+            own = (canonical.host, canonical.port)
+        if (url.host, url.port) == own:
             return None
         return str(url).rstrip("/")
 
@@ -110,6 +134,13 @@ class EscrowReader:
             return escrow_table.load(self._escrows.get(escrow_id))
         body = await self._fetch(f"{owner}/api/escrow/{escrow_id}", authorization)
         return None if body is None else Escrow.model_validate(body)
+
+    async def public(self, escrow_id: str, authorization: str) -> dict[str, Any] | None:
+        """The escrow as the API shows it (:func:`public_snapshot`), or None."""
+        owner = self._locate(escrow_id)
+        if owner is None:
+            return stored_public_snapshot(self._escrows.get(escrow_id))
+        return await self._fetch(f"{owner}/api/escrow/{escrow_id}", authorization)
 
     async def existing(self, escrow_id: str, authorization: str) -> Escrow:
         """The escrow, or 404."""

@@ -31,6 +31,16 @@ class MemoryUnitOfWork:
     def after_commit(self, action: AfterCommit) -> None:
         self.actions.append(action)
 
+    @asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
+        """Rows written inside are dropped if it raises (a PostgreSQL SAVEPOINT's rollback)."""
+        kept = len(self.rows)
+        try:
+            yield None
+        except BaseException:
+            del self.rows[kept:]
+            raise
+
 
 class MemoryUnits:
     """Units over one in-memory outbox: a unit whose block raises leaves no trace;
