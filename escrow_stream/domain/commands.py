@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+import json.encoder
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, TypeAdapter, ValidationError
@@ -238,16 +239,39 @@ def is_release_path(command_type: object, resolution: object = None) -> bool:
     )
 
 
+def _canonical_json() -> Callable[[Any], str]:
+    """``json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)`` for
+    the JSON-mode dump of a payload: the C encoder json.dumps uses, made once rather than per
+    call (about a fifth of a fingerprint's cost); without circular-reference markers, which a
+    tree of dicts and lists from pydantic's serializer never needs."""
+    encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    make: Any = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # a Python without the C accelerator
+        return encoder.encode
+    chunks = make(
+        None,  # markers: no circular check
+        encoder.default,
+        json.encoder.encode_basestring,  # ensure_ascii=False
+        None,  # indent
+        encoder.key_separator,
+        encoder.item_separator,
+        encoder.sort_keys,
+        encoder.skipkeys,
+        encoder.allow_nan,
+    )
+    return lambda value: "".join(chunks(value, 0))
+
+
+_CANONICAL_JSON = _canonical_json()
+
+
 def command_fingerprint(command: CommandBase) -> str:
     """What a commandId stands for: the hex SHA-256 of the command's type and payload in
     canonical JSON.  The envelope's issuedAt, trace and correlation ids may differ between
     two sends of the same command (a client's retry); the type and payload may not."""
-    canonical = json.dumps(
-        {"type": command.type, "payload": command.payload.model_dump(mode="json", by_alias=True)},
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
+    payload = command.payload
+    dumped = payload.__pydantic_serializer__.to_python(payload, mode="json", by_alias=True)
+    canonical = _CANONICAL_JSON({"type": command.type, "payload": dumped})
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

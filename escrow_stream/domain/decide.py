@@ -65,7 +65,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from . import rules, settlement_rules
-from ._model import WIRE_CONTEXT
+from ._model import WIRE_CONTEXT, fits_text, trusted
 from .commands import (
     CancelEscrow,
     CloseChargeback,
@@ -115,6 +115,11 @@ from .rules import Rule
 from .settings import DecisionContext, DomainSettings
 
 _DEFAULT_SETTINGS = DomainSettings()
+#: The event type name of each data class.
+_EVENT_TYPE_FOR_DATA: dict[type[EventData], str] = {
+    data_cls: event_cls.model_fields["type"].default
+    for data_cls, event_cls in EVENT_FOR_DATA.items()
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,18 +202,23 @@ def decide(
 
 
 def _reject(command: Command, now: datetime, refusal: Refusal) -> Decision:
-    rejection = Rejection(
-        command_id=command.command_id,
-        type=command.type,
-        escrow_id=command.escrow_id,
-        code=refusal.code,
-        message=refusal.message,
-        rejected_at=now,
-        correlation_id=command.correlation_id,
-        trace_id=command.trace_id,
-        payment=_rejected_payment(command),
-    )
-    return Decision(rejection=rejection)
+    fields: dict[str, Any] = {
+        "command_id": command.command_id,
+        "type": command.type,
+        "escrow_id": command.escrow_id,
+        "code": refusal.code,
+        "message": refusal.message,
+        "rejected_at": now,
+        "correlation_id": command.correlation_id,
+        "trace_id": command.trace_id,
+        "payment": _rejected_payment(command),
+    }
+    # all but the message come from the validated command (and ``now``, checked aware): a
+    # message within ``Text`` needs no validation; any other is validated, and refused, as
+    # it always was
+    if fits_text(refusal.message):
+        return Decision(rejection=trusted(Rejection, **fields))
+    return Decision(rejection=Rejection(**fields))
 
 
 def _rejected_payment(command: Command) -> RejectedPayment | None:
@@ -227,11 +237,10 @@ def _rejected_payment(command: Command) -> RejectedPayment | None:
 
 def _emit(state: Escrow | None, command: Command, now: datetime, data: EventData) -> Event:
     """Build the event for `data`, with the snapshot it leads to."""
-    cls = EVENT_FOR_DATA[type(data)]
     version = 1 if state is None else state.version + 1
     meta = EventMeta(
         event_id=event_id_for(command.escrow_id, version),
-        type=cls.model_fields["type"].default,
+        type=_EVENT_TYPE_FOR_DATA[type(data)],
         escrow_id=command.escrow_id,
         version=version,
         occurred_at=now,
@@ -248,8 +257,10 @@ def _emit(state: Escrow | None, command: Command, now: datetime, data: EventData
 
 
 def _event(meta: EventMeta, data: EventData, snapshot: Escrow) -> Event:
-    cls = EVENT_TYPES[meta.type]
-    event = cls.model_construct(
+    """The event envelope, built without validating again (``_model.trusted``): every field
+    comes from the validated command, the decision's data or the snapshot evolve built."""
+    event = trusted(
+        EVENT_TYPES[meta.type],
         schema_version=1,
         event_id=meta.event_id,
         type=meta.type,
@@ -306,7 +317,10 @@ def _decide_create(
     )
     if refusal is not None:
         return _reject(command, now, refusal)
-    data = EscrowCreatedData(
+    # the payload's fields, validated by parse_command, within the data's bounds (the policy
+    # fee is at most the amount; now plus days), so not validated again
+    data = trusted(
+        EscrowCreatedData,
         offer_id=p.offer_id,
         contract_id=p.contract_id,
         buyer_id=p.buyer_id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
@@ -39,9 +40,21 @@ from .event_data import (
 EVENT_ID_NAMESPACE = uuid.UUID("6f1c2a9e-4d3b-5e7f-8a90-1b2c3d4e5f60")
 
 
+_NAMESPACE_SHA1 = hashlib.sha1(EVENT_ID_NAMESPACE.bytes, usedforsecurity=False)
+
+
 def event_id_for(escrow_id: str, version: int) -> str:
-    """The deterministic id of the event that gives `escrow_id` its `version`."""
-    return str(uuid.uuid5(EVENT_ID_NAMESPACE, f"{escrow_id}:{version}"))
+    """The deterministic id of the event that gives `escrow_id` its `version`:
+    ``str(uuid.uuid5(EVENT_ID_NAMESPACE, f"{escrowId}:{version}"))``, computed the way
+    ``uuid.uuid5`` does (SHA-1 of namespace and name, first 16 bytes, version 5 and the
+    RFC 4122 variant) without building a UUID object."""
+    digest = _NAMESPACE_SHA1.copy()
+    digest.update(f"{escrow_id}:{version}".encode())
+    raw = bytearray(digest.digest()[:16])
+    raw[6] = (raw[6] & 0x0F) | 0x50  # version 5
+    raw[8] = (raw[8] & 0x3F) | 0x80  # variant RFC 4122
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 # --- envelopes ------------------------------------------------------------------------

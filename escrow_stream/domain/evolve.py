@@ -2,6 +2,12 @@
 
 One handler per event type, all here on purpose: a reader checks every change an event makes
 to the escrow (and the ledger it posts) in one file, which is why it runs past 400 lines.
+
+The new snapshot is built without validating again (``_model.trusted`` and ``replaced``,
+issue 13): its values are the state's (validated when loaded or built), the event's data and
+envelope (validated by ``parse_event``, or built by ``decide`` from a validated command), or
+simple derivations of them within the same bounds.  The one derived value that could leave
+its bounds, a settlement id built from a long escrowId, is still validated (``Settlement``).
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
 
+from ._model import ID_LENGTH_MAX, replaced, trusted
 from .escrow import (
     SETTLED_MILESTONE_STATUSES,
     Actor,
@@ -99,7 +106,7 @@ def apply_event(state: Escrow | None, meta: EventMeta, data: EventData) -> Escro
         if meta.version != 1:
             raise EvolveError("EscrowCreated must be version 1")
         created = _created(meta, data)
-        return created.model_copy(update={"recent_commands": _remember(created, meta, data)})
+        return replaced(created, {"recent_commands": _remember(created, meta, data)})
     if state is None:
         raise EvolveError(f"{meta.type} for unknown escrow {meta.escrow_id}")
     if meta.escrow_id != state.escrow_id:
@@ -113,12 +120,13 @@ def apply_event(state: Escrow | None, meta: EventMeta, data: EventData) -> Escro
     update["version"] = meta.version
     update["updated_at"] = meta.occurred_at
     update["recent_commands"] = _remember(state, meta, data)
-    return state.model_copy(update=update)
+    return replaced(state, update)
 
 
 def _remember(state: Escrow, meta: EventMeta, data: EventData) -> tuple[CommandRecord, ...]:
     """Record the event under its command; keep only the newest `recent_commands_max`."""
-    record = EventRecord(
+    record = trusted(
+        EventRecord,
         event_id=meta.event_id,
         type=meta.type,
         version=meta.version,
@@ -127,16 +135,19 @@ def _remember(state: Escrow, meta: EventMeta, data: EventData) -> tuple[CommandR
         correlation_id=meta.correlation_id,
         trace_id=meta.trace_id,
         actor=meta.actor,
-        data=data.model_dump(mode="json", by_alias=True),
+        data=data.__pydantic_serializer__.to_python(data, mode="json", by_alias=True),
     )
     records = state.recent_commands
     if records and records[-1].command_id == meta.causation_id:
         last = records[-1]
-        merged = last.model_copy(update={"events": (*last.events, record)})
+        merged = replaced(last, {"events": (*last.events, record)})
         records = (*records[:-1], merged)
     else:
-        first = CommandRecord(
-            command_id=meta.causation_id, events=(record,), fingerprint=meta.command_fingerprint
+        first = trusted(
+            CommandRecord,
+            command_id=meta.causation_id,
+            events=(record,),
+            fingerprint=meta.command_fingerprint,
         )
         records = (*records, first)
     overflow = len(records) - state.recent_commands_max
@@ -144,7 +155,8 @@ def _remember(state: Escrow, meta: EventMeta, data: EventData) -> tuple[CommandR
 
 
 def _created(meta: EventMeta, data: EscrowCreatedData) -> Escrow:
-    return Escrow(
+    return trusted(
+        Escrow,
         escrow_id=meta.escrow_id,
         offer_id=data.offer_id,
         contract_id=data.contract_id,
@@ -162,7 +174,7 @@ def _created(meta: EventMeta, data: EscrowCreatedData) -> Escrow:
         updated_at=meta.occurred_at,
         expires_at=data.expires_at,
         milestones=tuple(
-            Milestone(milestone_id=m.milestone_id, title=m.title, amount=m.amount)
+            trusted(Milestone, milestone_id=m.milestone_id, title=m.title, amount=m.amount)
             for m in data.milestones
         ),
         recent_commands_max=data.recent_commands_max,
@@ -175,8 +187,8 @@ D = TypeVar("D", bound=EventData)
 
 def _payment(state: Escrow, **changes: Any) -> Payment:
     if state.payment is None:
-        return Payment(**changes)
-    return state.payment.model_copy(update=changes)
+        return trusted(Payment, **changes)
+    return replaced(state.payment, changes)
 
 
 def _instructions(state: Escrow, meta: EventMeta, data: PaymentInstructionsRecordedData) -> Update:
@@ -227,7 +239,8 @@ def _delivered(state: Escrow, meta: EventMeta, data: EscrowDeliveredData) -> Upd
 
 
 def _disputed(state: Escrow, meta: EventMeta, data: EscrowDisputedData) -> Update:
-    dispute = Dispute(
+    dispute = trusted(
+        Dispute,
         raised_by=meta.actor,
         reason=data.reason,
         raised_at=meta.occurred_at,
@@ -239,30 +252,39 @@ def _disputed(state: Escrow, meta: EventMeta, data: EscrowDisputedData) -> Updat
 
 def _settlement_requested(state: Escrow, meta: EventMeta, data: SettlementRequestedData) -> Update:
     resumed = state.settlement  # a settlement requested again once its payout account is ACTIVE
-    settlement = Settlement(
-        settlement_id=settlement_id_for(meta.escrow_id, data.kind, data.milestone_id, data.attempt),
-        kind=data.kind,
-        requested_at=meta.occurred_at,
-        attempt=data.attempt,
-        reason=data.reason,
-        previous_status=resumed.previous_status if resumed is not None else state.status,
-        milestone_id=data.milestone_id,
-        amount=data.amount,
-        payout_amount=data.payout_amount,
-        fee_amount=data.fee_amount,
-        status=data.status,
-        destination=data.destination,
+    settlement_id = settlement_id_for(meta.escrow_id, data.kind, data.milestone_id, data.attempt)
+    fields = {
+        "settlement_id": settlement_id,
+        "kind": data.kind,
+        "requested_at": meta.occurred_at,
+        "attempt": data.attempt,
+        "reason": data.reason,
+        "previous_status": resumed.previous_status if resumed is not None else state.status,
+        "milestone_id": data.milestone_id,
+        "amount": data.amount,
+        "payout_amount": data.payout_amount,
+        "fee_amount": data.fee_amount,
+        "status": data.status,
+        "destination": data.destination,
+    }
+    # the settlement id is the only field not taken as is from validated data: an id of a
+    # long escrowId can exceed ID_LENGTH_MAX, and is then refused by validation, as always
+    settlement = (
+        trusted(Settlement, **fields)
+        if len(settlement_id) <= ID_LENGTH_MAX
+        else Settlement(**fields)
     )
     update: Update = {"settlement": settlement, "settlement_attempts": data.attempt}
     if data.kind == SettlementKind.RELEASE and data.milestone_id is None:
         update["release_approved_at"] = state.release_approved_at or meta.occurred_at
     if data.resolution is not None and state.dispute is not None:
-        update["dispute"] = state.dispute.model_copy(
-            update={
+        update["dispute"] = replaced(
+            state.dispute,
+            {
                 "resolution": data.resolution,
                 "resolution_reason": data.reason,
                 "resolved_at": meta.occurred_at,
-            }
+            },
         )
     return update
 
@@ -277,7 +299,7 @@ def _settle_open_milestones(
     return tuple(
         m
         if m.status in SETTLED_MILESTONE_STATUSES
-        else m.model_copy(update={"status": status, "settled_at": at})
+        else replaced(m, {"status": status, "settled_at": at})
         for m in state.milestones
     )
 
@@ -307,14 +329,15 @@ def _refunded(state: Escrow, meta: EventMeta, data: EscrowRefundedData) -> Updat
         "ledger": (*state.ledger, posting),
     }
     if by_chargeback and state.chargeback is not None:  # lost: the network refunded the buyer
-        update["chargeback"] = state.chargeback.model_copy(
-            update={"status": ChargebackStatus.LOST, "closed_at": meta.occurred_at}
+        update["chargeback"] = replaced(
+            state.chargeback, {"status": ChargebackStatus.LOST, "closed_at": meta.occurred_at}
         )
     return update
 
 
 def _chargeback_opened(state: Escrow, meta: EventMeta, data: ChargebackOpenedData) -> Update:
-    chargeback = Chargeback(
+    chargeback = trusted(
+        Chargeback,
         dispute_id=data.dispute_id,
         status=ChargebackStatus.OPEN,
         amount=data.amount,
@@ -365,7 +388,7 @@ def _chargeback_closed(state: Escrow, meta: EventMeta, data: ChargebackClosedDat
         update["ledger"] = (*state.ledger, posting)
         changes["receivable_amount"] = chargeback.receivable_amount + data.booked_amount
         changes["receivable_account"] = data.booked_account
-    update["chargeback"] = chargeback.model_copy(update=changes)
+    update["chargeback"] = replaced(chargeback, changes)
     return update
 
 
@@ -373,8 +396,7 @@ def _replace_milestone(state: Escrow, milestone_id: str, **changes: Any) -> tupl
     if state.find_milestone(milestone_id) is None:
         raise EvolveError(f"unknown milestone {milestone_id}")
     return tuple(
-        m.model_copy(update=changes) if m.milestone_id == milestone_id else m
-        for m in state.milestones
+        replaced(m, changes) if m.milestone_id == milestone_id else m for m in state.milestones
     )
 
 

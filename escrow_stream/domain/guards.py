@@ -108,6 +108,14 @@ REFUSED_WHILE_CHARGEBACK_OPEN = frozenset(
 )
 
 
+#: The relation of an actor that is not a user: its role's name (a dict lookup: cheaper than
+#: an enum's ``.value``).
+_RELATION_OF_ROLE: dict[ActorRole, str] = {r: r.value for r in ActorRole if r != ActorRole.USER}
+#: Commands whose payload carries a TIMEOUT reason; the two settlement results.
+_TIMEOUT_REASON_COMMANDS = (RefundEscrow, ReleaseFunds)
+_SETTLEMENT_RESULTS = (ConfirmSettlement, RecordSettlementFailure)
+
+
 def actor_relation(escrow: Escrow, actor: Actor) -> str:
     """What the actor is to this escrow: buyer, seller, other user, admin, service, system."""
     if actor.role == ActorRole.USER:
@@ -116,7 +124,7 @@ def actor_relation(escrow: Escrow, actor: Actor) -> str:
         if actor.id == escrow.seller_id:
             return SELLER
         return OTHER_USER
-    return actor.role.value
+    return _RELATION_OF_ROLE[actor.role]
 
 
 def is_system_timeout(command: Command) -> bool:
@@ -125,7 +133,7 @@ def is_system_timeout(command: Command) -> bool:
         return False
     if isinstance(command, CancelEscrow):
         return command.payload.reason == CancelReason.TIMEOUT
-    if isinstance(command, RefundEscrow | ReleaseFunds):
+    if isinstance(command, _TIMEOUT_REASON_COMMANDS):
         return command.payload.reason == TIMEOUT_REASON
     return False
 
@@ -153,7 +161,7 @@ def check_sender_authorized(escrow: Escrow, command: Command) -> Refusal | None:
                 RejectionCode.NOT_AUTHORIZED,
                 f"{relation} may not cancel with reason {command.payload.reason.value}",
             )
-    elif isinstance(command, RefundEscrow | ReleaseFunds):
+    elif isinstance(command, _TIMEOUT_REASON_COMMANDS):
         timeout = command.payload.reason == TIMEOUT_REASON
         if timeout != (relation == SYSTEM):
             return Refusal(
@@ -206,7 +214,7 @@ def check_settlement_state(escrow: Escrow, command: Command) -> Refusal | None:
     pending = escrow.settlement is not None
     if command.type in SETTLEMENT_COMMANDS:
         if not pending:
-            if isinstance(command, ConfirmSettlement | RecordSettlementFailure):
+            if isinstance(command, _SETTLEMENT_RESULTS):
                 return Refusal(
                     RejectionCode.SETTLEMENT_MISMATCH,
                     f"settlement {command.payload.settlement_id} is not pending: none is",
@@ -241,7 +249,7 @@ def check_settlement_matches(escrow: Escrow, command: Command) -> Refusal | None
     """A settlement result names the pending settlement (SPEC §10): a late result of an older
     attempt, of another kind or milestone, never settles the pending one."""
     settlement = escrow.settlement
-    if settlement is None or not isinstance(command, ConfirmSettlement | RecordSettlementFailure):
+    if settlement is None or not isinstance(command, _SETTLEMENT_RESULTS):
         return None
     if command.payload.settlement_id != settlement.settlement_id:
         return Refusal(
@@ -285,7 +293,7 @@ def check_status_allows(escrow: Escrow, command: Command) -> Refusal | None:
         return None
     allowed = (
         TIMEOUT_ALLOWED_FROM
-        if (isinstance(command, RefundEscrow | ReleaseFunds) and is_system_timeout(command))
+        if (isinstance(command, _TIMEOUT_REASON_COMMANDS) and is_system_timeout(command))
         else ALLOWED_FROM[command.type]
     )
     if escrow.status not in allowed:

@@ -1,10 +1,17 @@
-"""Double-entry ledger postings of an escrow, balances and the money invariants."""
+"""Double-entry ledger postings of an escrow, balances and the money invariants.
+
+Postings are built without validating again (``_model.trusted``, issue 13): the posting id
+is the event id, the currency the escrow's, the amounts come from validated events and the
+escrow (lines of at most 31 characters: a sign and 30 digits), and every account name is a
+fixed prefix and suffix around an id of at most 200 characters, well within 300.
+"""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from datetime import datetime
 
+from ._model import trusted
 from .escrow import (
     ChargebackStatus,
     Escrow,
@@ -69,14 +76,15 @@ def chargeback_posting(
 ) -> Posting:
     """platform:chargebacks -> the receivable (CHARGEBACK), or back (CHARGEBACK_REVERSED)."""
     sign = -1 if reverse else 1
-    return Posting(
+    return trusted(
+        Posting,
         posting_id=posting_id,
         kind=PostingKind.CHARGEBACK_REVERSED if reverse else PostingKind.CHARGEBACK,
         currency=escrow.currency,
         occurred_at=at,
         lines=(
-            LedgerLine(account=PLATFORM_CHARGEBACKS_ACCOUNT, amount=-amount * sign),
-            LedgerLine(account=account, amount=amount * sign),
+            trusted(LedgerLine, account=PLATFORM_CHARGEBACKS_ACCOUNT, amount=-amount * sign),
+            trusted(LedgerLine, account=account, amount=amount * sign),
         ),
     )
 
@@ -85,14 +93,15 @@ def funds_held_posting(
     escrow: Escrow, posting_id: str, at: datetime, provider: Provider, amount: int
 ) -> Posting:
     """external:{provider} -> escrow holding."""
-    return Posting(
+    return trusted(
+        Posting,
         posting_id=posting_id,
         kind=PostingKind.FUNDS_HELD,
         currency=escrow.currency,
         occurred_at=at,
         lines=(
-            LedgerLine(account=external_account(provider), amount=-amount),
-            LedgerLine(account=holding_account(escrow.escrow_id), amount=amount),
+            trusted(LedgerLine, account=external_account(provider), amount=-amount),
+            trusted(LedgerLine, account=holding_account(escrow.escrow_id), amount=amount),
         ),
     )
 
@@ -102,12 +111,13 @@ def release_posting(
 ) -> Posting:
     """escrow holding -> seller (amount - fee) and platform fees (fee)."""
     lines = [
-        LedgerLine(account=holding_account(escrow.escrow_id), amount=-amount),
-        LedgerLine(account=seller_account(escrow.seller_id), amount=amount - fee),
+        trusted(LedgerLine, account=holding_account(escrow.escrow_id), amount=-amount),
+        trusted(LedgerLine, account=seller_account(escrow.seller_id), amount=amount - fee),
     ]
     if fee:
-        lines.append(LedgerLine(account=PLATFORM_FEES_ACCOUNT, amount=fee))
-    return Posting(
+        lines.append(trusted(LedgerLine, account=PLATFORM_FEES_ACCOUNT, amount=fee))
+    return trusted(
+        Posting,
         posting_id=posting_id,
         kind=PostingKind.RELEASE,
         currency=escrow.currency,
@@ -120,14 +130,15 @@ def refund_posting(
     escrow: Escrow, posting_id: str, at: datetime, amount: int, chargeback: bool = False
 ) -> Posting:
     """escrow holding -> buyer (REFUND; CHARGEBACK_REFUND when the card network did it)."""
-    return Posting(
+    return trusted(
+        Posting,
         posting_id=posting_id,
         kind=PostingKind.CHARGEBACK_REFUND if chargeback else PostingKind.REFUND,
         currency=escrow.currency,
         occurred_at=at,
         lines=(
-            LedgerLine(account=holding_account(escrow.escrow_id), amount=-amount),
-            LedgerLine(account=buyer_account(escrow.buyer_id), amount=amount),
+            trusted(LedgerLine, account=holding_account(escrow.escrow_id), amount=-amount),
+            trusted(LedgerLine, account=buyer_account(escrow.buyer_id), amount=amount),
         ),
     )
 

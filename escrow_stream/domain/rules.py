@@ -5,6 +5,11 @@ results).
 ``decide`` has already checked the escrow exists, the command is new, the actor may send it,
 no chargeback or settlement blocks it and the status allows it; a rule checks what is left
 (deadlines, KYC, the payload against the state) and returns the event data, or a Refusal.
+
+Event data is built without validating again (``_model.trusted``, issue 13): every field is
+a field of the validated command or of the state, with the same or stricter constraints in
+the data model, or derived within them (``now`` plus days, an amount still held and checked
+positive, a receivable of at most the chargeback's amount, an account name of an id).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
+from ._model import trusted
 from .commands import (
     CancelEscrow,
     CloseChargeback,
@@ -70,7 +76,8 @@ def record_instructions(
     context: DecisionContext | None,
 ) -> RuleResult:
     p = cmd.payload
-    return check_provider_matches_rail(state, p.provider) or PaymentInstructionsRecordedData(
+    return check_provider_matches_rail(state, p.provider) or trusted(
+        PaymentInstructionsRecordedData,
         provider=p.provider,
         provider_payment_id=p.provider_payment_id,
         deposit_address=p.deposit_address,
@@ -88,7 +95,8 @@ def confirm_funds(
     return (
         check_provider_matches_rail(state, p.provider)
         or check_funds_match(state, cmd)
-        or EscrowFundsHeldData(
+        or trusted(
+            EscrowFundsHeldData,
             provider=p.provider,
             provider_payment_id=p.provider_payment_id,
             amount=p.amount,
@@ -106,7 +114,8 @@ def record_payment_failure(
     context: DecisionContext | None,
 ) -> RuleResult:
     p = cmd.payload
-    return check_provider_matches_rail(state, p.provider) or PaymentFailedData(
+    return check_provider_matches_rail(state, p.provider) or trusted(
+        PaymentFailedData,
         provider=p.provider,
         provider_payment_id=p.provider_payment_id,
         error_code=p.error_code,
@@ -128,7 +137,7 @@ def cancel(
     refusal = check_flagged_deposit_funds(state, cmd)
     if refusal is not None:
         return refusal
-    return EscrowCancelledData(reason=cmd.payload.reason)
+    return trusted(EscrowCancelledData, reason=cmd.payload.reason)
 
 
 def mark_delivered(
@@ -138,7 +147,8 @@ def mark_delivered(
     settings: DomainSettings,
     context: DecisionContext | None,
 ) -> RuleResult:
-    return EscrowDeliveredData(
+    return trusted(
+        EscrowDeliveredData,
         note=cmd.payload.note,
         evidence_keys=cmd.payload.evidence_keys,
         auto_refund_at=now + timedelta(days=settings.auto_refund_deadline_days),
@@ -152,7 +162,9 @@ def raise_dispute(
     settings: DomainSettings,
     context: DecisionContext | None,
 ) -> RuleResult:
-    return EscrowDisputedData(reason=cmd.payload.reason, evidence_keys=cmd.payload.evidence_keys)
+    return trusted(
+        EscrowDisputedData, reason=cmd.payload.reason, evidence_keys=cmd.payload.evidence_keys
+    )
 
 
 def deliver_milestone(
@@ -174,7 +186,8 @@ def deliver_milestone(
         if m.milestone_id != found.milestone_id
     )
     escrow_delivered = others_done and state.status == EscrowStatus.FUNDS_HELD
-    return MilestoneDeliveredData(
+    return trusted(
+        MilestoneDeliveredData,
         milestone_id=found.milestone_id,
         escrow_delivered=escrow_delivered,
         auto_refund_at=(
@@ -210,7 +223,8 @@ def open_chargeback(
             f"{state.funded_amount} {state.currency.value}",
         )
     receivable, account = chargeback_receivable(state, p.amount)
-    return ChargebackOpenedData(
+    return trusted(
+        ChargebackOpenedData,
         provider=p.provider,
         dispute_id=p.dispute_id,
         charge_id=p.charge_id,
@@ -246,7 +260,8 @@ def close_chargeback(
     lost = p.outcome == ChargebackOutcome.LOST
     if lost and holding > 0 and state.status not in TERMINAL_STATUSES:
         attempt = state.settlement.attempt if state.settlement is not None else 1
-        return EscrowRefundedData(
+        return trusted(
+            EscrowRefundedData,
             provider=RAIL_PROVIDER[state.rail],
             provider_reference=p.dispute_id,
             attempt=max(attempt, state.settlement_attempts, 1),
@@ -254,7 +269,8 @@ def close_chargeback(
             reason=CHARGEBACK_REASON,
         )
     if not lost:
-        return ChargebackClosedData(
+        return trusted(
+            ChargebackClosedData,
             dispute_id=p.dispute_id,
             outcome=p.outcome,
             amount=p.amount,
@@ -263,7 +279,8 @@ def close_chargeback(
     # funds that left while it was open (a settlement confirmed meanwhile) are owed too
     uncovered, account = chargeback_receivable(state, chargeback.amount)
     top_up = max(0, uncovered - chargeback.receivable_amount)
-    return ChargebackClosedData(
+    return trusted(
+        ChargebackClosedData,
         dispute_id=p.dispute_id,
         outcome=p.outcome,
         amount=p.amount,

@@ -5,12 +5,18 @@ Where a settlement pays is decided when it is requested: a RELEASE pays the sell
 payout account for the escrow's rail (``DecisionContext.seller_payout``), else it waits
 AWAITING_PAYOUT_ACCOUNT; a REFUND pays the buyer's card (Stripe), or the given wallet, else
 the deposit's sender (USDC).
+
+A settlement's result (released, refunded, failed) is built without validating again
+(``_model.trusted``, issue 13): its fields are the pending settlement's, validated when it
+was recorded, and the validated command's.  A request is validated: its amounts are derived.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
+from ._model import trusted
 from .commands import (
     ConfirmSettlement,
     RecordSettlementFailure,
@@ -46,7 +52,7 @@ from .guards import (
     find_milestone_or_refusal,
     is_system_timeout,
 )
-from .money import Rail, release_fee
+from .money import MINOR_DIGITS_MAX, Rail, release_fee
 from .payouts import (
     BuyerDestination,
     PayoutDestination,
@@ -57,6 +63,9 @@ from .payouts import (
 from .rejections import Refusal, RejectionCode
 from .rules import RuleResult
 from .settings import DecisionContext, DomainSettings
+
+#: The first amount with more digits than an amount may have.
+_AMOUNT_LIMIT = 10**MINOR_DIGITS_MAX
 
 
 def delivered_timeout(
@@ -101,18 +110,25 @@ def settlement_request(
             status = SettlementStatus.AWAITING_PAYOUT_ACCOUNT
     else:
         destination = refund_destination(state)
-    return SettlementRequestedData(
-        kind=kind,
-        attempt=state.settlement_attempts + 1,
-        reason=reason,
-        milestone_id=milestone.milestone_id if milestone is not None else None,
-        amount=amount,
-        payout_amount=amount - fee,
-        fee_amount=fee,
-        resolution=resolution,
-        status=status,
-        destination=destination,
-    )
+    attempt = state.settlement_attempts + 1
+    fields: dict[str, Any] = {
+        "kind": kind,
+        "attempt": attempt,
+        "reason": reason,
+        "milestone_id": milestone.milestone_id if milestone is not None else None,
+        "amount": amount,
+        "payout_amount": amount - fee,
+        "fee_amount": fee,
+        "resolution": resolution,
+        "status": status,
+        "destination": destination,
+    }
+    # the reason, milestone and destination are validated values; the numbers are derived:
+    # within their bounds (attempt >= 1, 0 < amount of at most 30 digits, 0 <= fee <=
+    # amount) they are taken as they are, else validated (and refused) as they always were
+    if attempt >= 1 and 0 < amount < _AMOUNT_LIMIT and 0 <= fee <= amount:
+        return trusted(SettlementRequestedData, **fields)
+    return SettlementRequestedData(**fields)
 
 
 def release(
@@ -176,7 +192,8 @@ def confirm_settlement(
     if refusal is not None:
         return refusal
     if settlement.milestone_id is not None:
-        return MilestoneReleasedData(
+        return trusted(
+            MilestoneReleasedData,
             milestone_id=settlement.milestone_id,
             provider=p.provider,
             provider_reference=p.provider_reference,
@@ -186,7 +203,8 @@ def confirm_settlement(
             fee_amount=settlement.fee_amount,
         )
     if settlement.kind == SettlementKind.RELEASE:
-        return EscrowReleasedData(
+        return trusted(
+            EscrowReleasedData,
             provider=p.provider,
             provider_reference=p.provider_reference,
             attempt=settlement.attempt,
@@ -194,7 +212,8 @@ def confirm_settlement(
             payout_amount=settlement.payout_amount,
             fee_amount=settlement.fee_amount,
         )
-    return EscrowRefundedData(
+    return trusted(
+        EscrowRefundedData,
         provider=p.provider,
         provider_reference=p.provider_reference,
         attempt=settlement.attempt,
@@ -212,7 +231,8 @@ def record_settlement_failure(
     settlement = state.settlement
     assert settlement is not None  # guaranteed by check_settlement_state
     p = cmd.payload
-    return SettlementFailedData(
+    return trusted(
+        SettlementFailedData,
         kind=settlement.kind,
         attempt=settlement.attempt,
         milestone_id=settlement.milestone_id,
