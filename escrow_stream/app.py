@@ -201,17 +201,11 @@ def register_processing(
         settings.stall_timeout_s,
         transactional=settings.kafka_processing_guarantee == "exactly_once",
     )
-    processor.register(
-        app,
-        settings,
-        clock,
-        topics,
-        escrows,
-        recorded_outcomes,
-        kyc.verified,
-        progress,
-        payout_lookup=PayoutDirectory(database).active,
+    payouts = PayoutDirectory(database)
+    commands = processor.CommandProcessor(
+        app, settings, clock, topics, escrows, recorded_outcomes, kyc.verified, payouts.active
     )
+    processor.register(app, commands, progress)
     liveness.register(app, progress)
     timeouts.register(app, settings, clock, topics.commands, escrows, domain_settings(settings))
     mirror.register(app, topics.events, database)

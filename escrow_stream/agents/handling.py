@@ -25,7 +25,7 @@ An unexpected exception in steps 1-6 is a bug, not bad input; it is dead-lettere
 
 The processor parses each message once (``read_command``), finds the escrow's state and the
 facts the decision needs (``facts_needed``) from the parsed command, then calls
-``handle_command``; ``handle`` does both for callers without lookups.
+``handle_command``.
 """
 
 from __future__ import annotations
@@ -117,27 +117,6 @@ def _dead_on_error(step: Callable[_P, _R]) -> Callable[_P, _R | Outcome]:
             return _dead(DeadLetterReason.HANDLER_ERROR, f"{type(exc).__name__}: {exc}")
 
     return guarded
-
-
-def handle(
-    key: bytes | None,
-    value: bytes | None,
-    headers: HeaderItems | None,
-    state: Escrow | None,
-    recorded: dict[str, Any] | None,
-    now: datetime,
-    settings: DomainSettings,
-    internal_secret: str,
-    context: DecisionContext | None = None,
-) -> Outcome:
-    """Steps 1-6 of the module docstring in one call (``read_command``, then
-    ``handle_command``); ``recorded`` is the escrow's outcomes entry."""
-    read = read_command(key, value)
-    if isinstance(read, Outcome):
-        return read
-    return handle_command(
-        read, value or b"", headers, state, recorded, now, settings, internal_secret, context
-    )
 
 
 @_dead_on_error

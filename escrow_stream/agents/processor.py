@@ -82,23 +82,10 @@ LOOKUP_RETRY_CAP_S = 5.0
 T = TypeVar("T")
 
 
-def register(
-    app: faust.App,
-    settings: Settings,
-    clock: Clock,
-    topics: Topics,
-    escrows: TableT[str, Any],
-    recorded_outcomes: TableT[str, Any],
-    kyc_lookup: KycLookup | None,
-    progress: ProgressMonitor,
-    payout_lookup: PayoutLookup | None = None,
-) -> None:
+def register(app: faust.App, processor: CommandProcessor, progress: ProgressMonitor) -> None:
     """Register the command-processor agent on ``app``; it reports to ``progress``."""
-    processor = CommandProcessor(
-        app, settings, clock, topics, escrows, recorded_outcomes, kyc_lookup, payout_lookup
-    )
 
-    @app.agent(topics.commands, name="escrow-command-processor")
+    @app.agent(processor.commands_topic, name="escrow-command-processor")
     async def process_commands(stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
             await processor.process(event)
@@ -128,6 +115,11 @@ class CommandProcessor:
         self._payout_lookup = payout_lookup
         self._rules = domain_settings(settings)
         self._secret = settings.internal_command_secret.get_secret_value()
+
+    @property
+    def commands_topic(self) -> faust.TopicT:
+        """Where the commands come from (``escrow-commands``)."""
+        return self._topics.commands
 
     async def process(self, event: EventT[bytes]) -> None:
         """Steps 1-4 for one message from ``escrow-commands``."""

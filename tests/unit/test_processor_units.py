@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from click.testing import CliRunner
 from domain_support import T0, days, reach
 
-from escrow_stream.agents.handling import handle
+from escrow_stream.agents.handling import Outcome, handle_command, read_command
 from escrow_stream.agents.timeouts import due_timeouts
 from escrow_stream.cli import main
 from escrow_stream.domain import DomainSettings, RejectionCode, command_fingerprint, parse_command
@@ -19,6 +20,12 @@ from escrow_stream.tables.outcomes import record_key
 
 RULES = DomainSettings()
 SECRET = "unit-test-secret"
+
+
+def handle(key: bytes | None, value: bytes, headers: Any, *args: Any) -> Outcome:
+    """The processor's two steps on one message, with no lookups (``context`` as given)."""
+    read = read_command(key, value)
+    return read if isinstance(read, Outcome) else handle_command(read, value, headers, *args)
 
 
 def stored(status: str) -> tuple[bytes, str]:
