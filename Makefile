@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv tools stack-up stack-down stack-status topics migrate run worker test test-unit \
+.PHONY: help venv tools bench stack-up stack-down stack-status topics migrate run worker test test-unit \
         test-integration test-chaos lint bench-domain clean
 
 help:
@@ -19,6 +19,7 @@ help:
 	@echo "make lint         ruff and mypy"
 	@echo "make stack-up | stack-down | stack-status    Kafka, PostgreSQL, Redis, stripe-mock, S3 (moto)"
 	@echo "make bench-domain the domain core benchmark"
+	@echo "make bench        every benchmark (~15 min); README's Performance section from the run"
 	@echo "make image        the container image (docker or podman; see mk/image.mk)"
 	@echo "make tools        test tools that are not Python packages (promtool)"
 
@@ -83,5 +84,8 @@ bench-domain: venv
 
 clean:
 	rm -rf $(VENV) escrow-stream-data .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+bench: venv stack-up
+	$(BIN)/python -m benchmarks.all --readme README.md $(BENCH_ARGS)
 
 include mk/image.mk

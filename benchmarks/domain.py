@@ -1,15 +1,18 @@
 """Benchmark of the pure domain core: decide+evolve throughput and parse_command cost.
 
-Run with ``python -m benchmarks.domain [escrows]``; prints plain numbers, one core.
+Run with ``.venv/bin/python -m benchmarks.domain [escrows]``; prints one table, one core.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from benchmarks.common import Stopwatch, Table, command_line
 from escrow_stream.domain import Command, Escrow, decide, parse_command
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
@@ -77,8 +80,12 @@ def escrow_mix(escrow_id: str) -> list[dict[str, Any]]:
     ]
 
 
-def main(escrows: int = 2000) -> None:
-    """Run the benchmark over `escrows` escrow lives and print the results."""
+def run(argv: Sequence[str] | None = None) -> Table:
+    """Run the benchmark over ``escrows`` escrow lives; the table of results."""
+    parser = argparse.ArgumentParser(prog="benchmarks.domain", description=__doc__.splitlines()[0])
+    parser.add_argument("escrows", type=int, nargs="?", default=2000)
+    escrows = parser.parse_args(argv).escrows
+    clock = Stopwatch()
     raw = [escrow_mix(f"esc-{i}") for i in range(escrows)]
     total = sum(len(r) for r in raw)
 
@@ -103,14 +110,25 @@ def main(escrows: int = 2000) -> None:
             now += timedelta(seconds=1)
     decide_s = time.perf_counter() - start
 
-    print(f"commands                      {total}")
-    print(f"events {events} rejections {rejections} duplicates {duplicates}")
-    print(f"decide+evolve commands/s      {total / decide_s:.0f}")
-    print(f"decide+evolve us/command      {decide_s / total * 1e6:.1f}")
-    print(f"parse_command commands/s      {total / parse_s:.0f}")
-    print(f"parse_command us/command      {parse_s / total * 1e6:.1f}")
-    print(f"parse time / decide time      {parse_s / decide_s:.3f}")
+    table = Table(
+        f"Domain core: {total:,} commands, one core",
+        command_line("benchmarks.domain", list(argv or [])),
+        columns=("what", "commands/s", "per command"),
+    )
+    table.add("decide+evolve", f"{total / decide_s:,.0f}", f"{decide_s / total * 1e6:.1f} µs")
+    table.add("parse_command", f"{total / parse_s:,.0f}", f"{parse_s / total * 1e6:.1f} µs")
+    table.notes = [
+        f"{escrows:,} escrow lives of 9 commands: {events:,} events, {rejections:,} "
+        f"rejections, {duplicates:,} duplicates; parse time / decide time "
+        f"{parse_s / decide_s:.3f}."
+    ]
+    table.seconds = clock.seconds
+    return table
+
+
+def main() -> None:
+    print(run(sys.argv[1:]).markdown())
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 2000)
+    main()

@@ -1,27 +1,49 @@
 """HTTP benchmark on loopback: ``POST /api/escrow`` (202 path) and ``GET /api/escrow/{id}``,
-each as a ratio to ``GET /health`` measured in the same run.
+each as a ratio to ``GET /health`` measured in the same run, and the round trip of a
+``POST /api/escrow`` with ``Prefer: wait=5`` (201 once the worker has processed it).
 
-Run with the local stack up (``make stack-up``): ``python -m benchmarks.http``.
-One worker process serves; the load generator is aiohttp with ``--concurrency`` clients,
-``--requests`` requests per endpoint, in this process.
+Run with the local stack up (``make run`` or ``make stack-up``)::
+
+    .venv/bin/python -m benchmarks.http [--requests 2000] [--concurrency 32] [--wait-requests 500]
+
+One worker process serves (KYC gating on: the benchmark migrates the database and verifies
+its buyer and seller through ``PUT /api/kyc/{user}`` first); the load generator is aiohttp
+with ``--concurrency`` clients, ``--requests`` requests per endpoint, in this process.
+``Prefer: wait=5`` is measured twice: one client at a time (the round trip: HTTP, the
+outbox, Kafka, the processor, the answer) and ``--concurrency`` clients.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
+import shutil
+import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from aiohttp import ClientSession, TCPConnector
 
+from benchmarks.common import (
+    Stopwatch,
+    Table,
+    bench_env,
+    cleanup,
+    command_line,
+    ms,
+    prepare,
+    quantile,
+    verify_kyc,
+)
 from escrow_stream.web.auth import Role, issue_token
 from tests.harness import Stack
+
+SELLER = "bench-seller"
 
 
 async def load(
@@ -55,18 +77,24 @@ async def load(
     return count / elapsed, latencies
 
 
-def row(name: str, rate: float, latencies: list[float], baseline: float) -> str:
-    q = statistics.quantiles(latencies, n=100)
-    return (
-        f"{name:<28} {rate:>9,.0f} req/s  p50 {q[49] * 1000:6.1f} ms  "
-        f"p99 {q[98] * 1000:6.1f} ms  ratio to /health {rate / baseline:.3f}"
+def row(
+    table: Table, name: str, rate: float, latencies: list[float], baseline: float | None
+) -> None:
+    table.add(
+        name,
+        f"{rate:,.0f}",
+        ms(quantile(latencies, 50)),
+        ms(quantile(latencies, 99)),
+        f"{rate / baseline:.3f}" if baseline else "",
     )
 
 
-async def run(port: int, stack: Stack, count: int, concurrency: int) -> None:
+async def run_load(
+    port: int, stack: Stack, args: argparse.Namespace, buyer: str, table: Table
+) -> None:
     base = f"http://127.0.0.1:{port}"
+    count, concurrency = args.requests, args.concurrency
     secret = stack.settings.jwt_secret.get_secret_value()
-    buyer = f"bench-{uuid.uuid4().hex[:6]}"
     bearer = {
         "Authorization": "Bearer "
         + issue_token(secret, buyer, Role.USER, datetime.now(UTC), timedelta(hours=1))
@@ -77,7 +105,7 @@ async def run(port: int, stack: Stack, count: int, concurrency: int) -> None:
         "rail": "STRIPE",
         "amount": "10000",
         "currency": "USD",
-        "sellerId": "bench-seller",
+        "sellerId": SELLER,
     }
     # one escrow to read, created and waited for
     async with (
@@ -92,26 +120,54 @@ async def run(port: int, stack: Stack, count: int, concurrency: int) -> None:
     health = await load(f"{base}/health", "GET", count, concurrency, {})
     post = await load(f"{base}/api/escrow", "POST", count, concurrency, bearer, body, 202)
     get = await load(f"{base}/api/escrow/{escrow_id}", "GET", count, concurrency, bearer)
-    print(f"{count} requests per endpoint, {concurrency} concurrent clients, one worker")
-    print(row("GET /health", *health, health[0]))
-    print(row("POST /api/escrow (202)", *post, health[0]))
-    print(row("GET /api/escrow/{id}", *get, health[0]))
+    waiting = {**bearer, "Prefer": "wait=5"}
+    url = f"{base}/api/escrow"
+    wait_one = await load(url, "POST", args.wait_requests, 1, waiting, body, 201)
+    wait_many = await load(url, "POST", args.wait_requests, concurrency, waiting, body, 201)
+    row(table, "GET /health", *health, health[0])
+    row(table, "POST /api/escrow (202)", *post, health[0])
+    row(table, "GET /api/escrow/{id}", *get, health[0])
+    row(table, "POST /api/escrow, Prefer: wait=5 (201), 1 client", *wait_one, None)
+    row(table, f"POST /api/escrow, Prefer: wait=5 (201), {concurrency} clients", *wait_many, None)
+
+
+def run(argv: Sequence[str] | None = None) -> Table:
+    parser = argparse.ArgumentParser(prog="benchmarks.http", description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--wait-requests", type=int, default=500)
+    args = parser.parse_args(argv)
+    clock = Stopwatch()
+    table = Table(
+        "HTTP, one worker, loopback",
+        command_line("benchmarks.http", list(argv or [])),
+        columns=("endpoint", "req/s", "p50", "p99", "ratio to /health"),
+    )
+    tmp = Path(tempfile.mkdtemp(prefix="bench-http-"))
+    stack = Stack.create(tmp, **bench_env())
+    try:
+        prepare(stack)
+        worker = stack.worker("bench").start()
+        worker.wait_healthy()
+        worker.wait_processing()
+        buyer = f"bench-{uuid.uuid4().hex[:6]}"
+        verify_kyc(stack, worker, [buyer, SELLER])
+        asyncio.run(run_load(worker.port, stack, args, buyer, table))
+        assert worker.stop() == 0, worker.log_tail()
+    finally:
+        cleanup(stack)
+        shutil.rmtree(tmp, ignore_errors=True)
+    table.notes = [
+        f"{args.requests:,} requests per endpoint with {args.concurrency} concurrent clients; "
+        f"{args.wait_requests:,} requests for each Prefer: wait=5 row.",
+        "The load generator runs on the same cores as the worker, the broker and the databases.",
+    ]
+    table.seconds = clock.seconds
+    return table
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--concurrency", type=int, default=32)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        stack = Stack.create(Path(tmp))
-        asyncio.run(stack.create_topics())
-        worker = stack.worker("bench").start()
-        try:
-            worker.wait_healthy()
-            asyncio.run(run(worker.port, stack, args.requests, args.concurrency))
-        finally:
-            worker.stop()
+    print(run(sys.argv[1:]).markdown())
 
 
 if __name__ == "__main__":
