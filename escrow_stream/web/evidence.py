@@ -91,32 +91,34 @@ async def check_evidence(store: EvidenceStore, command: Command) -> None:
         return
     keys = list(command.payload.evidence_keys)
     prefix = evidence_prefix(command.escrow_id)
-    foreign = [(i, k) for i, k in enumerate(keys) if not is_evidence_key(command.escrow_id, k)]
+    foreign = {k for k in keys if not is_evidence_key(command.escrow_id, k)}
     if foreign:
-        raise Problem(
-            422,
+        raise _keys_problem(
             "EVIDENCE_KEY_INVALID",
-            f"evidence key {foreign[0][1]!r} is not an upload of this escrow (under {prefix})",
-            errors=[
-                {"field": f"evidenceKeys.{i}", "message": f"{k!r} is not under {prefix}"}
-                for i, k in foreign
-            ],
+            keys,
+            foreign,
+            f"is not an upload of this escrow (under {prefix})",
+            f"is not under {prefix}",
         )
     try:
         missing = set(await store.missing(keys))
     except StorageUnavailable as exc:
         raise Problem(503, "STORAGE_UNAVAILABLE", str(exc)) from None
     if missing:
-        absent = [(i, k) for i, k in enumerate(keys) if k in missing]
-        raise Problem(
-            422,
-            "EVIDENCE_NOT_FOUND",
-            f"no upload found for evidence key {absent[0][1]!r}",
-            errors=[
-                {"field": f"evidenceKeys.{i}", "message": f"{k!r} was not uploaded"}
-                for i, k in absent
-            ],
+        raise _keys_problem(
+            "EVIDENCE_NOT_FOUND", keys, missing, "has no upload", "was not uploaded"
         )
+
+
+def _keys_problem(code: str, keys: list[str], bad: set[str], what: str, each: str) -> Problem:
+    """A 422 naming the first bad evidence key, and each bad one at its place in the list."""
+    places = [(i, k) for i, k in enumerate(keys) if k in bad]
+    return Problem(
+        422,
+        code,
+        f"evidence key {places[0][1]!r} {what}",
+        errors=[{"field": f"evidenceKeys.{i}", "message": f"{k!r} {each}"} for i, k in places],
+    )
 
 
 def register(app: faust.App, gateway: Gateway, reader: EscrowReader, store: EvidenceStore) -> None:
