@@ -82,6 +82,7 @@ version() {
 
 build() {
   need_tools
+  mkdir -p "$IMAGE_WORK"  # its logs, also when the base image exists already
   podman image exists "$BASE_IMAGE" || base
   local v
   v=$(version)

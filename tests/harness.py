@@ -18,8 +18,8 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -417,6 +417,29 @@ async def drop_database(conn: Any, name: str) -> None:
         except asyncpg.ObjectInUseError:
             await asyncio.sleep(0.5)
     await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+
+
+@asynccontextmanager
+async def migrated_database(settings: Settings, prefix: str) -> AsyncIterator[Settings]:
+    """A scratch database of its own, migrated to head, dropped afterwards: ``settings``
+    pointing at it (no worker's relay or publisher sees its rows)."""
+    import asyncpg
+    from pydantic import SecretStr
+
+    from escrow_stream.db import migrate
+
+    admin_url = settings.database_url.get_secret_value()
+    name = unique(prefix).replace("-", "_")
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+        url = admin_url.rsplit("/", 1)[0] + f"/{name}"
+        scratch = settings.model_copy(update={"database_url": SecretStr(url)})
+        await asyncio.to_thread(migrate.upgrade, scratch)
+        yield scratch
+    finally:
+        await drop_database(conn, name)
+        await conn.close()
 
 
 def stripe_env(api_base: str, **overrides: str) -> dict[str, str]:

@@ -11,17 +11,15 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
-from pydantic import SecretStr
 
 from escrow_stream.config import Settings
-from escrow_stream.db import migrate
 from escrow_stream.db.pool import Database
 from escrow_stream.db.unit_of_work import PostgresUnits, UnitOfWork
 from escrow_stream.idempotency import BeginKind
 from escrow_stream.idempotency.database_store import DatabaseIdempotencyStore
 from escrow_stream.intake import GroupCommit, IdempotencyKey, Intake, Verdict
 from escrow_stream.messages import make_command
-from tests.harness import drop_database, unique
+from tests.harness import migrated_database
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -33,20 +31,12 @@ SECRET = "s" * 64
 @pytest.fixture
 async def database(stack_settings: Settings) -> AsyncIterator[Database]:
     """A migrated database of its own: no worker's relay takes these rows."""
-    admin_url = stack_settings.database_url.get_secret_value()
-    name = unique("group").replace("-", "_")
-    conn = await asyncpg.connect(admin_url)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    url = admin_url.rsplit("/", 1)[0] + f"/{name}"
-    settings = stack_settings.model_copy(update={"database_url": SecretStr(url)})
-    await asyncio.to_thread(migrate.upgrade, settings)
-    database = Database(settings)
-    try:
-        yield database
-    finally:
-        await database.close()
-        await drop_database(conn, name)
-        await conn.close()
+    async with migrated_database(stack_settings, "group") as settings:
+        database = Database(settings)
+        try:
+            yield database
+        finally:
+            await database.close()
 
 
 def command(i: int) -> object:

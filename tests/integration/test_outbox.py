@@ -18,7 +18,6 @@ from typing import Any
 import asyncpg
 import pytest
 from prometheus_client import REGISTRY
-from pydantic import SecretStr
 
 from escrow_stream.agents import relay
 from escrow_stream.agents.relay import (
@@ -30,11 +29,11 @@ from escrow_stream.agents.relay import (
 )
 from escrow_stream.clock import utc_now
 from escrow_stream.config import Settings
-from escrow_stream.db import migrate, outbox
+from escrow_stream.db import outbox
 from escrow_stream.db.pool import Database
 from escrow_stream.retry import backoff_s
 from escrow_stream.signing import signature_headers, verify
-from tests.harness import Stack, drop_database, unique
+from tests.harness import Stack, migrated_database
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -52,20 +51,13 @@ async def stack(tmp_path: Path, stack_settings: Settings) -> Stack:
 @pytest.fixture
 async def database(stack: Stack) -> AsyncIterator[Database]:
     """A migrated database of its own: the publisher claims every due row it can see."""
-    admin_url = stack.settings.database_url.get_secret_value()
-    name = unique("outbox").replace("-", "_")
-    conn = await asyncpg.connect(admin_url)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    url = admin_url.rsplit("/", 1)[0] + f"/{name}"
-    stack.settings = stack.settings.model_copy(update={"database_url": SecretStr(url)})
-    await asyncio.to_thread(migrate.upgrade, stack.settings)
-    database = Database(stack.settings)
-    try:
-        yield database
-    finally:
-        await database.close()
-        await drop_database(conn, name)
-        await conn.close()
+    async with migrated_database(stack.settings, "outbox") as settings:
+        stack.settings = settings
+        database = Database(settings)
+        try:
+            yield database
+        finally:
+            await database.close()
 
 
 async def enqueue_all(
