@@ -196,7 +196,9 @@ class GroupCommit:
                         continue
                     written.append((member, done))
         except BaseException as exc:  # step 4 (cancelled, at shutdown: cancel them too)
-            for _, done in written:
+            # every request of the batch: those written, and those the unit never got to
+            # (it failed to begin, or failed on an earlier request's savepoint)
+            for _, done in batch:
                 if not done.done():
                     if isinstance(exc, Exception):
                         done.set_exception(exc)

@@ -5,12 +5,15 @@ fail fails alone, leaving nothing of it behind."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
+from pydantic import SecretStr
 
 from escrow_stream.config import Settings
 from escrow_stream.db.pool import Database
@@ -115,3 +118,39 @@ async def test_a_failed_request_fails_alone_and_its_batch_commits(database: Data
     )
     assert [r["aggregate_id"] for r in rows] == ["e-0", "e-1", "e-2"]  # nothing of e-9
     assert await group.write(lambda u: good(u, 3)) == []
+
+
+async def test_every_request_of_a_batch_gets_the_error_when_its_unit_cannot_begin(
+    stack_settings: Settings,
+) -> None:
+    """PostgreSQL unreachable (nothing listens on the port): the unit fails before any
+    request's writes ran, and each waiting request is answered with that error at once —
+    none waits for an answer that will never come (the fault test's 35 s hang)."""
+    closed = _closed_port()
+    dsn = stack_settings.database_url.get_secret_value()
+    unreachable = dsn.replace(f":{urlsplit(dsn).port}/", f":{closed}/")
+    database = Database(
+        stack_settings.model_copy(update={"database_url": SecretStr(unreachable)})
+    )
+    group = GroupCommit(PostgresUnits(database), batches_in_flight_max=1)
+    topic = f"group-{uuid.uuid4().hex[:8]}"
+
+    async def good(unit: UnitOfWork, i: int) -> None:
+        await unit.enqueue_command(topic, command(i), SECRET)  # type: ignore[arg-type]
+
+    try:
+        requests = [group.write(lambda u, i=i: good(u, i)) for i in range(5)]
+        results = await asyncio.wait_for(
+            asyncio.gather(*requests, return_exceptions=True), timeout=30
+        )
+    finally:
+        await database.close()
+    assert all(isinstance(r, OSError) for r in results), results
+
+
+def _closed_port() -> int:
+    """A local port nothing listens on: bound, never listened, released."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
