@@ -129,9 +129,7 @@ async def test_every_request_of_a_batch_gets_the_error_when_its_unit_cannot_begi
     closed = _closed_port()
     dsn = stack_settings.database_url.get_secret_value()
     unreachable = dsn.replace(f":{urlsplit(dsn).port}/", f":{closed}/")
-    database = Database(
-        stack_settings.model_copy(update={"database_url": SecretStr(unreachable)})
-    )
+    database = Database(stack_settings.model_copy(update={"database_url": SecretStr(unreachable)}))
     group = GroupCommit(PostgresUnits(database), batches_in_flight_max=1)
     topic = f"group-{uuid.uuid4().hex[:8]}"
 
