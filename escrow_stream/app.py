@@ -149,6 +149,7 @@ def faust_app(settings: Settings, clock: Clock, limiter: RateLimiter) -> faust.A
         broker_client_id=settings.kafka_client_id,
         broker_credentials=_credentials(settings),
         store=settings.table_store,
+        TableManager=transport.TableManager,
         datadir=settings.data_dir,
         processing_guarantee=settings.kafka_processing_guarantee,
         topic_partitions=TABLE_PARTITIONS,

@@ -107,9 +107,13 @@ READ_TIMEOUT_MS = 1000
 
 
 async def read_table_from_changelog(settings: Settings, app_id: str) -> dict[str, dict[str, Any]]:
-    """The table's latest value per key, folded from its changelog (tombstones delete)."""
+    """The table's latest value per key, folded from its changelog (tombstones delete);
+    committed records only: under exactly_once an aborted transaction's writes are not
+    the table's."""
     topic = escrow_table.changelog_topic_name(app_id)
-    consumer = AIOKafkaConsumer(enable_auto_commit=False, **client_kwargs(settings))
+    consumer = AIOKafkaConsumer(
+        enable_auto_commit=False, isolation_level="read_committed", **client_kwargs(settings)
+    )
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in await topic_partitions(settings, topic)]

@@ -57,13 +57,20 @@ it.  Records processed before the rebalance are processed again: duplicates, as 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import faust
+from faust.streams import current_event
+from faust.tables.manager import TableManager as FaustTableManager
+from faust.transport.consumer import CONSUMER_PARTITIONS_REVOKED
+from faust.transport.consumer import TransactionManager as FaustTransactionManager
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import TP
 from faust.types.transports import TransportT
+from mode import Service
 from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent, FlowControlQueue
 
@@ -88,7 +95,126 @@ def to_restart(committed: Mapping[TP, int | None], is_changelog: Callable[[TP], 
     )
 
 
+def transactional_id(app_id: str, group: int, partition: int) -> str:
+    """Faust's transactional.id of a partition of a co-partitioned group (under exactly_once
+    one producer per id; a partition's offsets are committed in its id's transaction)."""
+    return f"{app_id}-{group}-{partition}"
+
+
+def send_transactional_id(
+    app_id: str,
+    source: TP | None,
+    dest_topic: str,
+    dest_partition: int | None,
+    is_changelog: bool,
+    group_for_topic: Callable[[str], int],
+) -> str | None:
+    """Correction 4: the transaction a record sent under exactly_once belongs to (its
+    transactional.id, ``{app_id}-{group}-{partition}``), None for none.
+
+    - Sent while a message is processed (``source``): that message's transaction, the one
+      its offset is committed with (KIP-98's consume-transform-produce).  Faust picks the
+      *destination* partition's instead, so an event for the 12-partition events topic went
+      into a transaction that only a commit of that *events* partition's offsets ends.
+    - A table's changelog record, sent by the changelog buffer's own task: the changelog
+      partition's, the transaction of the source partition it is co-partitioned with.
+    - Anything else (the timeout timer's commands, whose commandIds are deterministic): no
+      transaction.  In one, it would wait for the next commit of that commands partition,
+      which a read_committed consumer cannot trigger without first seeing it."""
+    if source is not None:
+        return transactional_id(app_id, group_for_topic(source.topic), source.partition)
+    if is_changelog and dest_partition is not None:
+        return transactional_id(app_id, group_for_topic(dest_topic), dest_partition)
+    return None
+
+
+def changelogs_committed_with(
+    committed: Iterable[TP], pending: Iterable[TP], group_for_topic: Callable[[str], int]
+) -> list[TP]:
+    """exactly_once: the changelog partitions whose writes were committed with ``committed``
+    source partitions: same copartitioned group, same partition number (one transactional.id).
+    Faust looks the pending persisted offsets up by the *source* partition, where they are
+    keyed by the *changelog* partition, so it never saves them."""
+    ids = {(group_for_topic(tp.topic), tp.partition) for tp in committed}
+    return sorted(
+        (tp for tp in pending if (group_for_topic(tp.topic), tp.partition) in ids),
+        key=lambda tp: (tp.topic, tp.partition),
+    )
+
+
+class CommitGate:
+    """Correction 5: under exactly_once a transaction commits only between two commands.
+
+    The command processor holds the gate while it handles one message, and acknowledges
+    the message before it lets go; a commit takes the gate first.  So a transaction never
+    holds the table write or the events of a command whose offset it does not commit —
+    faust commits on a timer, concurrently with the agents, and a commit in the middle of a
+    command committed half of it without its offset: after a crash the command was handled
+    again and its events were in the log twice, for read_committed consumers too.  Under
+    at_least_once the gate is open (nothing waits)."""
+
+    def __init__(self, closed: Callable[[], bool]) -> None:
+        self._closed = closed
+        self._lock = asyncio.Lock()
+
+    @asynccontextmanager
+    async def held(self) -> AsyncIterator[None]:
+        if not self._closed():
+            yield
+            return
+        async with self._lock:
+            yield
+
+
 class Consumer(aiokafka_driver.Consumer):
+    @Service.transitions_to(CONSUMER_PARTITIONS_REVOKED)
+    async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        """Faust's revocation, except that under exactly_once the offsets acknowledged on
+        the revoked partitions are forgotten only *after* the app's handler (correction 6).
+        That handler waits for the streams and then commits and ends the transactions;
+        faust forgot the acknowledgements first, so nothing was committed, the revoked
+        transactions were abandoned (aborted by their next owner: the work done again) and
+        the kept ones stayed open, to receive the same work a second time after the seek."""
+        if not self.in_transaction:
+            await super().on_partitions_revoked(revoked)
+            return
+        if self._active_partitions is not None:
+            self._active_partitions.difference_update(revoked)
+        self._paused_partitions.difference_update(revoked)
+        try:
+            await self._on_partitions_revoked(revoked)
+        finally:
+            for tp in revoked:
+                self._gap.pop(tp, None)
+                self._acked.pop(tp, None)
+                self._acked_index.pop(tp, None)
+                self._read_offset.pop(tp, None)
+                self._committed_offset.pop(tp, None)
+
+    async def force_commit(self, topics: Any = None, start_new_transaction: bool = True) -> bool:
+        """Correction 5: under exactly_once, commit only between two commands."""
+        gate: CommitGate = self.app.commit_gate  # type: ignore[attr-defined]
+        async with gate.held():
+            committed: bool = await super().force_commit(
+                topics, start_new_transaction=start_new_transaction
+            )
+            return committed
+
+    async def highwaters(self, *partitions: TP) -> Mapping[TP, int]:
+        """exactly_once: ask the broker (ListOffsets; under read_committed that is the last
+        stable offset) instead of faust's cached ``last_stable_offset``, which is None for
+        every partition of a new assignment until its first fetch response.  Recovery turns
+        None into -1 and then thinks a taken-over changelog partition needs nothing, or (with
+        a persisted offset above -1) raises ConsistencyError."""
+        if not self.in_transaction:
+            return await super().highwaters(*partitions)
+        thread: Any = self._thread
+        aiokafka_consumer = thread._ensure_consumer()
+        ends: Mapping[TP, int] = await thread.call_thread(
+            aiokafka_consumer.end_offsets, list(partitions)
+        )
+        return ends
+
     async def perform_seek(self) -> None:
         """Faust's seek to the committed offsets (``Consumer.perform_seek``), plus correction 3:
         stream partitions with nothing committed go back to their first offset."""
@@ -119,8 +245,96 @@ class Consumer(aiokafka_driver.Consumer):
         return super()._new_offset(tp)
 
 
+class TransactionManager(FaustTransactionManager):
+    """Faust's exactly_once transaction manager, with every send made while processing a
+    message in that message's transaction, and the producer buffer (the tables' changelog
+    writes) flushed into a transaction before its offsets are committed."""
+
+    async def on_rebalance(
+        self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP]
+    ) -> None:
+        """Correction 7: after every rebalance, one fresh producer per transactional.id of the
+        new assignment, and none for any other.
+
+        Faust stopped the producers of the revoked partitions only, and computed which those
+        were with the *new* assignment's standby test: a partition revoked and now held as a
+        standby kept its producer.  When the partition came back, that producer — fenced
+        meanwhile by the other owner's — was reused, its sends failed with ProducerFenced
+        and the processor crashed.  The producers of the partitions kept had their
+        transaction left open across the rebalance.  Now all are stopped (the revocation
+        committed and ended every transaction that held work) and those of the new
+        assignment started, each fencing whatever an earlier owner left open."""
+        producer: Any = self.producer
+        start = sorted(self._tps_to_transactional_ids(assigned))
+        for tid in list(producer._transaction_producers):  # a kept one too: maybe fenced
+            await producer.stop_transaction(tid)
+        if start:
+            self.log.info("Starting %d transactional producers", len(start))
+        for tid in start:
+            await producer.begin_transaction(tid)
+            if tid not in producer._transaction_producers:  # faust logged why
+                raise RuntimeError(f"transactional producer {tid} did not start")
+
+    async def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None,
+        timestamp: float | None,
+        headers: Any,
+        *,
+        transactional_id: str | None = None,
+    ) -> Any:
+        p = self.consumer.key_partition(topic, key, partition)
+        event = current_event()
+        tid = send_transactional_id(
+            self.app.conf.id,
+            event.message.tp if event is not None else None,
+            topic,
+            p,
+            topic in self.app.tables.changelog_topics,
+            self.app.assignor.group_for_topic,
+        )
+        return await self.producer.send(
+            topic, key, value, p, timestamp, headers, transactional_id=tid
+        )
+
+    async def commit(self, offsets: Mapping[TP, int], start_new_transaction: bool = True) -> bool:
+        # at_least_once flushes the producer before committing (Consumer._commit_offsets);
+        # exactly_once does not, so a table write still in the buffer would go into the
+        # *next* transaction, or fail if none is begun (start_new_transaction=False at stop).
+        await self.producer.buffer.flush()
+        # At a stop, faust commits twice (the app's wait for the streams, then the
+        # consumer's): the first ends the transactions, so a partition acknowledged in
+        # between has none to commit its offsets in.  Begin it.
+        producer: Any = self.producer
+        group_for_topic = self.app.assignor.group_for_topic
+        app_id = self.app.conf.id
+        for tid in {
+            transactional_id(app_id, group_for_topic(tp.topic), tp.partition) for tp in offsets
+        }:
+            transactional = producer._transaction_producers.get(tid)
+            if transactional is not None and not transactional._txn_manager.is_in_transaction():
+                await transactional.begin_transaction()
+        return await super().commit(offsets, start_new_transaction=start_new_transaction)
+
+
+class TableManager(FaustTableManager):
+    """exactly_once: save the changelog offsets committed with the source offsets."""
+
+    def on_commit(self, offsets: Any) -> None:
+        if not self.app.in_transaction:
+            return super().on_commit(offsets)
+        for tp in changelogs_committed_with(
+            offsets, list(self._pending_persisted_offsets), self.app.assignor.group_for_topic
+        ):
+            self.on_commit_tp(tp)
+
+
 class Transport(aiokafka_driver.Transport):
     Consumer = Consumer
+    TransactionManager = TransactionManager
 
 
 class FlowControl(FlowControlEvent):
@@ -142,7 +356,13 @@ class FlowControl(FlowControlEvent):
 
 
 class App(faust.App):
-    """``faust.App`` consuming through :class:`Transport`, with :class:`FlowControl`."""
+    """``faust.App`` consuming through :class:`Transport`, with :class:`FlowControl` and
+    the :class:`CommitGate` (closed under exactly_once)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # asked at each use: ``in_transaction`` is known once the app runs in a worker
+        self.commit_gate = CommitGate(lambda: self.in_transaction)
 
     def _new_transport(self) -> TransportT:
         return Transport(self.conf.broker_consumer, self)

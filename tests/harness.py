@@ -227,6 +227,7 @@ class Stack:
             self.settings.kafka_events_topic,
             lambda rs: until([json.loads(r.value) for r in rs]),
             timeout_s,
+            isolation_level="read_committed",  # what the product's consumers see
         )
         return [json.loads(r.value) for r in records]
 
@@ -237,6 +238,7 @@ class Stack:
             self.settings.kafka_rejections_topic,
             lambda rs: until([json.loads(r.value) for r in rs]),
             timeout_s,
+            isolation_level="read_committed",  # what the product's consumers see
         )
         return [json.loads(r.value) for r in records]
 

@@ -109,6 +109,20 @@ def published(snapshot: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in snapshot.items() if k not in unpublished}
 
 
+def fault_duplicates(
+    commands: list[dict[str, Any]], records: list[dict[str, Any]], cause: str
+) -> int:
+    """Copies of a record beyond what the commands themselves ask for.  A command sent n
+    times has its recorded outcome emitted n times (the processor re-emits it for every
+    redelivery, SPEC §3 rule 1); any copy past that was made by a fault — a command handled
+    again after a crash whose first handling reached the log.  ``cause`` is the field
+    naming the command (``causationId`` of an event, ``commandId`` of a rejection);
+    records are told apart by ``eventId`` (events) or by cause (rejections)."""
+    sent = Counter(c["commandId"] for c in commands)
+    copies = Counter((r.get("eventId", r[cause]), r[cause]) for r in records)
+    return sum(max(0, n - sent[command_id]) for (_, command_id), n in copies.items())
+
+
 def check(commands: list[dict[str, Any]], expected: Expected, outcome: Outcome) -> dict[str, int]:
     """The module docstring's checks; returns the counts a fault test prints."""
     events, rejections = outcome.events, outcome.rejections
@@ -174,8 +188,10 @@ def check(commands: list[dict[str, Any]], expected: Expected, outcome: Outcome) 
         "event_records": len(events),
         "events_distinct": len(distinct),
         "event_duplicates": len(events) - len(distinct),
+        "event_duplicates_from_faults": fault_duplicates(commands, events, "causationId"),
         "rejection_records": len(rejections),
         "rejections_distinct": len(rejected),
+        "rejection_duplicates_from_faults": fault_duplicates(commands, rejections, "commandId"),
         **{
             f"final_{k.lower()}": v for k, v in Counter(v["status"] for v in table.values()).items()
         },

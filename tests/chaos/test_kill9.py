@@ -75,3 +75,6 @@ def test_sigkill_during_a_command_stream(tmp_path: Path, stack_settings: Setting
     assert kills >= KILLS
     counts = check(commands, expected, outcome)
     print(f"\nchaos ({guarantee}): {KILLS} SIGKILLs, read_committed: {counts}")
+    if guarantee == "exactly_once":  # a killed worker's transactions were aborted, not seen
+        assert counts["event_duplicates_from_faults"] == 0, counts
+        assert counts["rejection_duplicates_from_faults"] == 0, counts

@@ -18,6 +18,7 @@ from aiokafka.errors import KafkaError
 
 from escrow_stream.config import Settings
 from escrow_stream.kafka import client_kwargs
+from tests.chaos.checks import fault_duplicates
 from tests.chaos.scenario import SELLER, escrow_script
 from tests.harness import Stack, activate_payouts
 
@@ -80,10 +81,9 @@ def by_escrow(events: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any
 
 
 def test_two_workers_split_and_take_over(tmp_path: Path, stack_settings: Settings) -> None:
+    guarantee = os.environ.get("CHAOS_PROCESSING_GUARANTEE", "at_least_once")
     stack = Stack.create(
-        tmp_path,
-        KAFKA_SESSION_TIMEOUT_MS="10000",
-        KAFKA_PROCESSING_GUARANTEE=os.environ.get("CHAOS_PROCESSING_GUARANTEE", "at_least_once"),
+        tmp_path, KAFKA_SESSION_TIMEOUT_MS="10000", KAFKA_PROCESSING_GUARANTEE=guarantee
     )
     asyncio.run(stack.create_topics())
     asyncio.run(activate_payouts(stack.settings, SELLER["id"]))
@@ -129,7 +129,10 @@ def test_two_workers_split_and_take_over(tmp_path: Path, stack_settings: Setting
         assert sorted(versions) == list(range(1, len(versions) + 1)), escrow_id
         final = versions[max(versions)]["escrow"]
         assert final["status"] in ("RELEASED", "REFUNDED"), (escrow_id, final["status"])
+    duplicates = fault_duplicates(first_half + second_half, events, "causationId")
     print(
-        f"\nrebalance: {ESCROWS} escrows finished on the surviving worker; "
-        f"{len(events)} event records"
+        f"\nrebalance ({guarantee}): {ESCROWS} escrows finished on the surviving worker; "
+        f"{len(events)} event records (read_committed), {duplicates} duplicated by the handover"
     )
+    if guarantee == "exactly_once":  # the leaving worker committed all it had done
+        assert duplicates == 0

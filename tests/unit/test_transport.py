@@ -1,13 +1,21 @@
-"""The corrections of escrow_stream.transport: commits (#606), and buffers kept on resume."""
+"""The corrections of escrow_stream.transport: commits (#606), buffers kept on resume, and
+exactly_once's transactions (which one a send belongs to, commits between commands)."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+from faust.types import TP
 from mode.utils.queues import FlowControlQueue
 
-from escrow_stream.transport import FlowControl, may_commit_over_hole
+from escrow_stream.transport import (
+    CommitGate,
+    FlowControl,
+    changelogs_committed_with,
+    may_commit_over_hole,
+    send_transactional_id,
+)
 
 
 @pytest.mark.parametrize(
@@ -43,6 +51,9 @@ def test_the_app_consumes_through_the_corrected_transport() -> None:
     app = create_app(load_settings({"NODE_ENV": "test", "PAYMENTS_EFFECTS_ENABLED": "false"}))
     assert isinstance(app.transport, transport.Transport)
     assert app.transport.Consumer is transport.Consumer
+    assert app.transport.TransactionManager is transport.TransactionManager
+    assert isinstance(app.tables, transport.TableManager)
+    assert isinstance(app.commit_gate, transport.CommitGate)  # type: ignore[attr-defined]
     assert isinstance(app.flow_control, transport.FlowControl)
     assert app.flow_control.cleared_on_resume(app.tables.changelog_queue)
 
@@ -71,8 +82,6 @@ def test_resuming_keeps_stream_buffers_and_clears_the_changelog_buffer() -> None
 
 
 def test_stream_partitions_with_nothing_committed_are_rewound_after_a_rebalance() -> None:
-    from faust.types import TP
-
     from escrow_stream.transport import to_restart
 
     commands = [TP("escrow-commands", p) for p in range(4)]
@@ -86,3 +95,57 @@ def test_stream_partitions_with_nothing_committed_are_rewound_after_a_rebalance(
     }
     restart = to_restart(committed, lambda tp: tp.topic.endswith("-changelog"))
     assert restart == [commands[1], commands[2]]
+
+
+GROUPS = {"escrow-commands": 0, "app-escrows-changelog": 0, "escrow.events.v1": 1}
+
+
+@pytest.mark.parametrize(
+    ("source", "topic", "partition", "is_changelog", "tid"),
+    [
+        # handling commands:3, every send is in commands:3's transaction (faust: events-9's)
+        (TP("escrow-commands", 3), "escrow.events.v1", 9, False, "app-0-3"),
+        (TP("escrow-commands", 3), "escrow-commands.dlq", None, False, "app-0-3"),
+        (TP("escrow.events.v1", 7), "escrow-commands", 1, False, "app-1-7"),
+        # the changelog buffer's own task: its co-partitioned source partition's
+        (None, "app-escrows-changelog", 3, True, "app-0-3"),
+        # the timeout timer: outside any transaction
+        (None, "escrow-commands", 2, False, None),
+        (None, "app-escrows-changelog", None, True, None),
+    ],
+)
+def test_a_send_is_in_its_source_messages_transaction(
+    source: TP | None, topic: str, partition: int | None, is_changelog: bool, tid: str | None
+) -> None:
+    assert send_transactional_id("app", source, topic, partition, is_changelog, GROUPS.get) == tid
+
+
+def test_the_changelog_offsets_saved_are_those_committed_with_their_source() -> None:
+    committed = [TP("escrow-commands", 1), TP("escrow-commands", 4)]
+    pending = [TP("app-escrows-changelog", p) for p in range(6)]
+    saved = changelogs_committed_with(committed, pending, GROUPS.__getitem__)
+    assert saved == [TP("app-escrows-changelog", 1), TP("app-escrows-changelog", 4)]
+
+
+def test_a_commit_waits_for_the_command_being_handled_under_exactly_once() -> None:
+    async def scenario(closed: bool) -> list[str]:
+        gate = CommitGate(lambda: closed)
+        order: list[str] = []
+        handling = asyncio.Event()
+
+        async def command() -> None:
+            async with gate.held():
+                handling.set()
+                await asyncio.sleep(0.01)  # sends, table write
+                order.append("command handled and acked")
+
+        async def commit() -> None:
+            await handling.wait()
+            async with gate.held():
+                order.append("commit")
+
+        await asyncio.gather(command(), commit())
+        return order
+
+    assert asyncio.run(scenario(True)) == ["command handled and acked", "commit"]
+    assert asyncio.run(scenario(False)) == ["commit", "command handled and acked"]
