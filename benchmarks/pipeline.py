@@ -185,6 +185,7 @@ class Reader:
     settings: Settings
     topic: str
     id_of: Callable[[bytes], str] = causation_of
+    isolation_level: str = "read_uncommitted"
     seen: dict[str, float] = field(default_factory=dict)
     records: int = 0
     value_bytes: int = 0
@@ -192,7 +193,10 @@ class Reader:
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
-            enable_auto_commit=False, fetch_max_wait_ms=100, **client_kwargs(self.settings)
+            enable_auto_commit=False,
+            fetch_max_wait_ms=100,
+            isolation_level=self.isolation_level,
+            **client_kwargs(self.settings),
         )
         await self._consumer.start()
         tps = [
@@ -246,11 +250,16 @@ def producer(settings: Settings) -> AIOKafkaProducer:
 
 
 async def burst(
-    settings: Settings, source: str, sink: str, records: list[Record], timeout_s: float = 600
+    settings: Settings,
+    source: str,
+    sink: str,
+    records: list[Record],
+    timeout_s: float = 600,
+    isolation_level: str = "read_uncommitted",
 ) -> tuple[float, Reader]:
     """Produce ``records`` as fast as the producer goes while reading ``sink``: records /
     (first arrival of the last one - first send)."""
-    reader = Reader(settings, sink)
+    reader = Reader(settings, sink, isolation_level=isolation_level)
     await reader.start()
     wanted = {causation_of(v) for _, v, _ in records}
     out = producer(settings)
@@ -273,10 +282,11 @@ async def warm_up(
     sink: str,
     records: list[Record],
     alive: Callable[[], bool] = lambda: True,
+    isolation_level: str = "read_uncommitted",
 ) -> None:
     """A few records through, until their outputs are read: the consumer has its
     partitions and the tables are open."""
-    reader = Reader(settings, sink)
+    reader = Reader(settings, sink, isolation_level=isolation_level)
     await reader.start()
     out = producer(settings)
     await out.start()
@@ -298,11 +308,16 @@ class Latencies:
 
 
 async def open_loop(
-    settings: Settings, source: str, sink: str, records: list[Record], per_s: float
+    settings: Settings,
+    source: str,
+    sink: str,
+    records: list[Record],
+    per_s: float,
+    isolation_level: str = "read_uncommitted",
 ) -> Latencies:
     """Send ``records`` at ``per_s`` on a fixed schedule (not waiting for answers); each
     one's latency from its scheduled send time to its first output read."""
-    reader = Reader(settings, sink)
+    reader = Reader(settings, sink, isolation_level=isolation_level)
     await reader.start()
     out = producer(settings)
     await out.start()

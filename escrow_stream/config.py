@@ -105,6 +105,7 @@ OURS: tuple[str, ...] = (
     "KAFKA_COMPRESSION",
     "KAFKA_PROCESSING_GUARANTEE",
     "KAFKA_SESSION_TIMEOUT_MS",
+    "KAFKA_COMMIT_INTERVAL_MS",
     "TABLE_STORE",
     "DATA_DIR",
     "WEB_HOST",
@@ -216,6 +217,10 @@ class Settings(BaseModel):
     )
     #: How soon the group notices a crashed worker and hands its partitions to another.
     kafka_session_timeout_ms: int = _env("KAFKA_SESSION_TIMEOUT_MS", 30_000, ge=6_000, le=300_000)
+    #: How often processed offsets are committed (Faust's ``broker_commit_interval``); under
+    #: exactly_once each commit ends the transactions, so events become visible to
+    #: read_committed consumers at this pace (``benchmarks.guarantee`` measures it).
+    kafka_commit_interval_ms: int = _env("KAFKA_COMMIT_INTERVAL_MS", 2_800, ge=50, le=60_000)
     table_store: str = _env("TABLE_STORE", "rocksdb://")
     data_dir: str = _env("DATA_DIR", "escrow-stream-data")
 

@@ -166,6 +166,35 @@ class CommitGate:
             yield
 
 
+class Redeliveries:
+    """Correction 8 (exactly_once): a message handled a second time in one consumer
+    generation is skipped, not handled again.
+
+    Correction 2 keeps the records fetched before the end-of-rebalance seek; they are
+    handled, then fetched again from the committed offset.  Under at_least_once the second
+    handling re-emits the recorded outcome, a duplicate consumers dedupe.  Under
+    exactly_once the first handling is in the open transaction of its partition, which
+    commits with its offset (or aborts, and then the worker has crashed or the partition
+    was revoked — a new generation, where nothing is skipped), so the second is only a
+    duplicate in the committed log.  Only a handling that finished is remembered."""
+
+    def __init__(self) -> None:
+        self._generation: int | None = None
+        self._last: dict[TP, int] = {}
+
+    def seen(self, tp: TP, offset: int, generation: int | None) -> bool:
+        """Whether ``offset`` of ``tp`` was already handled in this generation."""
+        if generation != self._generation:
+            return False
+        last = self._last.get(tp)
+        return last is not None and offset <= last
+
+    def handled(self, tp: TP, offset: int, generation: int | None) -> None:
+        if generation != self._generation:
+            self._generation, self._last = generation, {}
+        self._last[tp] = max(offset, self._last.get(tp, offset))
+
+
 class Consumer(aiokafka_driver.Consumer):
     @Service.transitions_to(CONSUMER_PARTITIONS_REVOKED)
     async def on_partitions_revoked(self, revoked: set[TP]) -> None:

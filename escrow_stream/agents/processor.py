@@ -63,7 +63,7 @@ from escrow_stream.retry import until_answered
 from escrow_stream.tables import deadlines
 from escrow_stream.tables import escrows as escrow_table
 from escrow_stream.tables import outcomes as outcome_table
-from escrow_stream.transport import CommitGate
+from escrow_stream.transport import CommitGate, Redeliveries
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +89,19 @@ def register(app: faust.App, processor: CommandProcessor, progress: ProgressMoni
     @app.agent(processor.commands_topic, name="escrow-command-processor")
     async def process_commands(stream: faust.StreamT[bytes]) -> None:
         gate: CommitGate = app.commit_gate  # type: ignore[attr-defined]
+        redeliveries = Redeliveries()
         async for event in stream.events():
+            message = event.message
             async with gate.held():  # exactly_once: no commit in the middle of a command
+                if app.in_transaction and redeliveries.seen(
+                    message.tp, message.offset, message.generation_id
+                ):
+                    event.ack()
+                    continue
                 await processor.process(event)
                 event.ack()  # so the next commit covers it (faust would ack it later)
-            progress.processed(event.message.partition, event.message.offset)
+                redeliveries.handled(message.tp, message.offset, message.generation_id)
+            progress.processed(message.partition, message.offset)
 
 
 class CommandProcessor:

@@ -4,6 +4,7 @@ their state recovered from the changelog."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import uuid
@@ -80,6 +81,21 @@ def by_escrow(events: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any
     return out
 
 
+async def duplicated_records(stack: Stack) -> list[tuple[str, str, int, int, int, int]]:
+    """Every copy of each event read more than once: (escrowId, type, version, partition,
+    offset, timestamp ms), to tell which worker wrote which copy and when."""
+    records = await stack.read(
+        stack.settings.kafka_events_topic, lambda rs: False, 5, isolation_level="read_committed"
+    )
+    copies: dict[str, list[tuple[str, str, int, int, int, int]]] = defaultdict(list)
+    for r in records:
+        e = json.loads(r.value)
+        copies[e["eventId"]].append(
+            (e["escrowId"], e["type"], e["version"], r.partition, r.offset, r.timestamp)
+        )
+    return sorted(c for cs in copies.values() if len(cs) > 1 for c in cs)
+
+
 def test_two_workers_split_and_take_over(tmp_path: Path, stack_settings: Settings) -> None:
     guarantee = os.environ.get("CHAOS_PROCESSING_GUARANTEE", "at_least_once")
     stack = Stack.create(
@@ -135,4 +151,7 @@ def test_two_workers_split_and_take_over(tmp_path: Path, stack_settings: Setting
         f"{len(events)} event records (read_committed), {duplicates} duplicated by the handover"
     )
     if guarantee == "exactly_once":  # the leaving worker committed all it had done
+        if duplicates:
+            for copy in asyncio.run(duplicated_records(stack)):
+                print("duplicated:", copy)
         assert duplicates == 0

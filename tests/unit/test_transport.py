@@ -12,6 +12,7 @@ from mode.utils.queues import FlowControlQueue
 from escrow_stream.transport import (
     CommitGate,
     FlowControl,
+    Redeliveries,
     changelogs_committed_with,
     may_commit_over_hole,
     send_transactional_id,
@@ -149,3 +150,19 @@ def test_a_commit_waits_for_the_command_being_handled_under_exactly_once() -> No
 
     assert asyncio.run(scenario(True)) == ["command handled and acked", "commit"]
     assert asyncio.run(scenario(False)) == ["commit", "command handled and acked"]
+
+
+def test_a_message_handled_twice_in_one_generation_is_seen_as_a_redelivery() -> None:
+    commands = TP("escrow-commands", 2)
+    redeliveries = Redeliveries()
+    assert not redeliveries.seen(commands, 40, 7)
+    redeliveries.handled(commands, 40, 7)
+    redeliveries.handled(commands, 41, 7)
+    # the end-of-rebalance seek brings 40 and 41 again: handled already in generation 7
+    assert redeliveries.seen(commands, 40, 7) and redeliveries.seen(commands, 41, 7)
+    assert not redeliveries.seen(commands, 42, 7)
+    assert not redeliveries.seen(TP("escrow-commands", 3), 40, 7)
+    # a new generation: what was not committed was aborted with its transaction; all again
+    assert not redeliveries.seen(commands, 40, 8)
+    redeliveries.handled(commands, 39, 8)
+    assert redeliveries.seen(commands, 39, 8) and not redeliveries.seen(commands, 40, 8)
