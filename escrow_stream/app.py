@@ -69,12 +69,7 @@ from escrow_stream.web import payment as payment_view
 from escrow_stream.web import payouts as payout_views
 from escrow_stream.web.cors import cors_options
 from escrow_stream.web.middleware import make_middleware
-from escrow_stream.web.ratelimit import (
-    MemoryCounter,
-    RateLimiter,
-    RedisCounter,
-    settle_middleware,
-)
+from escrow_stream.web.ratelimit import MemoryCounter, RateLimiter, RedisCounter
 
 #: The KYC listener's ``application_name`` in ``pg_stat_activity``.
 KYC_LISTENER_NAME = "escrow-kyc-listener"
@@ -171,8 +166,7 @@ def faust_app(settings: Settings, clock: Clock, limiter: RateLimiter) -> faust.A
         origin="escrow_stream.app",
         web_cors_options=cors_options(settings),
         web_application_options={
-            # the second makes both rate-limit counts of a request in one Redis call
-            "middlewares": [make_middleware(limiter, clock, settings), settle_middleware(limiter)],
+            "middlewares": [make_middleware(limiter, clock, settings)],
             "client_max_size": settings.http_body_max_bytes,
         },
     )

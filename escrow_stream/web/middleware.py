@@ -21,7 +21,13 @@ from escrow_stream.web.internal import (
     is_internal,
 )
 from escrow_stream.web.problems import Problem
-from escrow_stream.web.ratelimit import RateLimiter
+from escrow_stream.web.ratelimit import (
+    DEFERRED_IP_KEY,
+    DeferredIp,
+    RateLimiter,
+    counts_user,
+    deferred_ip,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +67,8 @@ READY_PATH = "/ready"
 
 
 def make_middleware(limiter: RateLimiter, clock: Clock, settings: Settings) -> Middleware:
-    """Problem details, request ids, per-IP rate limit and access metrics, in that order.
+    """Problem details, request ids, per-IP rate limit (``web/ratelimit.py``, step 1) and
+    access metrics, in that order.
 
     Not limited: probes, webhooks (authenticated by their signatures, sent in bursts) and
     signed worker-to-worker requests (``web/internal.py``; marked for the per-user limit
@@ -82,6 +89,14 @@ def make_middleware(limiter: RateLimiter, clock: Clock, settings: Settings) -> M
                 "/api/webhooks/"
             ):
                 ip = client_ip(request.remote, request.headers.get("X-Forwarded-For"), trusted)
+                if counts_user(request):  # the gateway counts IP and user in one call
+                    request[DEFERRED_IP_KEY] = DeferredIp(ip, now)
+                    try:
+                        return await handler(request)
+                    finally:
+                        left = deferred_ip(request)  # the view never authenticated
+                        if left is not None:
+                            await limiter.count_ip_late(left)
                 await limiter.check_ip(ip, now)
             return await handler(request)
 

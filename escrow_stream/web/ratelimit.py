@@ -7,24 +7,22 @@ refused for its IP is not counted for its user.
 
 One request, one call to the counter (one Redis round trip), in order:
 
-1. The middleware's per-IP step (:meth:`RateLimiter.check_ip`).  When the app installs
-   :func:`settle_middleware` after it, the count is only noted here (:class:`DeferredIp`).
-2. :func:`settle_middleware`: on a path whose view authenticates through the gateway first
-   (:func:`counts_user`: ``/api/…`` but the webhooks), the noted count waits for step 3;
-   on any other path it is made now, alone (429 before the view runs).
-3. ``Gateway.principal`` authenticates the caller and makes both counts in one call
+1. The middleware (``web.middleware.make_middleware``): on a path whose view authenticates
+   through the gateway first (:func:`counts_user`: ``/api/…`` but the webhooks), the per-IP
+   count is left to step 2 (:class:`DeferredIp`, in the request); on any other path it is
+   made now, alone (:meth:`RateLimiter.check_ip`; 429 before the view runs).
+2. ``Gateway.principal`` authenticates the caller and makes both counts in one call
    (:meth:`RateLimiter.check_ip_and_user`); a caller that fails to authenticate is counted
-   for its IP alone (a 429 for the IP wins over the 401, as before).
-4. Should a view on such a path answer without step 3 (a 405), the noted count is made
-   after it, so that every request counts once.
+   for its IP alone (a 429 for the IP wins over the 401).
+3. Should a view on such a path answer without step 2 (a 405), the middleware makes the
+   count after it (:meth:`RateLimiter.count_ip_late`), so that every request counts once.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable, Sequence
-from contextvars import ContextVar
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -103,16 +101,14 @@ class RedisCounter:
 
 @dataclass(frozen=True)
 class DeferredIp:
-    """A per-IP count noted by step 1, made in step 2, 3 or 4."""
+    """A per-IP count left by step 1 for step 2 (or 3)."""
 
     ip: str
     now: datetime
 
 
-#: Key in the aiohttp request of a per-IP count that waits for the per-user one (step 2).
+#: Key in the aiohttp request of a per-IP count that waits for the per-user one (step 1).
 DEFERRED_IP_KEY = web.RequestKey("escrow_deferred_ip", DeferredIp)
-#: Step 1's note to step 2 (each aiohttp request runs in a task, and a context, of its own).
-_noted_ip: ContextVar[DeferredIp | None] = ContextVar("escrow_noted_ip", default=None)
 
 
 class RateLimiter:
@@ -120,8 +116,6 @@ class RateLimiter:
         self._counter = counter
         self.per_ip = per_ip
         self.per_user = per_user
-        #: set by :func:`settle_middleware`: only then may step 1 leave its count for later
-        self.defers_ip = False
 
     async def check_many(self, checks: Sequence[tuple[str, str, int]], now: datetime) -> None:
         """Count ``(kind, who, limit)`` in order in one call; 429 for the first one over."""
@@ -143,22 +137,19 @@ class RateLimiter:
         await self.check_many([(kind, who, limit)], now)
 
     async def check_ip(self, ip: str, now: datetime) -> None:
-        """Step 1: count ``ip`` now, or note it for step 2 when :attr:`defers_ip`."""
-        if self.defers_ip:
-            _noted_ip.set(DeferredIp(ip, now))
-            return
+        """Step 1 on a path whose view does not authenticate: count ``ip`` now."""
         await self.check("ip", ip, self.per_ip, now)
 
     async def check_user(self, user_id: str, now: datetime) -> None:
         await self.check("user", user_id, self.per_user, now)
 
     async def count_ip_late(self, noted: DeferredIp) -> None:
-        """Step 4: the count, once the answer is given (no 429 can replace it any more)."""
+        """Step 3: the count, once the answer is given (no 429 can replace it any more)."""
         window = math.floor(noted.now.timestamp() / WINDOW_S)
         await self._counter.hit([f"ip:{noted.ip}"], [self.per_ip], window)
 
     async def check_ip_and_user(self, ip: str, user_id: str, now: datetime) -> None:
-        """Step 3: both counts in one call (the user's only if the IP is within its limit)."""
+        """Step 2: both counts in one call (the user's only if the IP is within its limit)."""
         await self.check_many([("ip", ip, self.per_ip), ("user", user_id, self.per_user)], now)
 
 
@@ -171,36 +162,6 @@ def counts_user(request: web.Request) -> bool:
 
 
 def deferred_ip(request: web.Request) -> DeferredIp | None:
-    """Step 3: take the request's per-IP count left for it by step 2, if any."""
+    """Step 2: take the request's per-IP count left for it by step 1, if any."""
     noted: DeferredIp | None = request.pop(DEFERRED_IP_KEY, None)
     return noted
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
-
-
-def settle_middleware(limiter: RateLimiter) -> Middleware:
-    """Step 2 (and 4), installed right after the middleware that calls ``check_ip``; from
-    then on ``limiter`` leaves its per-IP counts to it."""
-    limiter.defers_ip = True
-
-    @web.middleware
-    async def settle(request: web.Request, handler: Handler) -> web.StreamResponse:
-        noted = _noted_ip.get()
-        if noted is None:
-            return await handler(request)
-        _noted_ip.set(None)
-        if not counts_user(request):
-            await limiter.check("ip", noted.ip, limiter.per_ip, noted.now)
-            return await handler(request)
-        request[DEFERRED_IP_KEY] = noted
-        try:
-            response = await handler(request)
-        finally:
-            left = deferred_ip(request)  # step 4: the view never authenticated
-            if left is not None:
-                await limiter.count_ip_late(left)
-        return response
-
-    return settle

@@ -24,7 +24,6 @@ from escrow_stream.web.ratelimit import (
     MemoryCounter,
     RateLimiter,
     RedisCounter,
-    settle_middleware,
 )
 from tests.harness import TEST_ENV_DEFAULTS, free_port, stack_environ
 
@@ -66,12 +65,7 @@ async def served(stack_settings: Settings) -> AsyncIterator[Callable[[Counter], 
 
     async def serve(counter: Counter) -> TestClient[Any, Any]:
         limiter = RateLimiter(counter, PER_IP, PER_USER)
-        app = web.Application(
-            middlewares=[
-                make_middleware(limiter, lambda: NOW, stack_settings),
-                settle_middleware(limiter),
-            ]
-        )
+        app = web.Application(middlewares=[make_middleware(limiter, lambda: NOW, stack_settings)])
         gateway = Gateway(stack_settings, lambda: NOW, limiter)
 
         async def api(request: web.Request) -> web.Response:
