@@ -4,8 +4,8 @@ Run with the local stack up (``make run`` or ``make stack-up``)::
 
     .venv/bin/python -m benchmarks.all [--readme README.md] [--quick]
 
-Runs ``benchmarks.domain``, ``benchmarks.pipeline``, ``benchmarks.http`` and
-``benchmarks.recovery`` one after the other (each prepares its own topics, migrations and
+Runs ``benchmarks.domain``, ``benchmarks.pipeline``, ``benchmarks.http``,
+``benchmarks.recovery`` and ``benchmarks.guarantee`` one after the other (each prepares its own topics, migrations and
 KYC, and removes its topics), writes the section (date, machine, this command, each table) to
 ``benchmarks/RESULTS.md``, prints it, and with ``--readme`` replaces the text between
 ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` in that file.  A benchmark that fails is
@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from benchmarks import domain, http, pipeline, recovery
+from benchmarks import domain, guarantee, http, pipeline, recovery
 from benchmarks.common import Table, command_line, load_average, machine, now_utc
 from benchmarks.report import MarkersMissing, replace_between_markers, section, write_results
 
@@ -30,7 +30,14 @@ Runner = Callable[[Sequence[str] | None], Table]
 
 def plan(args: argparse.Namespace) -> list[tuple[str, Runner, list[str]]]:
     if args.quick:
-        sizes = {"escrows": 200, "recovery": 5000, "requests": 300, "wait": 100, "domain": 500}
+        sizes = {
+            "escrows": 200,
+            "recovery": 5000,
+            "requests": 300,
+            "wait": 100,
+            "domain": 500,
+            "guarantee": 100,
+        }
         latency_s, rounds = 5.0, 1
     else:
         sizes = {
@@ -39,6 +46,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, Runner, list[str]]]:
             "requests": args.requests,
             "wait": args.wait_requests,
             "domain": args.domain_escrows,
+            "guarantee": args.escrows // 2,
         }
         latency_s, rounds = args.latency_seconds, args.rounds
     profile = ["--profile", str(args.profile)] if args.profile else []
@@ -58,6 +66,14 @@ def plan(args: argparse.Namespace) -> list[tuple[str, Runner, list[str]]]:
             ["--requests", str(sizes["requests"]), "--wait-requests", str(sizes["wait"])],
         ),
         ("recovery", recovery.run, ["--escrows", str(sizes["recovery"])]),
+        (
+            "guarantee",
+            guarantee.run,
+            [
+                *("--escrows", str(sizes["guarantee"]), "--rounds", str(rounds)),
+                *("--latency-seconds", str(latency_s / 2)),
+            ],
+        ),
     ]
     wanted = set(args.only.split(",")) if args.only else {name for name, _, _ in everything}
     return [step for step in everything if step[0] in wanted]
@@ -67,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks.all", description=__doc__.splitlines()[0])
     parser.add_argument("--readme", type=Path, help="also replace the section in this file")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check it works")
-    parser.add_argument("--only", help="comma-separated: domain,pipeline,http,recovery")
+    parser.add_argument("--only", help="comma-separated: domain,pipeline,http,recovery,guarantee")
     parser.add_argument("--escrows", type=int, default=1000, help="pipeline lifecycles")
     parser.add_argument("--rounds", type=int, default=3, help="pipeline rounds")
     parser.add_argument("--latency-seconds", type=float, default=20.0)

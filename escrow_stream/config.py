@@ -212,8 +212,10 @@ class Settings(BaseModel):
     kafka_compression: Literal["snappy", "lz4", "gzip", "zstd", "producer"] = _env(
         "KAFKA_COMPRESSION", "snappy"
     )
+    #: exactly_once: a command's table writes, events and offset commit in one Kafka
+    #: transaction (README, "Kafka transactions"); at_least_once: consumers dedupe by eventId.
     kafka_processing_guarantee: Literal["at_least_once", "exactly_once"] = _env(
-        "KAFKA_PROCESSING_GUARANTEE", "at_least_once"
+        "KAFKA_PROCESSING_GUARANTEE", "exactly_once"
     )
     #: How soon the group notices a crashed worker and hands its partitions to another.
     kafka_session_timeout_ms: int = _env("KAFKA_SESSION_TIMEOUT_MS", 30_000, ge=6_000, le=300_000)

@@ -55,6 +55,13 @@ def stack_environ(**overrides: str) -> dict[str, str]:
     return env
 
 
+def default_guarantee() -> str:
+    """KAFKA_PROCESSING_GUARANTEE's default: what a fault test runs under unless
+    CHAOS_PROCESSING_GUARANTEE names the other."""
+    default: str = Settings.model_fields["kafka_processing_guarantee"].default
+    return default
+
+
 def production_env(**overrides: str) -> dict[str, str]:
     """A complete production environment whose secrets are unique, long enough and fake."""
     from escrow_stream.config import REQUIRED_IN_PRODUCTION

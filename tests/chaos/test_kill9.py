@@ -19,7 +19,7 @@ import pytest
 from escrow_stream.config import Settings, domain_settings
 from tests.chaos.checks import check, collect, produce_slowly
 from tests.chaos.scenario import SELLER, escrow_script, expected_outcomes, interleave
-from tests.harness import Stack, WorkerProcess, activate_payouts
+from tests.harness import Stack, WorkerProcess, activate_payouts, default_guarantee
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -44,7 +44,7 @@ async def kill_and_restart(worker: WorkerProcess, kills: int) -> int:
 
 
 def test_sigkill_during_a_command_stream(tmp_path: Path, stack_settings: Settings) -> None:
-    guarantee = os.environ.get("CHAOS_PROCESSING_GUARANTEE", "at_least_once")
+    guarantee = os.environ.get("CHAOS_PROCESSING_GUARANTEE") or default_guarantee()
     stack = Stack.create(
         tmp_path, KAFKA_SESSION_TIMEOUT_MS="10000", KAFKA_PROCESSING_GUARANTEE=guarantee
     )
