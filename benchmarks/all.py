@@ -6,11 +6,11 @@ Run with the local stack up (``make run`` or ``make stack-up``)::
 
 Runs ``benchmarks.domain``, ``benchmarks.pipeline``, ``benchmarks.http``,
 ``benchmarks.recovery`` and ``benchmarks.guarantee`` one after the other (each prepares its
-own topics, migrations and KYC, and removes its topics), writes the section (date, machine, this command, each table) to
-``benchmarks/RESULTS.md``, prints it, and with ``--readme`` replaces the text between
-``<!-- bench:begin -->`` and ``<!-- bench:end -->`` in that file.  A benchmark that fails is
-named in the section and the command exits 1.  ``--quick`` runs small sizes (a check that
-everything works, not figures to quote).
+own topics, migrations and KYC, and removes its topics), writes the section (date, machine,
+this command, each table) to ``benchmarks/RESULTS.md``, prints it, and with ``--readme``
+replaces the text between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` in that file.
+A benchmark that fails is named in the section and the command exits 1.  ``--quick`` runs
+small sizes (a check that everything works, not figures to quote).
 """
 
 from __future__ import annotations
