@@ -100,7 +100,8 @@ def register(app: faust.App, processor: CommandProcessor, progress: ProgressMoni
                     continue
                 await processor.process(event)
                 event.ack()  # so the next commit covers it (faust would ack it later)
-                redeliveries.handled(message.tp, message.offset, message.generation_id)
+                if app.in_transaction:  # at_least_once never asks
+                    redeliveries.handled(message.tp, message.offset, message.generation_id)
             progress.processed(message.partition, message.offset)
 
 
