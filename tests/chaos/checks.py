@@ -65,12 +65,14 @@ async def read_until_complete(
 async def wait_for_mirror(
     stack: Stack, table: dict[str, Any], wait_s: float = SETTLE_WAIT_S
 ) -> dict[str, Any]:
-    """The mirror's snapshots, once it has caught up with the table (bounded wait)."""
+    """The mirror's snapshots, once it has caught up with the table (bounded wait): each
+    equal to the table's value as the events publish it (what ``check`` compares)."""
     deadline = time.monotonic() + wait_s
     mirrored: dict[str, Any] = {}
+    caught_up = {escrow_id: published(value) for escrow_id, value in table.items()}
     while time.monotonic() < deadline:
         mirrored = await mirrored_snapshots(stack.settings, list(table))
-        if mirrored == table:
+        if mirrored == caught_up:
             break
         await asyncio.sleep(1)
     return mirrored
