@@ -4,6 +4,8 @@ exactly_once's transactions (which one a send belongs to, commits between comman
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from faust.types import TP
@@ -12,6 +14,7 @@ from mode.utils.queues import FlowControlQueue
 from escrow_stream.transport import (
     CommitGate,
     FlowControl,
+    ProducerBuffer,
     Redeliveries,
     changelogs_committed_with,
     may_commit_over_hole,
@@ -55,6 +58,7 @@ def test_the_app_consumes_through_the_corrected_transport() -> None:
     assert app.transport.TransactionManager is transport.TransactionManager
     assert isinstance(app.tables, transport.TableManager)
     assert isinstance(app.commit_gate, transport.CommitGate)  # type: ignore[attr-defined]
+    assert isinstance(app.producer.buffer, transport.ProducerBuffer)
     assert isinstance(app.flow_control, transport.FlowControl)
     assert app.flow_control.cleared_on_resume(app.tables.changelog_queue)
 
@@ -128,21 +132,26 @@ def test_the_changelog_offsets_saved_are_those_committed_with_their_source() -> 
     assert saved == [TP("app-escrows-changelog", 1), TP("app-escrows-changelog", 4)]
 
 
+def _gate(closed: bool) -> CommitGate:
+    return CommitGate(lambda: closed, lambda tp: f"app-0-{tp.partition}")
+
+
 def test_a_commit_waits_for_the_command_being_handled_under_exactly_once() -> None:
     async def scenario(closed: bool) -> list[str]:
-        gate = CommitGate(lambda: closed)
+        gate = _gate(closed)
         order: list[str] = []
         handling = asyncio.Event()
+        partition = TP("escrow-commands", 3)
 
         async def command() -> None:
-            async with gate.held():
+            async with gate.held(partition):
                 handling.set()
                 await asyncio.sleep(0.01)  # sends, table write
                 order.append("command handled and acked")
 
         async def commit() -> None:
             await handling.wait()
-            async with gate.held():
+            async with gate.held(partition):
                 order.append("commit")
 
         await asyncio.gather(command(), commit())
@@ -150,6 +159,78 @@ def test_a_commit_waits_for_the_command_being_handled_under_exactly_once() -> No
 
     assert asyncio.run(scenario(True)) == ["command handled and acked", "commit"]
     assert asyncio.run(scenario(False)) == ["commit", "command handled and acked"]
+
+
+def test_a_commit_waits_only_for_its_own_transactions_command() -> None:
+    async def scenario() -> list[str]:
+        gate = _gate(True)
+        order: list[str] = []
+        handling = asyncio.Event()
+
+        async def command_on_partition_1() -> None:
+            async with gate.held(TP("escrow-commands", 1)):
+                handling.set()
+                await asyncio.sleep(0.05)
+                order.append("command on 1 handled")
+
+        async def commits() -> None:
+            await handling.wait()
+            # partition 1's events partition shares its transaction: same transactional.id
+            async with gate.held(TP("escrow.events.v1", 2)):
+                order.append("transaction 2 committed")
+            async with gate.held(TP("escrow-commands", 1)):
+                order.append("transaction 1 committed")
+
+        await asyncio.gather(command_on_partition_1(), commits())
+        return order
+
+    assert asyncio.run(scenario()) == [
+        "transaction 2 committed",
+        "command on 1 handled",
+        "transaction 1 committed",
+    ]
+
+
+class _Channel:
+    """Where the buffer hands a record: the producer's send, held for ``held`` until
+    released."""
+
+    def __init__(self, held: str) -> None:
+        self.held = held
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.handed: list[str] = []
+
+    async def publish_message(self, fut: Any, wait: bool) -> None:
+        if fut.message.value == self.held:
+            self.started.set()
+            await self.release.wait()
+        self.handed.append(fut.message.value)
+
+
+def test_a_drained_buffer_has_handed_every_record_to_the_producer() -> None:
+    async def scenario() -> None:
+        buffer = ProducerBuffer()
+        buffer.app = SimpleNamespace(conf=SimpleNamespace(producer_threaded=False))  # type: ignore[assignment]
+        channel = _Channel(held="c")
+        await buffer.start()
+        try:
+            for value in ("a", "b", "c"):
+                message = SimpleNamespace(channel=channel, value=value)
+                buffer.put(SimpleNamespace(message=message))  # type: ignore[arg-type]
+            await channel.started.wait()  # "c" taken from the queue, on its way
+            await buffer.flush()  # faust's: the queue is empty, so it returns
+            assert channel.handed == ["a", "b"]
+            drain = asyncio.ensure_future(buffer.drain())
+            await asyncio.sleep(0.01)
+            assert not drain.done()
+            channel.release.set()
+            await asyncio.wait_for(drain, timeout=5)
+            assert channel.handed == ["a", "b", "c"]
+        finally:
+            await buffer.stop()
+
+    asyncio.run(scenario())
 
 
 def test_a_message_handled_twice_in_one_generation_is_seen_as_a_redelivery() -> None:
