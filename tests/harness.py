@@ -128,6 +128,11 @@ class Stack:
             "INTERNAL_COMMAND_SECRET": f"test-internal-secret-{run}",
             # the platform fee of escrows created without sellerFee: 500 of 10,000 cents
             "ESCROW_FEE_BPS": "500",
+            # KYC gating is on (the seed's default) in the deployments that test what it
+            # guards, verifying users through PUT /api/kyc: test_http_kyc, test_payouts,
+            # test_payment_effects, test_chargebacks, test_two_hosts, test_smoke,
+            # test_observability and test_processing's stream gate.  Off by default here,
+            # for tests of other behaviour whose generated users never went through KYC.
             "FEATURE_KYC_GATING": "false",
             "WEB_HOST": "127.0.0.1",
             # the processor's tests play the payment provider themselves (system commands)
