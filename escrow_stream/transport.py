@@ -66,7 +66,7 @@ import faust
 from faust.streams import current_event
 from faust.tables.manager import TableManager as FaustTableManager
 from faust.tables.recovery import Recovery as FaustRecovery
-from faust.transport.consumer import CONSUMER_COMMITTING, CONSUMER_PARTITIONS_REVOKED
+from faust.transport.consumer import CONSUMER_PARTITIONS_REVOKED
 from faust.transport.consumer import TransactionManager as FaustTransactionManager
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.transport.producer import ProducerBuffer as FaustProducerBuffer
@@ -145,35 +145,26 @@ def changelogs_committed_with(
 
 
 class CommitGate:
-    """Correction 5: under exactly_once a transaction commits only between two commands of
-    its partition.
+    """Correction 5: under exactly_once a transaction commits only between two commands.
 
-    The command processor holds the gate of the message's transaction (its transactional.id)
-    while it handles the message, and acknowledges the message before it lets go; a commit
-    takes the gate of each transaction it ends.  So a transaction never holds the table write
-    or the events of a command whose offset it does not commit — faust commits on a timer,
-    concurrently with the agents, and a commit in the middle of a command committed half of
-    it without its offset: after a crash the command was handled again and its events were
-    in the log twice, for read_committed consumers too.
+    The command processor holds the gate while it handles one message, and acknowledges
+    the message before it lets go; a commit takes the gate first.  So a transaction never
+    holds the table write or the events of a command whose offset it does not commit —
+    faust commits on a timer, concurrently with the agents, and a commit in the middle of a
+    command committed half of it without its offset: after a crash the command was handled
+    again and its events were in the log twice, for read_committed consumers too.  Under
+    at_least_once the gate is open (nothing waits)."""
 
-    One gate per transactional.id, and the transactions committed concurrently (correction
-    9): a command waits at most for its own partition's commit (one transaction, ~50 ms
-    here), not for every partition's one after another (1.6 s at the p99 with one gate).
-    Under at_least_once the gate is open (nothing waits)."""
-
-    def __init__(self, closed: Callable[[], bool], id_of: Callable[[TP], str]) -> None:
+    def __init__(self, closed: Callable[[], bool]) -> None:
         self._closed = closed
-        self.id_of = id_of
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._lock = asyncio.Lock()
 
     @asynccontextmanager
-    async def held(self, tp: TP) -> AsyncIterator[None]:
-        """The gate of ``tp``'s transaction, for one command or one commit."""
+    async def held(self) -> AsyncIterator[None]:
         if not self._closed():
             yield
             return
-        lock = self._locks.setdefault(self.id_of(tp), asyncio.Lock())
-        async with lock:
+        async with self._lock:
             yield
 
 
@@ -231,26 +222,14 @@ class Consumer(aiokafka_driver.Consumer):
                 self._read_offset.pop(tp, None)
                 self._committed_offset.pop(tp, None)
 
-    @Service.transitions_to(CONSUMER_COMMITTING)
     async def force_commit(self, topics: Any = None, start_new_transaction: bool = True) -> bool:
-        """Corrections 5 and 9: under exactly_once, each transaction commits between two of
-        its partition's commands, concurrently with the others."""
-        if not self.in_transaction:
-            done: bool = await super().force_commit(topics, start_new_transaction)
-            return done
+        """Correction 5: under exactly_once, commit only between two commands."""
         gate: CommitGate = self.app.commit_gate  # type: ignore[attr-defined]
-        sensor_state = self.app.sensors.on_commit_initiated(self)
-        by_id: dict[str, list[TP]] = {}
-        for tp in self._filter_tps_with_pending_acks(topics):
-            by_id.setdefault(gate.id_of(tp), []).append(tp)
-
-        async def commit_one(tps: list[TP]) -> bool:
-            async with gate.held(tps[0]):  # offsets read under the gate: nothing in flight
-                return bool(await self._commit_tps(tps, start_new_transaction))
-
-        committed = await asyncio.gather(*(commit_one(tps) for tps in by_id.values()))
-        self.app.sensors.on_commit_completed(self, sensor_state)
-        return any(committed)
+        async with gate.held():
+            committed: bool = await super().force_commit(
+                topics, start_new_transaction=start_new_transaction
+            )
+            return committed
 
     #: How many times the fetch loop asked for the next batch.  The loop hands every record
     #: of a batch to the streams and the changelog queue before it asks again, so once this
@@ -585,10 +564,7 @@ class App(faust.App):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # asked at each use: ``in_transaction`` is known once the app runs in a worker
-        self.commit_gate = CommitGate(lambda: self.in_transaction, self._transactional_id_of)
-
-    def _transactional_id_of(self, tp: TP) -> str:
-        return transactional_id(self.conf.id, self.assignor.group_for_topic(tp.topic), tp.partition)
+        self.commit_gate = CommitGate(lambda: self.in_transaction)
 
     def _new_transport(self) -> TransportT:
         return Transport(self.conf.broker_consumer, self)

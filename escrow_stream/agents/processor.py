@@ -92,7 +92,7 @@ def register(app: faust.App, processor: CommandProcessor, progress: ProgressMoni
         redeliveries = Redeliveries()
         async for event in stream.events():
             message = event.message
-            async with gate.held(message.tp):  # exactly_once: no commit mid-command
+            async with gate.held():  # exactly_once: no commit in the middle of a command
                 if app.in_transaction and redeliveries.seen(
                     message.tp, message.offset, message.generation_id
                 ):

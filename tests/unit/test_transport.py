@@ -134,26 +134,21 @@ def test_the_changelog_offsets_saved_are_those_committed_with_their_source() -> 
     assert saved == [TP("app-escrows-changelog", 1), TP("app-escrows-changelog", 4)]
 
 
-def _gate(closed: bool) -> CommitGate:
-    return CommitGate(lambda: closed, lambda tp: f"app-0-{tp.partition}")
-
-
 def test_a_commit_waits_for_the_command_being_handled_under_exactly_once() -> None:
     async def scenario(closed: bool) -> list[str]:
-        gate = _gate(closed)
+        gate = CommitGate(lambda: closed)
         order: list[str] = []
         handling = asyncio.Event()
-        partition = TP("escrow-commands", 3)
 
         async def command() -> None:
-            async with gate.held(partition):
+            async with gate.held():
                 handling.set()
                 await asyncio.sleep(0.01)  # sends, table write
                 order.append("command handled and acked")
 
         async def commit() -> None:
             await handling.wait()
-            async with gate.held(partition):
+            async with gate.held():
                 order.append("commit")
 
         await asyncio.gather(command(), commit())
@@ -161,36 +156,6 @@ def test_a_commit_waits_for_the_command_being_handled_under_exactly_once() -> No
 
     assert asyncio.run(scenario(True)) == ["command handled and acked", "commit"]
     assert asyncio.run(scenario(False)) == ["commit", "command handled and acked"]
-
-
-def test_a_commit_waits_only_for_its_own_transactions_command() -> None:
-    async def scenario() -> list[str]:
-        gate = _gate(True)
-        order: list[str] = []
-        handling = asyncio.Event()
-
-        async def command_on_partition_1() -> None:
-            async with gate.held(TP("escrow-commands", 1)):
-                handling.set()
-                await asyncio.sleep(0.05)
-                order.append("command on 1 handled")
-
-        async def commits() -> None:
-            await handling.wait()
-            # partition 1's events partition shares its transaction: same transactional.id
-            async with gate.held(TP("escrow.events.v1", 2)):
-                order.append("transaction 2 committed")
-            async with gate.held(TP("escrow-commands", 1)):
-                order.append("transaction 1 committed")
-
-        await asyncio.gather(command_on_partition_1(), commits())
-        return order
-
-    assert asyncio.run(scenario()) == [
-        "transaction 2 committed",
-        "command on 1 handled",
-        "transaction 1 committed",
-    ]
 
 
 class _Channel:
