@@ -131,7 +131,9 @@ def create_app(
     idempotency = build_idempotency_store(settings, database, shared_redis)
     services = WebServices(database, core, limiter, publisher, payout_service, idempotency)
     register_web(app, settings, clock, new_id, services)
-    relay.register(app, publisher, idempotency, clock)
+    relay_service = relay.register(app, publisher, idempotency, clock)
+    # the relay's last batch is marked in PostgreSQL: stop it before the pool closes
+    closers.insert(0, relay_service.stop)
     close_at_shutdown(app, closers, shared_redis)
     return app
 
