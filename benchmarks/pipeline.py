@@ -86,6 +86,8 @@ SYSTEM = {"id": "payments-agent", "role": "system"}
 AMOUNT = 10_000
 BASELINE_CONCURRENCY = 16
 READY_WAIT_S = 120.0
+#: A reader partition at the same position below its end offset this long is sought again.
+READER_STALL_S = 2.0
 
 Record = tuple[bytes, bytes, list[tuple[str, bytes]]]
 
@@ -189,6 +191,9 @@ class Reader:
     seen: dict[str, float] = field(default_factory=dict)
     records: int = 0
     value_bytes: int = 0
+    #: Partitions sought again after a stall (see :meth:`until`).
+    reseeks: int = 0
+    _still: dict[TopicPartition, tuple[int, float]] = field(default_factory=dict)
     _consumer: AIOKafkaConsumer | None = None
 
     async def start(self) -> None:
@@ -214,6 +219,7 @@ class Reader:
         assert self._consumer is not None
         deadline = time.monotonic() + timeout_s
         missing = set(wanted) - self.seen.keys()
+        checked = time.monotonic()
         while missing and time.monotonic() < deadline:
             if not alive():
                 raise AssertionError(f"{self.topic}: the process under test has exited")
@@ -227,8 +233,34 @@ class Reader:
                     if key not in self.seen:
                         self.seen[key] = now
                         missing.discard(key)
+            if time.monotonic() - checked >= 1.0:
+                await self._unstall()
+                checked = time.monotonic()
         if missing:
             raise AssertionError(f"{self.topic}: {len(missing)} of {len(wanted)} never arrived")
+
+    async def _unstall(self) -> None:
+        """Seek each partition that has stayed at the same position below its end offset for
+        ``READER_STALL_S`` to that position.
+
+        An aiokafka (0.14) read_uncommitted consumer was seen to stop fetching partitions of
+        the transactional events topic with records left (positions unchanged for minutes,
+        while a new consumer read on from the same offsets): the benchmark then waited
+        forever, also on the code before 2026-12-01.  A seek drops the partition's fetch
+        state and fetches again.  Counted in ``reseeks``; the benchmark prints the count."""
+        assert self._consumer is not None
+        tps = sorted(self._consumer.assignment())
+        ends = await self._consumer.end_offsets(tps)
+        now = time.monotonic()
+        for tp in tps:
+            position = await self._consumer.position(tp)
+            since = self._still.get(tp)
+            if position >= ends[tp] or since is None or since[0] != position:
+                self._still[tp] = (position, now)
+            elif now - since[1] >= READER_STALL_S:
+                self._consumer.seek(tp, position)
+                self._still[tp] = (position, now)
+                self.reseeks += 1
 
     async def stop(self) -> None:
         if self._consumer is not None:
@@ -305,6 +337,7 @@ class Latencies:
     rate: float
     seconds: float
     behind_max: float
+    reseeks: int = 0
 
 
 async def open_loop(
@@ -347,6 +380,7 @@ async def open_loop(
             len(records) / sent_s,
             sent_s,
             behind_max,
+            reader.reseeks,
         )
     finally:
         await out.stop()
@@ -687,6 +721,7 @@ class Round:
     commands: int
     events_per_command: float
     bytes_per_event: float
+    reseeks: int = 0
 
     @property
     def sustained(self) -> float:
@@ -725,6 +760,7 @@ def measure_round(
         len(records),
         reader.records / len(records),
         reader.value_bytes / max(1, reader.records),
+        reader.reseeks,
     )
 
 
@@ -864,6 +900,11 @@ def run(argv: Sequence[str] | None = None) -> Table:
         f"sustained {each(x.sustained for x in rounds)}.",
         f"Latency over {len(lat):,} commands, from each command's scheduled send time; the "
         f"open-loop producer was at most {ms(latency.behind_max)} behind its schedule.",
+        f"The events reader sought a stalled partition again {sum(x.reseeks for x in rounds)} "
+        f"time(s) in the burst rounds and {latency.reseeks} in the latency run (after "
+        f"{READER_STALL_S:.0f} s at one position below its end offset: an "
+        "aiokafka read_uncommitted consumer stall on the transactional events topic; "
+        "`Reader._unstall`).",
         "Ratios are of figures from this one run, on the same broker and database; the load "
         "generator and reader run on the same cores as the worker, the broker and PostgreSQL; "
         "the worker and the ceiling's worker are both up (one idle) during the rounds.",
