@@ -65,7 +65,6 @@ from typing import Any, cast
 import faust
 from faust.streams import current_event
 from faust.tables.manager import TableManager as FaustTableManager
-from faust.tables.recovery import Recovery as FaustRecovery
 from faust.transport.consumer import CONSUMER_PARTITIONS_REVOKED
 from faust.transport.consumer import TransactionManager as FaustTransactionManager
 from faust.transport.drivers import aiokafka as aiokafka_driver
@@ -230,16 +229,6 @@ class Consumer(aiokafka_driver.Consumer):
                 topics, start_new_transaction=start_new_transaction
             )
             return committed
-
-    #: How many times the fetch loop asked for the next batch.  The loop hands every record
-    #: of a batch to the streams and the changelog queue before it asks again, so once this
-    #: has grown past a value read *after* a position, every record below that position has
-    #: been handed on (correction 10).
-    fetch_rounds = 0
-
-    async def _wait_next_records(self, timeout: float) -> Any:  # noqa: ASYNC109 (faust's)
-        self.fetch_rounds += 1
-        return await super()._wait_next_records(timeout)
 
     async def highwaters(self, *partitions: TP) -> Mapping[TP, int]:
         """exactly_once: ask the broker (ListOffsets; under read_committed that is the last
@@ -411,118 +400,8 @@ class Producer(aiokafka_driver.Producer):
         self.buffer = buffer
 
 
-def read_to_end(
-    highwaters: Mapping[TP, int], applied: Mapping[TP, int], positions: Mapping[TP, int | None]
-) -> list[TP]:
-    """Correction 10: the changelog partitions whose records up to the end have all been
-    fetched (position past the highwater, the last offset) without the last applied record
-    reaching it — the log ends in a transaction marker, never delivered under read_committed."""
-    return sorted(
-        (
-            tp
-            for tp, highwater in highwaters.items()
-            if highwater >= 0
-            and applied.get(tp, -1) < highwater
-            and (position := positions.get(tp)) is not None
-            and position > highwater
-        ),
-        key=lambda tp: (tp.topic, tp.partition),
-    )
-
-
-class Recovery(FaustRecovery):
-    """Correction 10 (exactly_once): recovery of the active tables ends when each changelog
-    partition has been read to its end, not ~10 s later.
-
-    After a rebalance or a restart a changelog partition usually ends in a transaction
-    marker, which a read_committed consumer never receives: faust's recovery waits for the
-    marker's offset until its queue has been idle for two 5 s timeouts (``detect_aborted_tx``)
-    — every takeover and restart cost ~10 s.  Here a partition counts as restored when the
-    consumer's position is past its last offset and every record fetched before that has
-    been applied: the fetch loop has asked for a new batch since (``fetch_rounds``), so the
-    batch that moved the position has been handed to the changelog queue, and the queue is
-    empty.  Nothing in that rests on timing (Kafka Streams restores to the end offset the same
-    way).  At_least_once is left to faust: its logs end in records, not markers."""
-
-    _epoch = 0  # one per round of recovery (a rebalance starts one)
-    _restoring = False  # the active partitions are sought; their records are being read
-    _restoring_generation: int | None = None
-
-    async def _build_highwaters(
-        self, consumer: Any, tps: Any, destination: Any, title: str
-    ) -> None:
-        if title == "active":  # a new round: what was read for the last one no longer counts
-            self._epoch += 1
-            self._restoring = False
-        await super()._build_highwaters(consumer, tps, destination, title)
-
-    def _set_recovery_ended(self) -> None:
-        super()._set_recovery_ended()
-        self._restoring = False
-
-    async def _seek_offsets(self, consumer: Any, tps: Any, offsets: Any, title: str) -> None:
-        await super()._seek_offsets(consumer, tps, offsets, title)
-        if title == "active":
-            self._restoring = True
-            self._restoring_generation = self.app.consumer_generation_id
-
-    @Service.task
-    async def _end_at_the_end(self) -> None:
-        while not self.should_stop:
-            await self.sleep(0.1)
-            if self.app.in_transaction and self._restoring and self.in_recovery:
-                try:
-                    await self._mark_read_to_end()
-                except Exception as exc:  # faust's own loop logs and goes on, too
-                    self.log.warning("Reading to the changelog's end: %r", exc)
-
-    async def _mark_read_to_end(self) -> None:
-        consumer: Consumer = cast(Consumer, self.app.consumer)
-        epoch = self._epoch
-        pending = {
-            tp: hw
-            for tp, hw in self.active_highwaters.items()
-            if hw >= 0 and self.active_offsets[tp] < hw
-        }
-        if not pending:
-            return
-        positions = {tp: await consumer.position(tp) for tp in pending}
-        done = read_to_end(pending, dict(self.active_offsets), positions)
-        if not done:
-            return
-        handed = consumer.fetch_rounds + 1
-        while consumer.fetch_rounds < handed:  # the batch that moved a position: handed on
-            await self.sleep(0.01)
-            if self._epoch != epoch or self.should_stop:
-                return
-        if (  # still this round of recovery, nothing cut short, every record applied
-            self._epoch != epoch
-            or not self._restoring
-            or self.signal_recovery_start.is_set()  # a rebalance: recovery starts again
-            or self._restoring_generation != self.app.consumer_generation_id
-            or not consumer.flow_active  # a batch cut short: its rest is fetched again
-            or not self.tables.changelog_queue.empty()
-        ):
-            return
-        for tp in done:
-            if self.active_offsets[tp] < pending[tp]:
-                self.log.info("Changelog %s read to its end (%d)", tp, pending[tp])
-                self.active_offsets[tp] = pending[tp]
-        if self.in_recovery and not self.need_recovery():
-            self.flush_buffers()
-            self._set_recovery_ended()
-            self.signal_recovery_end.set()
-
-
 class TableManager(FaustTableManager):
-    """exactly_once: save the changelog offsets committed with the source offsets, and
-    recover with :class:`Recovery`."""
-
-    @property
-    def recovery(self) -> FaustRecovery:
-        if self._recovery is None:
-            self._recovery = Recovery(self.app, self, beacon=self.beacon, loop=self.loop)
-        return self._recovery
+    """exactly_once: save the changelog offsets committed with the source offsets."""
 
     def on_commit(self, offsets: Any) -> None:
         if not self.app.in_transaction:

@@ -18,7 +18,6 @@ from escrow_stream.transport import (
     Redeliveries,
     changelogs_committed_with,
     may_commit_over_hole,
-    read_to_end,
     send_transactional_id,
 )
 
@@ -60,7 +59,6 @@ def test_the_app_consumes_through_the_corrected_transport() -> None:
     assert isinstance(app.tables, transport.TableManager)
     assert isinstance(app.commit_gate, transport.CommitGate)  # type: ignore[attr-defined]
     assert isinstance(app.producer.buffer, transport.ProducerBuffer)
-    assert isinstance(app.tables.recovery, transport.Recovery)
     assert isinstance(app.flow_control, transport.FlowControl)
     assert app.flow_control.cleared_on_resume(app.tables.changelog_queue)
 
@@ -214,16 +212,3 @@ def test_a_message_handled_twice_in_one_generation_is_seen_as_a_redelivery() -> 
     assert not redeliveries.seen(commands, 40, 8)
     redeliveries.handled(commands, 39, 8)
     assert redeliveries.seen(commands, 39, 8) and not redeliveries.seen(commands, 40, 8)
-
-
-def test_a_changelog_is_read_to_its_end_when_the_position_is_past_its_last_offset() -> None:
-    log = [TP("app-escrows-changelog", p) for p in range(5)]
-    highwaters = {log[0]: 40, log[1]: 40, log[2]: 40, log[3]: -1, log[4]: 40}
-    applied = {log[0]: 39, log[1]: 39, log[2]: 40, log[3]: -1, log[4]: 35}
-    positions = {log[0]: 41, log[1]: 40, log[2]: 41, log[3]: 0, log[4]: 41}
-    # 0: the last offset (a transaction marker) fetched, every record before it applied.
-    # 1: offset 40 not fetched yet — it may be a record.  2: restored by its records.
-    # 3: an empty changelog.  4: fetched to the end; records 36-39 count as applied only
-    #    when the caller has seen the queue empty after the batch (Recovery does).
-    assert read_to_end(highwaters, applied, positions) == [log[0], log[4]]
-    assert read_to_end(highwaters, applied, {log[0]: None}) == []
