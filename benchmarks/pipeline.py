@@ -682,14 +682,35 @@ async def baseline(settings: Settings, lives: list[list[Record]]) -> tuple[float
 # -- 3. the real worker ---------------------------------------------------------------------
 
 
+async def last_records_end(
+    consumer: AIOKafkaConsumer, tps: list[TopicPartition], tail: int = 50
+) -> dict[TopicPartition, int]:
+    """Per partition, one past the offset of its last record (0 when it has none), read
+    from the last ``tail`` offsets (transaction markers take an offset each, no record)."""
+    ends = await consumer.end_offsets(tps)
+    consumer.assign(tps)
+    last = {tp: 0 for tp in tps}
+    for tp in tps:
+        consumer.seek(tp, max(0, ends[tp] - tail))
+    while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+        for tp, records in (await consumer.getmany(timeout_ms=500)).items():
+            last[tp] = max([last[tp], *(r.offset + 1 for r in records)])
+    return last
+
+
 async def mirror_caught_up(settings: Settings, timeout_s: float = 600) -> float:
-    """Seconds until the mirror's stored offsets reach the events topic's end offsets."""
-    consumer = AIOKafkaConsumer(enable_auto_commit=False, **client_kwargs(settings))
+    """Seconds until the mirror's stored offsets are past the last event of each partition.
+
+    Under exactly_once a partition's log ends in a transaction marker, which the mirror
+    never stores an offset for: the target is one past each partition's last *record*."""
+    consumer = AIOKafkaConsumer(
+        enable_auto_commit=False, isolation_level="read_committed", **client_kwargs(settings)
+    )
     await consumer.start()
     try:
         topic = settings.kafka_events_topic
         tps = [TopicPartition(topic, p) for p in await partitions_of(settings, topic)]
-        ends = await consumer.end_offsets(tps)
+        ends = await last_records_end(consumer, tps)
     finally:
         await consumer.stop()
     target = sum(ends.values())
