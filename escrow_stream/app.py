@@ -131,9 +131,7 @@ def create_app(
     idempotency = build_idempotency_store(settings, database, shared_redis)
     services = WebServices(database, core, limiter, publisher, payout_service, idempotency)
     register_web(app, settings, clock, new_id, services)
-    relay_service = relay.register(app, publisher, idempotency, clock)
-    # the relay's last batch is marked in PostgreSQL: stop it before the pool closes
-    closers.insert(0, relay_service.stop)
+    relay.register(app, publisher, idempotency, clock)
     close_at_shutdown(app, closers, shared_redis)
     return app
 
@@ -323,15 +321,16 @@ def listen_for_kyc_changes(app: faust.App, settings: Settings, kyc: KycDirectory
 def close_at_shutdown(
     app: faust.App, closers: list[Closer], shared_redis: redis.asyncio.Redis | None
 ) -> None:
-    """Close ``closers`` (as the list stands then) and the shared Redis client at shutdown."""
+    """Close ``closers`` (as the list stands then) and the shared Redis client at shutdown,
+    once every service that uses them has stopped (:class:`transport.App`)."""
 
-    async def _close_database(sender: object, *args: object, **kwargs: object) -> None:
+    async def _close_clients() -> None:
         for close in closers:
             await close()
         if shared_redis is not None:
             await shared_redis.aclose()
 
-    app.on_before_shutdown.connect(cast(Any, _close_database))
+    cast(transport.App, app).closers.append(_close_clients)
 
 
 def rate_limiter(settings: Settings, client: redis.asyncio.Redis | None) -> RateLimiter:

@@ -58,7 +58,7 @@ it.  Records processed before the rebalance are processed again: duplicates, as 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
 from typing import Any, cast
 
@@ -438,12 +438,22 @@ class FlowControl(FlowControlEvent):
 
 class App(faust.App):
     """``faust.App`` consuming through :class:`Transport`, with :class:`FlowControl` and
-    the :class:`CommitGate` (closed under exactly_once)."""
+    the :class:`CommitGate` (closed under exactly_once), and closers run once every service
+    of the app has stopped."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # asked at each use: ``in_transaction`` is known once the app runs in a worker
         self.commit_gate = CommitGate(lambda: self.in_transaction)
+        #: Run in order at shutdown, after the agents, timers, web server and every other
+        #: service have stopped (faust's ``on_before_shutdown`` comes before them: a pool
+        #: closed there was still in use, e.g. by the outbox relay's last batch).
+        self.closers: list[Callable[[], Awaitable[None]]] = []
+
+    async def on_shutdown(self) -> None:
+        await super().on_shutdown()
+        for close in self.closers:
+            await close()
 
     def _new_transport(self) -> TransportT:
         return Transport(self.conf.broker_consumer, self)
