@@ -267,6 +267,9 @@ kafka_up() {
       "$(kafka_log_opts)" -Dkafka.logs.dir="$KAFKA_LOGS" -cp "$(kafka_cp)")
     # The wrapper shell records its own pid then execs java, so the pid file
     # holds the broker's pid; setsid detaches it from our session/terminal.
+    # A pid file left by a broker that died with the machine would be read
+    # before the launcher writes the new one: no broker of ours runs here.
+    rm -f "$KAFKA_PID_FILE"
     # shellcheck disable=SC2016  # expanded by the inner bash
     setsid bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "$KAFKA_PID_FILE" \
       java "${jvm[@]}" kafka.Kafka "$KAFKA_PROPS" \
