@@ -785,20 +785,74 @@ def measure_round(
     )
 
 
-def at_half_load(stack: Stack, sustained: float, seconds: float) -> Latencies:
+@dataclass(frozen=True)
+class CpuSample:
+    """Cumulative CPU seconds: the whole machine (busy and all) and some processes."""
+
+    machine_busy: float
+    machine_all: float
+    processes: dict[str, float]
+
+    @classmethod
+    def take(cls, pids: dict[str, int]) -> CpuSample:
+        ticks = os.sysconf("SC_CLK_TCK")
+        # /proc/stat "cpu" line: user nice system idle iowait irq softirq steal ...
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
+        idle = fields[3] + fields[4]
+        processes = {}
+        for name, pid in pids.items():
+            # /proc/PID/stat: utime and stime are fields 14 and 15, after "(comm)"
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            processes[name] = (int(stat[11]) + int(stat[12])) / ticks
+        return cls((sum(fields) - idle) / ticks, sum(fields) / ticks, processes)
+
+    def shares(self, later: CpuSample) -> dict[str, float]:
+        """Between the two samples, each process's CPU and the machine's busy CPU, in cores."""
+        wall_cores = later.machine_all - self.machine_all  # core-seconds elapsed
+        cores = os.cpu_count() or 1
+        out = {
+            name: (later.processes[name] - self.processes[name]) / wall_cores * cores
+            for name in self.processes
+        }
+        out["machine"] = (later.machine_busy - self.machine_busy) / wall_cores * cores
+        return out
+
+
+def broker_pid() -> int | None:
+    """The local broker's pid (``scripts/stack.sh`` writes it), if it runs here."""
+    pid_file = Path(os.environ.get("STACK_DIR", Path(__file__).parents[1] / ".stack"))
+    try:
+        pid = int((pid_file / "kafka.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if Path(f"/proc/{pid}").exists() else None
+
+
+def at_half_load(
+    stack: Stack, worker: WorkerProcess, sustained: float, seconds: float, profile: Path | None
+) -> tuple[Latencies, dict[str, float]]:
+    """The open-loop run at half of ``sustained``; and the CPU each part used during it
+    (in cores: 1.0 is one core busy the whole run)."""
     settings = stack.settings
     per_s = sustained / 2
     count = max(STEPS, int(per_s * seconds))
     lives = lifecycles((count + STEPS - 1) // STEPS, "lat")
-    return asyncio.run(
-        open_loop(
-            settings,
-            settings.kafka_commands_topic,
-            settings.kafka_events_topic,
-            records_of(stack.secret(), staggered(lives)),
-            per_s,
+    assert worker.proc is not None
+    pids = {"worker": worker.proc.pid, "benchmark (load and reader)": os.getpid()}
+    if (broker := broker_pid()) is not None:
+        pids["broker"] = broker
+    before = CpuSample.take(pids)
+    with profiled(worker.proc.pid, profile and profile / "worker-latency.txt"):
+        latency = asyncio.run(
+            open_loop(
+                settings,
+                settings.kafka_commands_topic,
+                settings.kafka_events_topic,
+                records_of(stack.secret(), staggered(lives)),
+                per_s,
+            )
         )
-    )
+    return latency, before.shares(CpuSample.take(pids))
 
 
 def run(argv: Sequence[str] | None = None) -> Table:
@@ -817,7 +871,7 @@ def run(argv: Sequence[str] | None = None) -> Table:
         "--profile",
         type=Path,
         help="py-spy profiles (raw collapsed stacks) of the ceiling's and the worker's "
-        "throughput runs (the last round's) into this directory",
+        "throughput runs (the last round's) and of the worker's latency run into this directory",
     )
     args = parser.parse_args(argv)
     if args.profile is not None:
@@ -859,7 +913,7 @@ def run(argv: Sequence[str] | None = None) -> Table:
             )
         ceiling_app.stop()  # idle during the latency run, but not there at all is better
         sustained = statistics.median(x.sustained for x in rounds)
-        latency = at_half_load(stack, sustained, args.latency_seconds)
+        latency, cpu = at_half_load(stack, worker, sustained, args.latency_seconds, args.profile)
         assert worker.stop() == 0, worker.log_tail()
     except BaseException:
         for w in stack.workers:
@@ -910,6 +964,8 @@ def run(argv: Sequence[str] | None = None) -> Table:
         f"{median(x.events_per_command for x in rounds):.2f} events per command",
     )
 
+    quarters = [lat[i * len(lat) // 4 : (i + 1) * len(lat) // 4] for i in range(4)]
+
     def each(values: Iterable[float]) -> str:
         return ", ".join(f"{v:,.0f}" for v in values)
 
@@ -920,7 +976,12 @@ def run(argv: Sequence[str] | None = None) -> Table:
         f"{each(x.baseline for x in rounds)}; pipeline {each(x.burst for x in rounds)}; "
         f"sustained {each(x.sustained for x in rounds)}.",
         f"Latency over {len(lat):,} commands, from each command's scheduled send time; the "
-        f"open-loop producer was at most {ms(latency.behind_max)} behind its schedule.",
+        f"open-loop producer was at most {ms(latency.behind_max)} behind its schedule. "
+        f"By quarter of the schedule, p50 {', '.join(ms(quantile(q, 50)) for q in quarters)}; "
+        f"p99 {', '.join(ms(quantile(q, 99)) for q in quarters)}.",
+        f"CPU during the latency run, in cores (of {os.cpu_count()}): "
+        + ", ".join(f"{name} {used:.2f}" for name, used in cpu.items())
+        + ".",
         f"The events reader sought a stalled partition again {sum(x.reseeks for x in rounds)} "
         f"time(s) in the burst rounds and {latency.reseeks} in the latency run (after "
         f"{READER_STALL_S:.0f} s at one position below its end offset: an "

@@ -161,6 +161,7 @@ def faust_app(settings: Settings, clock: Clock, limiter: RateLimiter) -> faust.A
         producer_max_request_size=1_048_576,
         broker_session_timeout=settings.kafka_session_timeout_ms / 1000,
         broker_commit_interval=settings.kafka_commit_interval_ms / 1000,
+        fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
         broker_heartbeat_interval=min(3.0, settings.kafka_session_timeout_ms / 3000),
         autodiscover=["escrow_stream.faust_cli"],
         origin="escrow_stream.app",

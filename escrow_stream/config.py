@@ -106,6 +106,7 @@ OURS: tuple[str, ...] = (
     "KAFKA_PROCESSING_GUARANTEE",
     "KAFKA_SESSION_TIMEOUT_MS",
     "KAFKA_COMMIT_INTERVAL_MS",
+    "KAFKA_FETCH_MAX_WAIT_MS",
     "TABLE_STORE",
     "DATA_DIR",
     "WEB_HOST",
@@ -223,6 +224,11 @@ class Settings(BaseModel):
     #: exactly_once each commit ends the transactions, so events become visible to
     #: read_committed consumers at this pace (``benchmarks.guarantee`` measures it).
     kafka_commit_interval_ms: int = _env("KAFKA_COMMIT_INTERVAL_MS", 2_800, ge=50, le=60_000)
+    #: How long the broker may hold the worker's fetch for data to arrive (the consumer's
+    #: ``fetch.max.wait.ms``; faust fixes 1500).  The consumer has one fetch in flight, and
+    #: under exactly_once one that asks only for partitions with nothing committed yet (the
+    #: events topic, mid-transaction) is held this long while new commands wait behind it.
+    kafka_fetch_max_wait_ms: int = _env("KAFKA_FETCH_MAX_WAIT_MS", 50, ge=0, le=1_500)
     table_store: str = _env("TABLE_STORE", "rocksdb://")
     data_dir: str = _env("DATA_DIR", "escrow-stream-data")
 

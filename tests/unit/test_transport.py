@@ -212,3 +212,31 @@ def test_a_message_handled_twice_in_one_generation_is_seen_as_a_redelivery() -> 
     assert not redeliveries.seen(commands, 40, 8)
     redeliveries.handled(commands, 39, 8)
     assert redeliveries.seen(commands, 39, 8) and not redeliveries.seen(commands, 40, 8)
+
+
+def test_the_worker_consumer_waits_for_data_as_long_as_configured() -> None:
+    """faust fixes ``fetch.max.wait.ms`` at 1500; the worker's comes from
+    KAFKA_FETCH_MAX_WAIT_MS (a fetch held for an open transaction's partitions holds up
+    every command behind it: ``transport.ConsumerThread``)."""
+    from escrow_stream import transport
+    from escrow_stream.app import create_app
+    from escrow_stream.config import load_settings
+
+    env = {"NODE_ENV": "test", "PAYMENTS_EFFECTS_ENABLED": "false"}
+    assert load_settings(env).kafka_fetch_max_wait_ms == 50
+    app = create_app(load_settings({**env, "KAFKA_FETCH_MAX_WAIT_MS": "120"}))
+
+    thread = app.consumer._thread
+    assert isinstance(thread, transport.ConsumerThread)
+
+    async def created() -> Any:
+        consumer = thread._create_worker_consumer(app.transport)
+        try:  # what AIOKafkaConsumer.start gives the Fetcher it creates
+            return consumer._fetch_max_wait_ms
+        finally:
+            await consumer.stop()  # never started: nothing was connected
+
+    try:
+        assert asyncio.run(created()) == 120
+    finally:
+        thread.thread_loop.close()  # the thread never ran to close it
