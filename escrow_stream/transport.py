@@ -413,13 +413,42 @@ class ProducerBuffer(FaustProducerBuffer):
 
 
 class Producer(aiokafka_driver.Producer):
-    """Faust's aiokafka producer with :class:`ProducerBuffer`."""
+    """Faust's aiokafka producer with :class:`ProducerBuffer`, ending its transactions
+    concurrently."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         buffer = ProducerBuffer(loop=self.loop, beacon=self.beacon)
         buffer.app = self.app
         self.buffer = buffer
+
+    async def commit_transactions(
+        self,
+        tid_to_offset_map: Mapping[str, Mapping[TP, int]],
+        group_id: str,
+        start_new_transaction: bool = True,
+    ) -> None:
+        """Faust's, but the transactions end concurrently, not one after another.
+
+        Each transactional.id is its own producer (one per partition of each topic group
+        the worker consumes: 18 in ``benchmarks.pipeline``), and ending one is three round
+        trips (AddOffsetsToTxn, TxnOffsetCommit, EndTxn).  One after another that took
+        0.1-0.5 s here, all of it with the commit gate (correction 5) holding every command;
+        together, 13-56 ms.  Each is still ended under its own lock, and the gate still
+        spans the whole commit."""
+
+        async def end(tid: str, offsets: Mapping[TP, int]) -> None:
+            if tid not in self._transaction_producers:  # nor a lock (begin makes both)
+                self.log.warning("Commit invoked for unknown transaction %s", tid)
+                return
+            async with self._trn_locks[tid]:
+                transactional = self._transaction_producers[tid]
+                await transactional.send_offsets_to_transaction(offsets, group_id)
+                await transactional.commit_transaction()
+                if start_new_transaction:
+                    await transactional.begin_transaction()
+
+        await asyncio.gather(*(end(tid, offsets) for tid, offsets in tid_to_offset_map.items()))
 
 
 class TableManager(FaustTableManager):

@@ -240,3 +240,57 @@ def test_the_worker_consumer_waits_for_data_as_long_as_configured() -> None:
         assert asyncio.run(created()) == 120
     finally:
         thread.thread_loop.close()  # the thread never ran to close it
+
+
+def test_the_transactions_of_a_commit_end_concurrently() -> None:
+    """Every transaction's offsets are sent before any of them is answered (one after
+    another, the first would wait forever here), each is committed, and a new one begun
+    only when asked."""
+    from escrow_stream.transport import Producer
+
+    tids = [f"app-{group}-{p}" for group in (0, 1) for p in range(3)]
+    calls: list[tuple[str, str]] = []
+    all_asked: asyncio.Event
+
+    class Transactional:
+        def __init__(self, tid: str) -> None:
+            self.tid = tid
+
+        async def send_offsets_to_transaction(self, offsets: Any, group_id: str) -> None:
+            calls.append((self.tid, f"offsets {dict(offsets)} {group_id}"))
+            if sum(1 for _, what in calls if what.startswith("offsets")) == len(tids):
+                all_asked.set()
+            await all_asked.wait()
+
+        async def commit_transaction(self) -> None:
+            calls.append((self.tid, "commit"))
+
+        async def begin_transaction(self) -> None:
+            calls.append((self.tid, "begin"))
+
+    async def commit(start_new_transaction: bool) -> None:
+        nonlocal all_asked
+        all_asked = asyncio.Event()
+        producer = SimpleNamespace(
+            _trn_locks={tid: asyncio.Lock() for tid in tids},
+            _transaction_producers={tid: Transactional(tid) for tid in tids},
+            log=SimpleNamespace(warning=lambda *args: calls.append(("?", args[0] % args[1:]))),
+        )
+        offsets = {tid: {TP("t", i): 10 * i} for i, tid in enumerate(tids)}
+        offsets["app-9-9"] = {TP("u", 9): 1}  # no producer: warned about, nothing else
+        await asyncio.wait_for(
+            Producer.commit_transactions(producer, offsets, "app", start_new_transaction),  # type: ignore[arg-type]
+            timeout=10,
+        )
+
+    asyncio.run(commit(start_new_transaction=True))
+    assert sorted(what for tid, what in calls if tid == tids[2]) == [
+        "begin",
+        "commit",
+        f"offsets {{{TP('t', 2)!r}: 20}} app",
+    ]
+    assert sum(1 for _, what in calls if what == "commit") == len(tids)
+    assert ("?", "Commit invoked for unknown transaction app-9-9") in calls
+    calls.clear()
+    asyncio.run(commit(start_new_transaction=False))
+    assert [what for _, what in calls if what in ("commit", "begin")] == ["commit"] * len(tids)
