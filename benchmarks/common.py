@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient
 
@@ -219,3 +220,68 @@ class Stopwatch:
     @property
     def seconds(self) -> float:
         return time.perf_counter() - self.started
+
+
+# -- where the CPU went ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """Cumulative CPU seconds: the whole machine (busy and all) and some processes."""
+
+    machine_busy: float
+    machine_all: float
+    processes: dict[str, float]
+
+    @classmethod
+    def take(cls, pids: dict[str, int]) -> CpuSample:
+        ticks = os.sysconf("SC_CLK_TCK")
+        # /proc/stat "cpu" line: user nice system idle iowait irq softirq steal ...
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
+        idle = fields[3] + fields[4]
+        processes = {}
+        for name, pid in pids.items():
+            # /proc/PID/stat: utime and stime are fields 14 and 15, after "(comm)"
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            processes[name] = (int(stat[11]) + int(stat[12])) / ticks
+        return cls((sum(fields) - idle) / ticks, sum(fields) / ticks, processes)
+
+    def shares(self, later: CpuSample) -> dict[str, float]:
+        """Between the two samples, each process's CPU and the machine's busy CPU, in cores."""
+        wall_cores = later.machine_all - self.machine_all  # core-seconds elapsed
+        cores = os.cpu_count() or 1
+        out = {
+            name: (later.processes[name] - self.processes[name]) / wall_cores * cores
+            for name in self.processes
+        }
+        out["machine"] = (later.machine_busy - self.machine_busy) / wall_cores * cores
+        return out
+
+
+def broker_pid() -> int | None:
+    """The local broker's pid (``scripts/stack.sh`` writes it), if it runs here."""
+    stack_dir = Path(os.environ.get("STACK_DIR", Path(__file__).parents[1] / ".stack"))
+    try:
+        pid = int((stack_dir / "kafka.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if Path(f"/proc/{pid}").exists() else None
+
+
+def stack_pids(worker: WorkerProcess) -> dict[str, int]:
+    """The processes whose CPU a benchmark reports: the worker, this process (the load and
+    the readers) and, when it runs here, the broker."""
+    assert worker.proc is not None
+    pids = {"worker": worker.proc.pid, "benchmark (load and reader)": os.getpid()}
+    if (broker := broker_pid()) is not None:
+        pids["broker"] = broker
+    return pids
+
+
+def cpu_note(what: str, used: dict[str, float]) -> str:
+    """One note: the CPU each part used during ``what``, in cores."""
+    return (
+        f"CPU during {what}, in cores (of {os.cpu_count()}): "
+        + ", ".join(f"{name} {cores:.2f}" for name, cores in used.items())
+        + "."
+    )

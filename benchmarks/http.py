@@ -30,14 +30,17 @@ from typing import Any
 from aiohttp import ClientSession, TCPConnector
 
 from benchmarks.common import (
+    CpuSample,
     Stopwatch,
     Table,
     bench_env,
     cleanup,
     command_line,
+    cpu_note,
     ms,
     prepare,
     quantile,
+    stack_pids,
     verify_kyc,
 )
 from escrow_stream.web.auth import Role, issue_token
@@ -90,8 +93,15 @@ def row(
 
 
 async def run_load(
-    port: int, stack: Stack, args: argparse.Namespace, buyer: str, table: Table
-) -> None:
+    port: int,
+    stack: Stack,
+    args: argparse.Namespace,
+    buyer: str,
+    table: Table,
+    pids: dict[str, int],
+) -> list[str]:
+    """The table's rows; and a note for each endpoint measured against /health: the CPU
+    each part used while it was loaded."""
     base = f"http://127.0.0.1:{port}"
     count, concurrency = args.requests, args.concurrency
     secret = stack.settings.jwt_secret.get_secret_value()
@@ -117,9 +127,23 @@ async def run_load(
         assert response.status == 201, await response.text()
         escrow_id = (await response.json())["escrowId"]
 
-    health = await load(f"{base}/health", "GET", count, concurrency, {})
-    post = await load(f"{base}/api/escrow", "POST", count, concurrency, bearer, body, 202)
-    get = await load(f"{base}/api/escrow/{escrow_id}", "GET", count, concurrency, bearer)
+    cpu: list[str] = []
+
+    async def measured(what: str, loading: Any) -> tuple[float, list[float]]:
+        before = CpuSample.take(pids)
+        result: tuple[float, list[float]] = await loading
+        cpu.append(cpu_note(what, before.shares(CpuSample.take(pids))))
+        return result
+
+    health = await measured("GET /health", load(f"{base}/health", "GET", count, concurrency, {}))
+    post = await measured(
+        "POST /api/escrow (202)",
+        load(f"{base}/api/escrow", "POST", count, concurrency, bearer, body, 202),
+    )
+    get = await measured(
+        "GET /api/escrow/{id}",
+        load(f"{base}/api/escrow/{escrow_id}", "GET", count, concurrency, bearer),
+    )
     waiting = {**bearer, "Prefer": "wait=5"}
     url = f"{base}/api/escrow"
     wait_one = await load(url, "POST", args.wait_requests, 1, waiting, body, 201)
@@ -129,6 +153,7 @@ async def run_load(
     row(table, "GET /api/escrow/{id}", *get, health[0])
     row(table, "POST /api/escrow, Prefer: wait=5 (201), 1 client", *wait_one, None)
     row(table, f"POST /api/escrow, Prefer: wait=5 (201), {concurrency} clients", *wait_many, None)
+    return cpu
 
 
 def run(argv: Sequence[str] | None = None) -> Table:
@@ -152,7 +177,7 @@ def run(argv: Sequence[str] | None = None) -> Table:
         worker.wait_processing()
         buyer = f"bench-{uuid.uuid4().hex[:6]}"
         verify_kyc(stack, worker, [buyer, SELLER])
-        asyncio.run(run_load(worker.port, stack, args, buyer, table))
+        cpu = asyncio.run(run_load(worker.port, stack, args, buyer, table, stack_pids(worker)))
         assert worker.stop() == 0, worker.log_tail()
     finally:
         cleanup(stack)
@@ -161,6 +186,7 @@ def run(argv: Sequence[str] | None = None) -> Table:
         f"{args.requests:,} requests per endpoint with {args.concurrency} concurrent clients; "
         f"{args.wait_requests:,} requests for each Prefer: wait=5 row.",
         "The load generator runs on the same cores as the worker, the broker and the databases.",
+        *cpu,
     ]
     table.seconds = clock.seconds
     return table

@@ -56,16 +56,19 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from benchmarks.common import (
+    CpuSample,
     Stopwatch,
     Table,
     activate_seller,
     bench_env,
     cleanup,
     command_line,
+    cpu_note,
     delete_topics,
     ms,
     prepare,
     quantile,
+    stack_pids,
     verify_kyc,
 )
 from escrow_stream.agents import handling
@@ -785,49 +788,6 @@ def measure_round(
     )
 
 
-@dataclass(frozen=True)
-class CpuSample:
-    """Cumulative CPU seconds: the whole machine (busy and all) and some processes."""
-
-    machine_busy: float
-    machine_all: float
-    processes: dict[str, float]
-
-    @classmethod
-    def take(cls, pids: dict[str, int]) -> CpuSample:
-        ticks = os.sysconf("SC_CLK_TCK")
-        # /proc/stat "cpu" line: user nice system idle iowait irq softirq steal ...
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
-        idle = fields[3] + fields[4]
-        processes = {}
-        for name, pid in pids.items():
-            # /proc/PID/stat: utime and stime are fields 14 and 15, after "(comm)"
-            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            processes[name] = (int(stat[11]) + int(stat[12])) / ticks
-        return cls((sum(fields) - idle) / ticks, sum(fields) / ticks, processes)
-
-    def shares(self, later: CpuSample) -> dict[str, float]:
-        """Between the two samples, each process's CPU and the machine's busy CPU, in cores."""
-        wall_cores = later.machine_all - self.machine_all  # core-seconds elapsed
-        cores = os.cpu_count() or 1
-        out = {
-            name: (later.processes[name] - self.processes[name]) / wall_cores * cores
-            for name in self.processes
-        }
-        out["machine"] = (later.machine_busy - self.machine_busy) / wall_cores * cores
-        return out
-
-
-def broker_pid() -> int | None:
-    """The local broker's pid (``scripts/stack.sh`` writes it), if it runs here."""
-    pid_file = Path(os.environ.get("STACK_DIR", Path(__file__).parents[1] / ".stack"))
-    try:
-        pid = int((pid_file / "kafka.pid").read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if Path(f"/proc/{pid}").exists() else None
-
-
 def at_half_load(
     stack: Stack, worker: WorkerProcess, sustained: float, seconds: float, profile: Path | None
 ) -> tuple[Latencies, dict[str, float]]:
@@ -838,9 +798,7 @@ def at_half_load(
     count = max(STEPS, int(per_s * seconds))
     lives = lifecycles((count + STEPS - 1) // STEPS, "lat")
     assert worker.proc is not None
-    pids = {"worker": worker.proc.pid, "benchmark (load and reader)": os.getpid()}
-    if (broker := broker_pid()) is not None:
-        pids["broker"] = broker
+    pids = stack_pids(worker)
     before = CpuSample.take(pids)
     with profiled(worker.proc.pid, profile and profile / "worker-latency.txt"):
         latency = asyncio.run(
@@ -979,9 +937,7 @@ def run(argv: Sequence[str] | None = None) -> Table:
         f"open-loop producer was at most {ms(latency.behind_max)} behind its schedule. "
         f"By quarter of the schedule, p50 {', '.join(ms(quantile(q, 50)) for q in quarters)}; "
         f"p99 {', '.join(ms(quantile(q, 99)) for q in quarters)}.",
-        f"CPU during the latency run, in cores (of {os.cpu_count()}): "
-        + ", ".join(f"{name} {used:.2f}" for name, used in cpu.items())
-        + ".",
+        cpu_note("the latency run", cpu),
         f"The events reader sought a stalled partition again {sum(x.reseeks for x in rounds)} "
         f"time(s) in the burst rounds and {latency.reseeks} in the latency run (after "
         f"{READER_STALL_S:.0f} s at one position below its end offset: an "
