@@ -686,7 +686,7 @@ async def baseline(settings: Settings, lives: list[list[Record]]) -> tuple[float
 
 
 async def last_records_end(
-    consumer: AIOKafkaConsumer, tps: list[TopicPartition], tail: int = 50
+    consumer: AIOKafkaConsumer, tps: list[TopicPartition], tail: int = 50, timeout_s: float = 60
 ) -> dict[TopicPartition, int]:
     """Per partition, one past the offset of its last record (0 when it has none), read
     from the last ``tail`` offsets (transaction markers take an offset each, no record)."""
@@ -695,7 +695,10 @@ async def last_records_end(
     last = {tp: 0 for tp in tps}
     for tp in tps:
         consumer.seek(tp, max(0, ends[tp] - tail))
-    while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+    deadline = time.monotonic() + timeout_s
+    while short := [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+        if time.monotonic() > deadline:  # the reader stall Reader._unstall works around
+            raise TimeoutError(f"not read to their end offsets in {timeout_s:.0f} s: {short}")
         for tp, records in (await consumer.getmany(timeout_ms=500)).items():
             last[tp] = max([last[tp], *(r.offset + 1 for r in records)])
     return last
