@@ -259,13 +259,17 @@ class CpuSample:
 
 
 def broker_pid() -> int | None:
-    """The local broker's pid (``scripts/stack.sh`` writes it), if it runs here."""
+    """The local broker's pid, if it runs here: ``scripts/stack.sh`` writes it to
+    ``kafka.pid``, or ``kafka-<version>.pid`` for a KAFKA_VERSION other than its default."""
     stack_dir = Path(os.environ.get("STACK_DIR", Path(__file__).parents[1] / ".stack"))
-    try:
-        pid = int((stack_dir / "kafka.pid").read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if Path(f"/proc/{pid}").exists() else None
+    for pid_file in sorted(stack_dir.glob("kafka*.pid")):
+        try:
+            pid = int(pid_file.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if Path(f"/proc/{pid}").exists():
+            return pid
+    return None
 
 
 def stack_pids(worker: WorkerProcess) -> dict[str, int]:
